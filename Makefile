@@ -1,0 +1,45 @@
+# isara: two commands for a newcomer.
+#   make demo   sets up, then runs the main job on the embedded default model
+#   make test   sets up, then runs the tests
+# `make setup` is idempotent: on a set-up machine it takes seconds. Builds live
+# in ${XDG_CACHE_HOME:-~/.cache}/isara (outside the repo) and are reused by
+# every clone.
+
+PYTHON ?= python3
+VENV   ?= .venv
+VPY    := $(VENV)/bin/python
+ISARA  := $(VENV)/bin/isara
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo doctor bench clean-venv
+
+setup: $(VENV)/.installed
+	$(VPY) -m server.toolchain build
+	$(ISARA) models pull
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+
+# torch first (never a CUDA build on a CPU machine), then llama-cpp-python built
+# from the pinned sdist with portable flags and ccache, then the project.
+$(VENV)/.installed: pyproject.toml | $(VPY)
+	$(VPY) -m server.toolchain torch
+	$(VPY) -m server.toolchain binding
+	$(VPY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test: setup
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(ISARA) doctor
+
+doctor: $(VENV)/.installed
+	$(ISARA) doctor
+
+bench: setup
+	$(ISARA) bench
+
+clean-venv:
+	rm -rf $(VENV)

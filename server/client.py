@@ -1,0 +1,198 @@
+"""Async client for OpenAI-compatible inference endpoints (llama-server, vLLM, ...).
+
+One client spreads requests over one or many endpoints and keeps as many in
+flight on each as it has slots, so llama-server's continuous batching stays
+full. Connection errors, timeouts and 5xx answers are retried with exponential
+backoff, on another endpoint where there is one. Every result carries its
+token counts and timings (the dashboard and the benchmarks read them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import httpx
+
+from server.errors import ServerUnavailable
+
+_RETRYABLE = (httpx.TransportError,)  # connect/read/write errors, timeouts, protocol errors
+
+
+class RequestRejected(Exception):
+    """The endpoint answered 4xx: the request itself is wrong (retrying won't help)."""
+
+
+@dataclass
+class Endpoint:
+    url: str
+    slots: int = 1
+    api_key: str | None = None
+    in_flight: int = 0
+    served: int = 0
+    failures: int = 0
+    down_until: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+        if self.slots < 1:
+            raise ValueError(f"endpoint {self.url}: slots must be at least 1")
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    endpoint: str
+    prompt_ms: float | None = None  # server-side prompt processing time, when reported
+    predicted_ms: float | None = None  # server-side generation time, when reported
+    attempts: int = 1
+    raw: dict = field(default_factory=dict, repr=False)
+
+
+class InferenceClient:
+    """Use inside `async with`; `complete`, `chat`, `embed`, `post` are safe to gather."""
+
+    def __init__(self, endpoints: Iterable[Endpoint | str], *, timeout: float = 300.0, connect_timeout: float = 5.0,
+                 retries: int = 3, backoff: float = 0.5, api_key: str | None = None):
+        self.endpoints = [e if isinstance(e, Endpoint) else Endpoint(e, api_key=api_key) for e in endpoints]
+        if not self.endpoints:
+            raise ValueError("InferenceClient needs at least one endpoint")
+        self.timeout = httpx.Timeout(timeout, connect=connect_timeout)
+        self.retries = retries
+        self.backoff = backoff
+        self._http: httpx.AsyncClient | None = None
+        self._free: asyncio.Condition | None = None
+
+    @classmethod
+    def for_servers(cls, servers, **kw) -> "InferenceClient":
+        """A client over running `ManagedServer`s, each with its slot count and key."""
+        return cls([Endpoint(s.base_url, slots=s.slots, api_key=s.settings.api_key) for s in servers], **kw)
+
+    @property
+    def capacity(self) -> int:
+        return sum(e.slots for e in self.endpoints)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(e.in_flight for e in self.endpoints)
+
+    async def __aenter__(self) -> "InferenceClient":
+        limits = httpx.Limits(max_connections=self.capacity + 8, max_keepalive_connections=self.capacity + 8)
+        # trust_env=False: never route through a proxy from the environment; only the configured endpoints.
+        self._http = httpx.AsyncClient(timeout=self.timeout, limits=limits, trust_env=False)
+        self._free = asyncio.Condition()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._http.aclose()
+        self._http = None
+
+    # -- requests --------------------------------------------------------
+    async def complete(self, prompt: str | list[int], *, max_tokens: int = 256, stop: list[str] | None = None,
+                       temperature: float = 0.8, top_p: float = 0.95, seed: int | None = None,
+                       **extra: Any) -> Completion:
+        """Raw text completion (`/v1/completions`): the prompt goes to the model as is."""
+        payload = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
+                   **({"stop": stop} if stop else {}), **({"seed": seed} if seed is not None else {}), **extra}
+        return await self._generate("/v1/completions", payload, lambda c: c.get("text", ""))
+
+    async def chat(self, messages: list[dict], *, max_tokens: int = 256, stop: list[str] | None = None,
+                   temperature: float = 0.8, top_p: float = 0.95, seed: int | None = None,
+                   **extra: Any) -> Completion:
+        """Chat completion: the server applies the model's own chat template."""
+        payload = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
+                   **({"stop": stop} if stop else {}), **({"seed": seed} if seed is not None else {}), **extra}
+        return await self._generate("/v1/chat/completions", payload,
+                                    lambda c: (c.get("message") or {}).get("content") or "")
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        data, _, _ = await self._request("/v1/embeddings", {"input": texts})
+        rows = sorted(data["data"], key=lambda d: d["index"])
+        return [r["embedding"] for r in rows]
+
+    async def post(self, path: str, payload: dict) -> dict:
+        """Any JSON endpoint (e.g. llama-server's native `/completion` or `/tokenize`)."""
+        data, _, _ = await self._request(path, payload)
+        return data
+
+    async def map(self, fn, items: Iterable) -> list:
+        """`await fn(item)` for every item concurrently; the slots bound what is in flight."""
+        return await asyncio.gather(*(fn(x) for x in items))
+
+    # -- internals -------------------------------------------------------
+    async def _generate(self, path: str, payload: dict, text_of) -> Completion:
+        t0 = time.perf_counter()
+        data, endpoint, attempts = await self._request(path, payload)
+        choice = (data.get("choices") or [{}])[0]
+        usage = data.get("usage") or {}
+        timings = data.get("timings") or {}
+        return Completion(
+            text=text_of(choice), finish_reason=choice.get("finish_reason"),
+            prompt_tokens=int(usage.get("prompt_tokens") or timings.get("prompt_n") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or timings.get("predicted_n") or 0),
+            latency_s=time.perf_counter() - t0, endpoint=endpoint.url,
+            prompt_ms=timings.get("prompt_ms"), predicted_ms=timings.get("predicted_ms"),
+            attempts=attempts, raw=data,
+        )
+
+    async def _acquire(self, avoid: Endpoint | None) -> Endpoint:
+        async with self._free:
+            while True:
+                now = time.monotonic()
+                open_ = [e for e in self.endpoints if e.in_flight < e.slots]
+                healthy = [e for e in open_ if e.down_until <= now and e is not avoid] or \
+                          [e for e in open_ if e.down_until <= now] or open_
+                if healthy:
+                    ep = min(healthy, key=lambda e: (e.in_flight / e.slots, e.served))
+                    ep.in_flight += 1
+                    return ep
+                await self._free.wait()
+
+    async def _release(self, ep: Endpoint) -> None:
+        async with self._free:
+            ep.in_flight -= 1
+            self._free.notify()
+
+    async def _request(self, path: str, payload: dict) -> tuple[dict, Endpoint, int]:
+        if self._http is None:
+            raise RuntimeError("use InferenceClient inside `async with`")
+        last_error = ""
+        avoid = None
+        for attempt in range(1, self.retries + 2):
+            ep = await self._acquire(avoid)
+            try:
+                headers = {"Authorization": f"Bearer {ep.api_key}"} if ep.api_key else {}
+                resp = await self._http.post(ep.url + path, json=payload, headers=headers)
+                if resp.status_code < 400:
+                    ep.served += 1
+                    return resp.json(), ep, attempt
+                if resp.status_code < 500:
+                    raise RequestRejected(f"{ep.url}{path} answered {resp.status_code}: {_error_text(resp)}")
+                last_error = f"{ep.url}{path} answered {resp.status_code}: {_error_text(resp)}"
+            except _RETRYABLE as e:
+                last_error = f"{ep.url}{path}: {type(e).__name__} {e}".strip()
+            finally:
+                await self._release(ep)
+            ep.failures += 1
+            delay = self.backoff * 2 ** (attempt - 1) * (1 + 0.25 * random.random())
+            ep.down_until = time.monotonic() + delay
+            avoid = ep
+            if attempt <= self.retries:
+                await asyncio.sleep(delay)
+        raise ServerUnavailable(f"no endpoint answered after {self.retries + 1} tries; last error: {last_error}")
+
+
+def _error_text(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+        err = body.get("error", body)
+        return str(err.get("message", err) if isinstance(err, dict) else err)[:300]
+    except ValueError:
+        return resp.text[:300]

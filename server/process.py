@@ -1,0 +1,273 @@
+"""The managed inference server: start, wait for health, restart, stop.
+
+Two backends behind one interface, both OpenAI-compatible:
+- `native`: llama.cpp's own `llama-server` (continuous batching over `-np` slots);
+- `python`: `python -m llama_cpp.server`, a fallback when the native binary is
+  not built (it serializes requests: one slot in effect).
+
+A server is never left behind: it runs in its own process group (stopped with
+SIGTERM, then SIGKILL), is stopped at interpreter exit, and gets a parent-death
+signal so that even a SIGKILLed Python process takes it down. (Linux sends
+that signal when the *thread* that started the server ends: start servers from
+the main thread or a thread that lives as long as they should.)
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import httpx
+
+from server.errors import BadInput, PortInUse, ServerStartError, ToolchainMissing
+from server.gguf import read_gguf
+from server.toolchain import find_toolchain
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class ServerSettings:
+    model: Path
+    lora: list[Path] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int | None = None  # None: a free port
+    slots: int = 4  # parallel sequences (-np); continuous batching across them
+    ctx_per_slot: int = 2048
+    threads: int | None = None  # None: llama.cpp's default (physical cores)
+    api_key: str | None = None
+    backend: str = "auto"  # auto | native | python
+    embeddings: bool = False
+    log_path: Path | None = None
+    startup_timeout: float = 120.0
+    extra_args: list[str] = field(default_factory=list)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise PortInUse(f"port {port} on {host} is already in use: choose another with --port, "
+                                "or leave it out to take a free one") from None
+            raise BadInput(f"can't bind {host}:{port} ({e.strerror}): check the --host address") from None
+
+
+def _set_parent_death_signal() -> None:
+    # Runs in the child between fork and exec: if the parent dies (even by
+    # SIGKILL) the kernel sends the server SIGKILL. Linux only; elsewhere the
+    # process group and atexit still apply.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def resolve_backend(requested: str) -> str:
+    if requested not in ("auto", "native", "python"):
+        raise BadInput(f"unknown server backend {requested!r}: use auto, native or python")
+    if requested == "python":
+        return "python"
+    if find_toolchain() is not None:
+        return "native"
+    if requested == "native":
+        raise ToolchainMissing("llama-server is not built: run `make setup` (or use the python backend)")
+    return "python"
+
+
+class ManagedServer:
+    """One inference server process. Use as a context manager or call start/stop."""
+
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.backend: str | None = None
+        self.log_path: Path | None = None
+        self._log_file = None
+        self._lock = threading.Lock()
+
+    # -- public ----------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        host = self.settings.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def slots(self) -> int:
+        return self.settings.slots if self.backend == "native" else 1
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self) -> "ManagedServer":
+        s = self.settings
+        if s.host not in LOOPBACK and not s.api_key:
+            raise BadInput(f"refusing to serve on {s.host} without an API key: pass --api-key, "
+                           "or keep the default host 127.0.0.1")
+        read_gguf(s.model)
+        for adapter in s.lora:
+            read_gguf(adapter)
+        self.backend = resolve_backend(s.backend)
+        if s.port is not None:
+            check_port_free(s.host, s.port)
+        self.port = s.port or free_port(s.host)
+        cmd = self._command()
+        self.log_path = s.log_path or Path(tempfile.gettempdir()) / f"isara-server-{os.getpid()}-{self.port}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.log_path, "ab")
+        self._log_file.write(f"\n$ {' '.join(cmd)}\n".encode())
+        self._log_file.flush()
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, preexec_fn=_set_parent_death_signal, env=self._env(),
+        )
+        _LIVE.add(self)
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            proc, self.proc = self.proc, None
+            _LIVE.discard(self)
+            if proc is not None and proc.poll() is None:
+                _signal_group(proc, signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    _signal_group(proc, signal.SIGKILL)
+                    proc.wait()
+            elif proc is not None:
+                _signal_group(proc, signal.SIGKILL)  # children of a dead leader
+            if self._log_file is not None:
+                self._log_file.close()
+                self._log_file = None
+
+    def restart(self, model: str | Path | None = None, lora: list[Path] | None = None) -> "ManagedServer":
+        """Stop and start again on the same port (a new GGUF, new adapters)."""
+        port = self.port
+        self.stop()
+        changes = {"port": self.settings.port or port}
+        if model is not None:
+            changes["model"] = Path(model)
+        if lora is not None:
+            changes["lora"] = list(lora)
+        self.settings = replace(self.settings, **changes)
+        return self.start()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as f:
+            f.seek(max(0, self.log_path.stat().st_size - 16384))
+            text = f.read().decode("utf-8", errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def __enter__(self) -> "ManagedServer":
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- internals -------------------------------------------------------
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        env["HF_HUB_OFFLINE"] = "1"  # the python backend never reaches for a hub
+        return env
+
+    def _command(self) -> list[str]:
+        s = self.settings
+        if self.backend == "native":
+            tc = find_toolchain()
+            cmd = [str(tc.llama_server), "-m", str(s.model), "--host", s.host, "--port", str(self.port),
+                   "-np", str(s.slots), "-c", str(s.slots * s.ctx_per_slot), "--no-webui", "--metrics"]
+            for adapter in s.lora:
+                cmd += ["--lora", str(adapter)]
+            if s.threads:
+                cmd += ["-t", str(s.threads), "-tb", str(s.threads)]
+            if s.embeddings:
+                cmd += ["--embeddings"]
+        else:
+            cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(s.model), "--host", s.host,
+                   "--port", str(self.port), "--n_ctx", str(s.ctx_per_slot)]
+            if s.lora:
+                if len(s.lora) > 1:
+                    raise BadInput("the python server backend takes one LoRA adapter: merge them, or build llama-server")
+                cmd += ["--lora_path", str(s.lora[0])]
+            if s.threads:
+                cmd += ["--n_threads", str(s.threads)]
+            if s.embeddings:
+                cmd += ["--embedding", "true"]
+        if s.api_key:
+            cmd += ["--api-key" if self.backend == "native" else "--api_key", s.api_key]
+        return cmd + list(s.extra_args)
+
+    def _wait_healthy(self) -> None:
+        s = self.settings
+        deadline = time.monotonic() + s.startup_timeout
+        headers = {"Authorization": f"Bearer {s.api_key}"} if s.api_key else {}
+        # llama-server answers /health; llama_cpp.server has no /health, /v1/models serves.
+        path = "/health" if self.backend == "native" else "/v1/models"
+        with httpx.Client(timeout=2.0, trust_env=False) as http:
+            while True:
+                code = self.proc.poll()
+                if code is not None:
+                    raise ServerStartError(
+                        f"{self.backend} server exited with code {code} while starting on {s.model} "
+                        f"(log {self.log_path}):\n{self.log_tail()}")
+                try:
+                    if http.get(self.base_url + path, headers=headers).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ServerStartError(
+                        f"{self.backend} server not healthy after {s.startup_timeout:.0f}s on {s.model} "
+                        f"(log {self.log_path}):\n{self.log_tail()}")
+                time.sleep(0.1)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+_LIVE: set[ManagedServer] = set()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for srv in list(_LIVE):
+        srv.stop(timeout=5.0)

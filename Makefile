@@ -34,6 +34,7 @@ test: setup
 
 demo: setup
 	$(ISARA) doctor
+	$(ISARA) bench --quick
 
 doctor: $(VENV)/.installed
 	$(ISARA) doctor

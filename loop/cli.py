@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -176,6 +177,43 @@ def serve(model, host, port, api_key, slots, ctx_per_slot, threads, backend) -> 
     if died:
         err_console.print(f"isara: error: the server exited; see {srv.log_path}")
         sys.exit(1)
+
+
+# --- bench -------------------------------------------------------------------
+
+@cli.command()
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model to measure.")
+@click.option("--quick", is_flag=True, help="Fewer requests and tokens (about a minute on 2 cores).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads for every engine.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/bench"),
+              show_default=True, help="Where bench.json goes.")
+def bench(model_name, quick, threads, out_dir) -> None:
+    """Measure generation side by side: managed llama-server vs python -m llama_cpp.server.
+
+    Same prompts, same output length (EOS banned), 1 and 8 requests in flight,
+    in one run; prints ratios and writes bench.json.
+
+    \b
+    Example:
+      isara bench --quick
+    """
+    from loop.bench import bench_generation, write_results
+    from loop.models import resolve_model
+
+    m = resolve_model(model_name)
+    if m.gguf is None:
+        raise BadInput(f"{model_name} has no GGUF to benchmark: give a .gguf file or a catalog chat model")
+    rows = bench_generation(m.gguf, n_requests=8 if quick else 16, max_tokens=32 if quick else 64,
+                            threads=threads, log=lambda s: console.print(s, highlight=False))
+    table = Table(title=f"generation on {m.gguf.name}")
+    for col in ("engine", "in flight", "gen tok/s", "prompt tok/s", "x llama_cpp.server"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["engine"], str(r["in_flight"]), f"{r['gen_tok_s']:.1f}",
+                      f"{r['prompt_tok_s']:.0f}" if r["prompt_tok_s"] else "-", f"{r['vs_llama_cpp_server']:.2f}")
+    console.print(table)
+    path = write_results(rows, out_dir, "isara bench" + (" --quick" if quick else ""))
+    console.print(f"results: {path}", highlight=False)
 
 
 def main() -> None:

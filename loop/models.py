@@ -101,12 +101,12 @@ def resolve_model(spec: str | Path, catalog: dict[str, CatalogEntry] | None = No
     path = Path(text).expanduser()
     if path.is_file():
         read_gguf(path)  # raises a one-line error for anything that is not a whole GGUF
-        return Model(path.stem, "chat", gguf=path.resolve())
+        return Model(path.stem, "chat", gguf=path.absolute())
     if path.is_dir():
         if is_hf_folder(path):
             if (path / "modules.json").is_file():  # a sentence-transformers folder
-                return Model(path.name, "embedding", embedder_dir=path.resolve())
-            return Model(path.name, "chat", hf_dir=path.resolve())
+                return Model(path.name, "embedding", embedder_dir=path.absolute())
+            return Model(path.name, "chat", hf_dir=path.absolute())
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return resolve_model(ggufs[0], catalog)

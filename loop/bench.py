@@ -1,0 +1,92 @@
+"""`isara bench`: measure, side by side in one process, on the same inputs.
+
+Generation: the same prompts and output lengths through the managed native
+llama-server and through `python -m llama_cpp.server`, with 1 and 8 requests in
+flight. Ratios between engines measured in one run are the numbers to trust;
+absolute times on a shared machine are noise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import psutil
+
+from server.client import Endpoint, InferenceClient
+from server.process import ManagedServer, ServerSettings
+from server.toolchain import cuda_available
+
+PROMPTS = [
+    "Question: How do plants make food?\nAnswer:",
+    "Question: Why is the sky blue?\nAnswer:",
+    "Question: What is a prime number?\nAnswer:",
+    "Question: How does a bicycle stay upright?\nAnswer:",
+    "Question: What causes the seasons?\nAnswer:",
+    "Question: How do vaccines work?\nAnswer:",
+    "Question: What is inflation in economics?\nAnswer:",
+    "Question: Why do cats purr?\nAnswer:",
+]
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores_logical": psutil.cpu_count(),
+            "cores_physical": psutil.cpu_count(logical=False),
+            "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
+            "gpu": "CUDA" if cuda_available() else "none"}
+
+
+async def _drive(url: str, in_flight: int, n_requests: int, max_tokens: int, eos_id: int | None) -> dict:
+    # EOS is banned so every request generates exactly max_tokens on every engine.
+    bias = {str(eos_id): -100} if eos_id is not None else {}
+    async with InferenceClient([Endpoint(url, slots=in_flight)], retries=0) as client:
+        await client.complete(PROMPTS[0], max_tokens=4, temperature=0.0)  # warm-up: load, first allocations
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(
+            client.complete(PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens, temperature=0.7, seed=i,
+                            logit_bias=bias) for i in range(n_requests)))
+        wall = time.perf_counter() - t0
+    gen = sum(r.completion_tokens for r in results)
+    prompt_ms = sum(r.prompt_ms or 0 for r in results)
+    prompt_tok = sum(r.prompt_tokens for r in results)
+    return {"requests": n_requests, "in_flight": in_flight, "completion_tokens": gen, "wall_s": round(wall, 2),
+            "gen_tok_s": round(gen / wall, 1),
+            "prompt_tok_s": round(prompt_tok / (prompt_ms / 1000), 1) if prompt_ms else None,
+            "max_tokens": max_tokens}
+
+
+def bench_generation(gguf: Path, *, in_flight=(1, 8), n_requests: int = 16, max_tokens: int = 64,
+                     threads: int | None = None, log=print) -> list[dict]:
+    from server.gguf import read_gguf
+
+    eos = read_gguf(gguf).eos_token_id
+    rows = []
+    for engine, backend in (("llama-server (managed)", "native"), ("llama_cpp.server", "python")):
+        for n in in_flight:
+            settings = ServerSettings(model=gguf, backend=backend, slots=n, ctx_per_slot=512, threads=threads)
+            with ManagedServer(settings) as srv:
+                row = asyncio.run(_drive(srv.base_url, n, max(n_requests, n), max_tokens, eos))
+            row["engine"] = engine
+            rows.append(row)
+            log(f"{engine:24s} in flight {n:2d}: {row['gen_tok_s']:7.1f} tok/s generated "
+                f"({row['completion_tokens']} tokens in {row['wall_s']} s)")
+    by = {(r["engine"], r["in_flight"]): r["gen_tok_s"] for r in rows}
+    for r in rows:
+        base = by.get(("llama_cpp.server", r["in_flight"]))
+        r["vs_llama_cpp_server"] = round(r["gen_tok_s"] / base, 2) if base else None
+    return rows
+
+
+def write_results(rows: list[dict], out_dir: Path, command: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = {"command": command, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
+            "generation": rows}
+    path = out_dir / "bench.json"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

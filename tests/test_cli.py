@@ -1,0 +1,87 @@
+"""The command line as a person uses it: exit codes, one-line errors, --help."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from conftest import run_isara
+
+
+@pytest.mark.parametrize("args", [[], ["doctor"], ["models"], ["models", "list"], ["models", "pull"], ["serve"],
+                                  ["bench"]])
+def test_every_command_has_help_with_an_example(args):
+    out = run_isara(*args, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "Usage:" in out.stdout
+    if args and args != ["models"]:
+        assert "Example:" in out.stdout
+
+
+def test_doctor_reports_the_backends_and_the_toolchain(toolchain, default_model):
+    out = run_isara("doctor")
+    assert out.returncode == 0, out.stdout + out.stderr
+    for word in ("llama-server", "llama-quantize", "serving backend", "training backend", "smollm2-135m"):
+        assert word in out.stdout
+    assert "missing" not in out.stdout
+
+
+def test_doctor_names_the_fix_when_the_toolchain_is_missing(tmp_path):
+    out = run_isara("doctor", env={"ISARA_TOOLCHAIN": str(tmp_path / "none"), "COLUMNS": "200"})
+    assert out.returncode == 1
+    assert "make setup" in out.stdout
+
+
+def test_models_list_shows_the_pulled_default_model(default_model):
+    out = run_isara("models", "list", env={"COLUMNS": "200"})
+    assert out.returncode == 0
+    line = next(ln for ln in out.stdout.splitlines() if "smollm2-135m" in ln)
+    assert "yes" in line
+
+
+def _assert_one_line_error(out, *needles):
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, out.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_serving_a_corrupt_gguf_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"\x00" * 4096)
+    _assert_one_line_error(run_isara("serve", str(bad), env={"COLUMNS": "300"}), "broken.gguf", "not a GGUF file")
+
+
+def test_serving_a_missing_model_lists_the_known_ones(tmp_path):
+    _assert_one_line_error(run_isara("serve", str(tmp_path / "nope.gguf"), env={"COLUMNS": "300"}),
+                           "unknown model", "smollm2-135m")
+
+
+def test_serving_on_a_port_in_use_is_a_one_line_error(default_model):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = run_isara("serve", "smollm2-135m", "--port", str(port), env={"COLUMNS": "300"})
+    _assert_one_line_error(out, f"port {port}", "already in use", "--port")
+
+
+def test_serving_off_loopback_without_an_api_key_is_refused(default_model):
+    _assert_one_line_error(run_isara("serve", "smollm2-135m", "--host", "0.0.0.0", env={"COLUMNS": "300"}),
+                           "without an API key", "--api-key")
+
+
+def test_a_missing_llama_server_binary_names_the_fix(default_model, tmp_path):
+    out = run_isara("serve", "smollm2-135m", "--backend", "native",
+                    env={"ISARA_TOOLCHAIN": str(tmp_path / "none"), "COLUMNS": "300"})
+    _assert_one_line_error(out, "llama-server is not built", "make setup")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"\x00" * 4096)
+    out = run_isara("--debug", "serve", str(bad))
+    assert out.returncode != 0 and "Traceback" in out.stderr

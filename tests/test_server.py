@@ -1,0 +1,189 @@
+"""The managed llama-server and the client, on the real default model."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+import pytest
+
+from conftest import REPO
+from server.client import InferenceClient
+from server.errors import ServerUnavailable
+from server.process import ManagedServer, ServerSettings
+
+GREEDY = {"temperature": 0.0, "top_p": 1.0, "seed": 0}
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purpose.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def smol_server(default_model, toolchain):
+    with ManagedServer(ServerSettings(model=default_model.gguf, slots=8, ctx_per_slot=1024)) as srv:
+        yield srv
+
+
+def complete(srv_or_client, prompt, **kw):
+    async def go():
+        async with InferenceClient.for_servers([srv_or_client]) as c:
+            return await c.complete(prompt, **kw)
+    return asyncio.run(go())
+
+
+def test_server_binds_loopback_and_reports_its_slots(smol_server):
+    assert smol_server.backend == "native"
+    assert smol_server.base_url.startswith("http://127.0.0.1:")
+    props = httpx.get(smol_server.base_url + "/props", timeout=5).json()
+    assert props["total_slots"] == 8
+
+
+def test_completion_stops_at_stop_sequence(smol_server):
+    out = complete(smol_server, "1, 2, 3, 4, 5,", max_tokens=40, stop=["8"], **GREEDY)
+    assert "6" in out.text and "8" not in out.text
+    assert out.finish_reason == "stop"
+    assert out.completion_tokens < 40
+
+
+def test_completion_honours_max_tokens(smol_server):
+    out = complete(smol_server, "Once upon a time", max_tokens=7, **GREEDY)
+    assert out.completion_tokens == 7
+    assert out.finish_reason == "length"
+    assert out.prompt_tokens > 0 and out.predicted_ms is not None
+
+
+def test_eight_concurrent_requests_all_succeed(smol_server):
+    prompts = [f"Question: name a fruit number {i}.\nAnswer:" for i in range(8)]
+
+    async def go():
+        async with InferenceClient.for_servers([smol_server]) as c:
+            return await asyncio.gather(*(c.complete(p, max_tokens=24, seed=i) for i, p in enumerate(prompts)))
+
+    results = asyncio.run(go())
+    assert len(results) == 8
+    assert all(r.completion_tokens > 0 and r.text for r in results)
+    assert all(r.attempts == 1 for r in results)
+
+
+def test_same_seed_gives_same_sample(smol_server):
+    a = complete(smol_server, "The weather today is", max_tokens=16, temperature=0.9, seed=42)
+    b = complete(smol_server, "The weather today is", max_tokens=16, temperature=0.9, seed=42)
+    assert a.text == b.text
+
+
+def test_chat_completion_applies_the_models_chat_template(smol_server, default_model):
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    rendered = AutoTokenizer.from_pretrained(default_model.hf_dir).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    assert rendered.startswith("<|im_start|>system")
+
+    async def go():
+        async with InferenceClient.for_servers([smol_server]) as c:
+            chat = await c.chat(messages, max_tokens=24, **GREEDY)
+            raw = await c.complete(rendered, max_tokens=24, stop=["<|im_end|>"], **GREEDY)
+            return chat, raw
+
+    chat, raw = asyncio.run(go())
+    assert "Paris" in chat.text
+    assert chat.text.strip() == raw.text.strip()
+
+
+def test_restart_on_another_gguf_changes_the_answers(default_model, tiny_gguf_f16):
+    prompt = "red green blue"
+    with ManagedServer(ServerSettings(model=default_model.gguf, slots=1)) as srv:
+        before = complete(srv, prompt, max_tokens=12, **GREEDY)
+        port = srv.port
+        srv.restart(model=tiny_gguf_f16)
+        assert srv.port == port and srv.settings.model == tiny_gguf_f16
+        after = complete(srv, prompt, max_tokens=12, **GREEDY)
+    assert before.text != after.text
+
+
+def test_killed_server_raises_clear_error_and_restart_serves_again(default_model):
+    with ManagedServer(ServerSettings(model=default_model.gguf, slots=1)) as srv:
+        async def go():
+            async with InferenceClient.for_servers([srv], retries=2, backoff=0.1) as c:
+                task = asyncio.create_task(
+                    c.complete("Write a very long story about the sea.", max_tokens=4000, ignore_eos=True))
+                await asyncio.sleep(1.0)
+                os.killpg(srv.pid, signal.SIGKILL)
+                with pytest.raises(ServerUnavailable) as err:
+                    await task
+                return str(err.value)
+
+        message = asyncio.run(go())
+        assert srv.base_url in message and "tries" in message
+        assert not srv.alive()
+        srv.restart()
+        assert complete(srv, "Hello", max_tokens=4, **GREEDY).completion_tokens == 4
+
+
+def test_one_client_spreads_requests_over_two_servers(default_model):
+    settings = ServerSettings(model=default_model.gguf, slots=2, ctx_per_slot=512)
+    with ManagedServer(settings) as a, ManagedServer(settings) as b:
+        async def go():
+            async with InferenceClient.for_servers([a, b]) as c:
+                return await asyncio.gather(*(c.complete(f"Count to {i}:", max_tokens=8) for i in range(8)))
+
+        results = asyncio.run(go())
+    assert {r.endpoint for r in results} == {a.base_url, b.base_url}
+
+
+def test_stop_leaves_no_server_process(default_model):
+    srv = ManagedServer(ServerSettings(model=default_model.gguf, slots=1)).start()
+    pid = srv.pid
+    assert pid_alive(pid)
+    srv.stop()
+    assert not pid_alive(pid)
+
+
+def test_server_dies_with_its_python_parent_even_on_sigkill(default_model, tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from server.process import ManagedServer, ServerSettings
+        srv = ManagedServer(ServerSettings(model={str(default_model.gguf)!r}, slots=1)).start()
+        print(srv.pid, flush=True)
+        time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    server_pid = int(parent.stdout.readline())
+    assert pid_alive(server_pid)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while pid_alive(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not pid_alive(server_pid)
+
+
+def test_python_fallback_backend_serves_the_same_model(default_model):
+    with ManagedServer(ServerSettings(model=default_model.gguf, backend="python")) as srv:
+        assert srv.backend == "python" and srv.slots == 1
+        out = complete(srv, "1, 2, 3, 4,", max_tokens=6, **GREEDY)
+        assert out.completion_tokens == 6 and "5" in out.text
+
+        async def chat():
+            async with InferenceClient.for_servers([srv]) as c:
+                return await c.chat([{"role": "user", "content": "What is the capital of France?"}],
+                                    max_tokens=24, **GREEDY)
+
+        assert "Paris" in asyncio.run(chat()).text

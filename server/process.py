@@ -63,6 +63,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def check_port_free(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        # Like the server itself: connections in TIME_WAIT (a restart) don't block the port, a listener does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:

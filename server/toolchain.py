@@ -289,7 +289,7 @@ def install_binding(python: str = sys.executable) -> None:
     wheel = next(iter(sorted(wheels.glob(f"{SDIST_NAME}-*.whl"))), None)
     if wheel is None:
         src = ensure_source(python)
-        _run([python, "-m", "pip", "install", "--quiet", "scikit-build-core[pyproject]>=0.9", "cmake>=3.21"])
+        _run([python, "-m", "pip", "install", "--quiet", "scikit-build-core>=0.9", "cmake>=3.21"])
         env = dict(os.environ)
         env["CMAKE_ARGS"] = " ".join(["-DLLAVA_BUILD=OFF", *backend_cmake_flags(flavour), *_ccache_flags()])
         env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))

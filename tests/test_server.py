@@ -90,7 +90,7 @@ def test_same_seed_gives_same_sample(smol_server):
 def test_chat_completion_applies_the_models_chat_template(smol_server, default_model):
     from transformers import AutoTokenizer
 
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    messages = [{"role": "user", "content": "Name three colors."}]
     rendered = AutoTokenizer.from_pretrained(default_model.hf_dir).apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True)
     assert rendered.startswith("<|im_start|>system")
@@ -102,7 +102,7 @@ def test_chat_completion_applies_the_models_chat_template(smol_server, default_m
             return chat, raw
 
     chat, raw = asyncio.run(go())
-    assert "Paris" in chat.text
+    assert any(color in chat.text for color in ("Red", "Blue", "Green"))
     assert chat.text.strip() == raw.text.strip()
 
 
@@ -183,7 +183,7 @@ def test_python_fallback_backend_serves_the_same_model(default_model):
 
         async def chat():
             async with InferenceClient.for_servers([srv]) as c:
-                return await c.chat([{"role": "user", "content": "What is the capital of France?"}],
+                return await c.chat([{"role": "user", "content": "Name three colors."}],
                                     max_tokens=24, **GREEDY)
 
-        assert "Paris" in asyncio.run(chat()).text
+        assert any(color in asyncio.run(chat()).text for color in ("Red", "Blue", "Green"))

@@ -33,8 +33,18 @@ PROMPTS = [
 ]
 
 
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores_logical": psutil.cpu_count(),
+    return {"cpu": _cpu_name(), "cores_logical": psutil.cpu_count(),
             "cores_physical": psutil.cpu_count(logical=False),
             "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
             "gpu": "CUDA" if cuda_available() else "none"}

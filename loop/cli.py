@@ -123,6 +123,48 @@ def models_pull(names: tuple[str, ...], no_hf: bool) -> None:
         pull(name, derive_hf=not no_hf, log=lambda m: console.print(m, highlight=False))
 
 
+# --- run ---------------------------------------------------------------------
+
+@cli.command("run")
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--name", default=None, help="Run name (folder under runs_dir); default: the config file's stem.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override any config key, e.g. --set iterations=1 --set generation.samples=8.")
+@click.option("--plain", "output", flag_value="plain", default=True, help="Progress as plain lines (default).")
+@click.option("--json", "output", flag_value="json", help="Stream the events as JSON lines.")
+@click.option("--quiet", "output", flag_value="quiet", help="Show only the result.")
+def run_cmd(config: Path, name, overrides, output) -> None:
+    """Start a run from CONFIG, or resume it (CONFIG may also be a run folder).
+
+    Running the same command again resumes: finished phases are skipped, an
+    interrupted generation continues from the samples already on disk.
+
+    \b
+    Example:
+      isara run examples/quick.toml
+      isara run examples/quick.toml --set iterations=1 --set generation.samples=8
+      isara run runs/quick            # resume
+    """
+    from loop.run import execute, prepare
+
+    cfg, run_dir = prepare(config, list(overrides), name)
+    try:
+        stats = execute(cfg, run_dir, output=output)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted; accepted samples are kept. Resume with: isara run {run_dir}",
+                          highlight=False)
+        sys.exit(130)
+    table = Table(title=f"run {cfg.name}: {run_dir}")
+    for col in ("iter", "accepted", "attempts", "rate", "rejected by reason", "accepted/min"):
+        table.add_column(col)
+    for t, st in sorted(stats.items()):
+        table.add_row(str(t), f"{st['accepted']}/{st['target']}", str(st["attempts"]),
+                      f"{st['acceptance_rate']:.0%}", ", ".join(f"{k} {v}" for k, v in
+                                                                 sorted(st["rejected_by_reason"].items())) or "-",
+                      str(st.get("accepted_per_minute") or "-"))
+    console.print(table)
+
+
 # --- serve -------------------------------------------------------------------
 
 @cli.command()

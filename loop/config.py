@@ -1,0 +1,161 @@
+"""The run configuration: one typed schema for the TOML file, `--set` overrides and the docs.
+
+Unknown keys and wrong types are refused with one line naming the key and the
+fix. The resolved configuration (every default filled in) is written into the
+run as `config.toml`, so a run always says exactly how it was made.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from server.errors import BadInput
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    base: str = Field("smollm2-135m", description="Base chat model: catalog name, .gguf file or HF folder.")
+    embedder: str = Field("all-minilm-l6-v2", description="Sentence-transformers model for retrieval.")
+
+
+class DataConfig(_Section):
+    seeds: Path = Field(..., description="Seed Q/A samples: JSONL, JSON, CSV or Parquet.")
+    pool: Path | None = Field(None, description="Optional external pool of Q/A pairs (lower priority in retrieval).")
+    max_chars: int = Field(8000, gt=0, description="Longest accepted question or answer in the input, in characters.")
+
+
+class RetrievalConfig(_Section):
+    k: int = Field(4, ge=1, le=32, description="In-context examples per prompt.")
+    mmr_lambda: float = Field(0.7, ge=0.0, le=1.0,
+                              description="Maximal marginal relevance: 1 = nearest only, lower = more diverse demos.")
+    max_demo_similarity: float = Field(0.95, gt=0.0, le=1.0,
+                                       description="Two demos more similar than this are never shown together.")
+    pool_penalty: float = Field(0.05, ge=0.0, le=1.0,
+                                description="Subtracted from a pool sample's similarity: domain samples win when close.")
+
+
+class GenerationConfig(_Section):
+    samples: int = Field(32, gt=0, description="Accepted samples to reach each iteration.")
+    max_attempts_factor: float = Field(5.0, ge=1.0,
+                                       description="Give up an iteration after samples x this many candidates.")
+    temperature: float = Field(0.8, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_question_tokens: int = Field(96, gt=0)
+    max_answer_tokens: int = Field(320, gt=0)
+    seed: int = Field(0, description="Base seed: every request's seed derives from it.")
+    slots: int = Field(8, ge=1, le=64, description="Parallel sequences of the managed llama-server.")
+    ctx_per_slot: int = Field(2048, ge=256)
+    threads: int | None = Field(None, ge=1, description="CPU threads of the server (default: llama.cpp's).")
+    endpoints: list[str] = Field(default_factory=list,
+                                 description="OpenAI-compatible endpoints to use instead of the managed server.")
+    endpoint_slots: int = Field(8, ge=1, description="Requests in flight per external endpoint.")
+    api_key: str | None = Field(None, description="Sent to external endpoints.")
+
+
+class FilterConfig(_Section):
+    min_question_chars: int = Field(12, ge=1)
+    max_question_chars: int = Field(600, ge=1)
+    min_answer_chars: int = Field(20, ge=1)
+    max_answer_chars: int = Field(2500, ge=1)
+    max_repeated_ngram_share: float = Field(0.3, gt=0.0, le=1.0,
+                                            description="Reject when more than this share of word 3-grams repeat.")
+    max_question_cosine: float = Field(0.92, gt=0.0, le=1.0,
+                                       description="Near-duplicate: embedding cosine to a known question above this.")
+    max_question_rouge_l: float = Field(0.7, gt=0.0, le=1.0,
+                                        description="Near-duplicate: ROUGE-L F to a known question at or above this.")
+
+
+class TrainConfig(_Section):
+    enabled: bool = Field(False, description="Train and export each iteration (false: data only).")
+
+
+class RunConfig(_Section):
+    name: str | None = Field(None, description="Run name (folder under runs_dir); default: the config file's stem.")
+    runs_dir: Path = Field(Path("runs"), description="Where runs live.")
+    iterations: int = Field(2, ge=1, le=100)
+    question_marker: str = Field("Question:", min_length=1)
+    answer_marker: str = Field("Answer:", min_length=1)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v):
+            raise ValueError("use letters, digits, '.', '_' or '-' (no '/', no '..'), at most 64 characters")
+        return v
+
+
+def _describe(err: ValidationError) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        return f"unknown config key {key!r}: remove it or check its spelling (see README, configuration)"
+    if e["type"] == "missing":
+        return f"config key {key!r} is required: add it to the config file or pass --set {key}=..."
+    return f"config key {key!r}: {e['msg']} (got {e.get('input')!r})"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value). The value is read as TOML when it can be, else as a string."""
+    if "=" not in text:
+        raise BadInput(f"--set {text!r} has no '=': write --set key=value, e.g. --set iterations=1")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: Path | None, overrides: list[str] = (), base_dir: Path | None = None) -> RunConfig:
+    """Read the TOML, apply `--set` overrides, validate. Relative data paths are relative to the file."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise BadInput(f"config file {path} does not exist: give the path of a .toml file "
+                           "(e.g. examples/quick.toml)")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise BadInput(f"config file {path} is not valid TOML ({e}): fix the syntax") from None
+        base_dir = base_dir or path.parent
+        raw.setdefault("name", path.stem if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", path.stem) else None)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise BadInput(f"--set {text}: {k!r} is not a section")
+        node[keys[-1]] = value
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise BadInput(_describe(e)) from None
+    if base_dir is not None:
+        data = cfg.data
+        if not data.seeds.is_absolute():
+            data.seeds = (base_dir / data.seeds).resolve()
+        if data.pool is not None and not data.pool.is_absolute():
+            data.pool = (base_dir / data.pool).resolve()
+    return cfg
+
+
+def to_toml(cfg: RunConfig) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True))

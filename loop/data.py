@@ -1,0 +1,238 @@
+"""Reading Q/A samples in the conventions people already use, and writing them.
+
+Accepted per record (JSONL, JSON array, CSV or Parquet):
+- `prompt` / `response` (also `question` / `answer`),
+- Alpaca: `instruction` (+ `input`) / `output`,
+- OpenAI chat: `messages` (first user turn, first assistant turn after it),
+- ShareGPT: `conversations` with `from` human/gpt (or `role`/`content`).
+
+Every unusable record is reported with file:line and the reason; nothing is
+dropped silently. A file with problems fails as a whole (exit 2) listing them,
+so the user fixes the data rather than training on a quietly shrunken set.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from server.errors import BadInput
+
+MIN_SEEDS = 2
+
+
+@dataclass
+class Sample:
+    id: str
+    prompt: str
+    response: str
+    source: str = "seed"  # seed | generated | pool
+    meta: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class DataError(BadInput):
+    """Bad records: the message lists the first ones, `problems` holds all of them."""
+
+    def __init__(self, message: str, problems: list[str]):
+        super().__init__(message)
+        self.problems = problems
+
+
+def sample_id(source: str, question: str, answer: str) -> str:
+    """Stable across runs and machines: the same pair always gets the same id."""
+    digest = hashlib.sha1(f"{question}\x1f{answer}".encode("utf-8")).hexdigest()[:12]
+    return f"{source[0]}-{digest}"
+
+
+def _text(v) -> str | None:
+    return v.strip() if isinstance(v, str) else None
+
+
+def _first_turns(turns, role_key: str, text_key: str, user_roles: set, bot_roles: set):
+    if not isinstance(turns, list):
+        return None, None, "is not a list of turns"
+    q = a = None
+    for t in turns:
+        if not isinstance(t, dict):
+            return None, None, "has a turn that is not an object"
+        role = t.get(role_key)
+        if q is None and role in user_roles:
+            q = _text(t.get(text_key))
+        elif q is not None and role in bot_roles:
+            a = _text(t.get(text_key))
+            break
+    if q is None:
+        return None, None, "has no user turn"
+    if a is None:
+        return None, None, "has no assistant turn after the first user turn"
+    return q, a, None
+
+
+def record_to_pair(rec) -> tuple[str | None, str | None, str | None]:
+    """(question, answer, problem): problem is None when the record is usable."""
+    if not isinstance(rec, dict):
+        return None, None, "is not an object"
+    if "messages" in rec:
+        return _first_turns(rec["messages"], "role", "content", {"user"}, {"assistant"})
+    if "conversations" in rec:
+        turns = rec["conversations"]
+        if isinstance(turns, list) and turns and isinstance(turns[0], dict) and "from" in turns[0]:
+            return _first_turns(turns, "from", "value", {"human", "user"}, {"gpt", "assistant", "bot"})
+        return _first_turns(turns, "role", "content", {"user"}, {"assistant"})
+    for qk, ak in (("prompt", "response"), ("question", "answer"), ("instruction", "output")):
+        if qk in rec or ak in rec:
+            q, a = rec.get(qk), rec.get(ak)
+            if qk not in rec:
+                return None, None, f"has {ak!r} but no {qk!r}"
+            if ak not in rec:
+                return None, None, f"has {qk!r} but no {ak!r}"
+            if not isinstance(q, str) or not isinstance(a, str):
+                return None, None, f"{qk!r} and {ak!r} must be strings"
+            q = q.strip()
+            extra = rec.get("input") if qk == "instruction" else None
+            if isinstance(extra, str) and extra.strip():
+                q = f"{q}\n\n{extra.strip()}"
+            return q, a.strip(), None
+    keys = ", ".join(sorted(rec)[:6]) or "none"
+    return None, None, (f"has no known fields (found: {keys}); use prompt/response, instruction/output, "
+                        "messages or conversations")
+
+
+def _records(path: Path):
+    """Yield (line_or_row_number, record or parse-problem string)."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises several types for a bad file
+            raise BadInput(f"{path} is not a readable Parquet file ({e}): check the file") from None
+        for i, rec in enumerate(table.to_pylist(), start=1):
+            yield i, rec
+        return
+    raw = path.read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise BadInput(f"{path} looks binary, not text: give a JSONL, JSON, CSV or Parquet file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise BadInput(f"{path}:{line} is not UTF-8: re-save the file as UTF-8") from None
+    if suffix == ".csv":
+        for i, rec in enumerate(csv.DictReader(io.StringIO(text)), start=2):
+            yield i, rec
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{path}:{e.lineno} is not valid JSON ({e.msg}): fix it, "
+                           "or use JSONL with one object per line") from None
+        if isinstance(data, dict):
+            data = next((v for v in data.values() if isinstance(v, list)), None)
+        if not isinstance(data, list):
+            raise BadInput(f"{path} holds no list of records: give a JSON array of objects")
+        for i, rec in enumerate(data, start=1):
+            yield i, rec
+    else:  # .jsonl and anything else: one JSON object per line
+        for i, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield i, f"is not valid JSON ({e.msg})"
+
+
+def load_samples(path: str | Path, *, source: str = "seed", max_chars: int = 8000,
+                 min_count: int = MIN_SEEDS) -> list[Sample]:
+    """Read and validate a sample file; raise DataError listing every bad record."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"{source} file {path} does not exist: check data.{'seeds' if source == 'seed' else 'pool'}")
+    if not path.is_file():
+        raise BadInput(f"{path} is not a file: give a JSONL, JSON, CSV or Parquet file")
+    if path.stat().st_size == 0:
+        raise BadInput(f"{path} is empty: add Q/A records, one JSON object per line "
+                       '(e.g. {"prompt": "...", "response": "..."})')
+    samples, problems, seen = [], [], {}
+    for where, rec in _records(path):
+        loc = f"{path.name}:{where}"
+        if isinstance(rec, str):
+            problems.append(f"{loc} {rec}")
+            continue
+        q, a, problem = record_to_pair(rec)
+        if problem:
+            problems.append(f"{loc} {problem}")
+        elif not q:
+            problems.append(f"{loc} has an empty question")
+        elif not a:
+            problems.append(f"{loc} has an empty answer")
+        elif len(q) > max_chars or len(a) > max_chars:
+            problems.append(f"{loc} is too long ({max(len(q), len(a))} characters; limit data.max_chars={max_chars})")
+        elif (q, a) in seen:
+            problems.append(f"{loc} repeats {path.name}:{seen[(q, a)]} exactly")
+        else:
+            seen[(q, a)] = where
+            sid = sample_id(source, q, a)
+            samples.append(Sample(id=sid, prompt=q, response=a, source=source,
+                                  meta={"file": path.name, "line": where}))
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise DataError(f"{len(problems)} bad record(s) in {path}: {shown}: fix or remove them", problems)
+    if len(samples) < min_count:
+        raise BadInput(f"{path} has {len(samples)} usable {source} sample(s); at least {min_count} are needed: "
+                       "add more Q/A records")
+    return samples
+
+
+# --- writing -------------------------------------------------------------------
+
+def write_jsonl_atomic(path: Path, rows) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """One whole line in one write (O_APPEND), fsynced: a crash leaves at most a torn last line,
+    which `read_jsonl` drops (repairing the file) on the next read."""
+    data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: Path, repair: bool = True) -> list[dict]:
+    """All whole lines; a torn last line (a crash mid-append) is cut off the file."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    rows, good_end = [], 0
+    for line in raw.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        good_end += len(line)
+    if repair and good_end != len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return rows

@@ -1,0 +1,75 @@
+"""Filters for generated samples. Each returns a rejection reason or None.
+
+Reasons (counted per iteration and kept in `rejected.jsonl`):
+  parse          the output is not a question/answer (empty, or holds a marker)
+  too_short      shorter than filters.min_*_chars
+  too_long       longer than filters.max_*_chars, or cut off at max tokens
+  repetition     degenerate: more than filters.max_repeated_ngram_share of word 3-grams repeat
+  near_duplicate the question is too close to a known one: embedding cosine above
+                 filters.max_question_cosine, or ROUGE-L F >= filters.max_question_rouge_l
+                 (as in Self-Instruct) against every known question
+  copied_demo    the question or the answer is a demo's, verbatim
+"""
+
+from __future__ import annotations
+
+import re
+
+from loop.config import FilterConfig
+
+REASONS = ("parse", "too_short", "too_long", "repetition", "near_duplicate", "copied_demo")
+
+
+def repeated_ngram_share(text: str, n: int = 3) -> float:
+    """Share of word n-grams that repeat an earlier one (0 for none, near 1 for a loop)."""
+    words = re.findall(r"\w+", text.lower())
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if len(grams) < 4:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def check_text(text: str | None, *, min_chars: int, max_chars: int, cfg: FilterConfig,
+               truncated: bool = False) -> str | None:
+    if text is None:
+        return "parse"
+    if repeated_ngram_share(text) > cfg.max_repeated_ngram_share:
+        return "repetition"  # first: a loop that ran into max tokens is degenerate, not merely long
+    if len(text) < min_chars:
+        return "too_short"
+    if len(text) > max_chars or truncated:
+        return "too_long"
+    return None
+
+
+def _normal(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def copied_from_demos(text: str, demo_texts: list[str]) -> bool:
+    """Verbatim copy of a demo (ignoring case, spacing and punctuation)."""
+    t = _normal(text)
+    return any(t == _normal(d) for d in demo_texts)
+
+
+class NearDuplicates:
+    """Question novelty against every known question: by embedding, then by ROUGE-L."""
+
+    def __init__(self, cfg: FilterConfig):
+        from rouge_score import rouge_scorer
+
+        self.cfg = cfg
+        self.scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+    def check(self, question: str, vector, index) -> tuple[str | None, dict]:
+        item, cos = index.nearest_question(vector)
+        if item is not None and cos > self.cfg.max_question_cosine:
+            return "near_duplicate", {"by": "cosine", "score": round(cos, 4), "of": item["id"]}
+        best, best_id = 0.0, None
+        for it in index.items:
+            f = self.scorer.score(it["prompt"], question)["rougeL"].fmeasure
+            if f > best:
+                best, best_id = f, it["id"]
+        if best >= self.cfg.max_question_rouge_l:
+            return "near_duplicate", {"by": "rouge_l", "score": round(best, 4), "of": best_id}
+        return None, {"nearest_cosine": round(cos, 4), "max_rouge_l": round(best, 4)}

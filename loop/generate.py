@@ -1,0 +1,238 @@
+"""The generation phase of one iteration: retrieve, generate (two stages), filter.
+
+Inputs: the domain index, the anchors (domain samples known at the start of
+the iteration), the served model. Outputs, in the iteration folder:
+`generated.jsonl` (accepted samples) and `rejected.jsonl` (every rejected
+candidate with its reason), both appended one whole fsynced line at a time so
+that a crash loses at most the requests in flight; `stats.json` at the end.
+
+Resume: every finished attempt left exactly one line in one of the two files,
+so the attempt counter restarts at their total. Attempt n always uses anchor
+n and seeds derived from n: with one slot a resumed run writes the same data as
+an uninterrupted one. With several slots, attempts finish out of order and
+the invariant is weaker: no accepted sample is lost or duplicated and the
+iteration ends with exactly the target count (or the attempt budget spent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from loop.config import RunConfig
+from loop.data import Sample, append_jsonl, read_jsonl, sample_id
+from loop.filters import NearDuplicates, check_text, copied_from_demos
+from loop.prompts import Format
+from loop.retrieval import DomainIndex, Embedder
+
+SAVE_INDEX_EVERY = 16
+
+
+@dataclass
+class StageTotals:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_ms: float = 0.0
+    predicted_ms: float = 0.0
+
+    def add(self, c) -> None:
+        self.requests += 1
+        self.prompt_tokens += c.prompt_tokens
+        self.completion_tokens += c.completion_tokens
+        self.prompt_ms += c.prompt_ms or 0.0
+        self.predicted_ms += c.predicted_ms or 0.0
+
+    def summary(self, wall_s: float) -> dict:
+        # Requests overlap on the server's slots, so throughput is tokens over the phase's wall time;
+        # the server-side milliseconds (summed over requests) show where the server spent its time.
+        return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "prompt_tok_s": round(self.prompt_tokens / wall_s, 1) if wall_s else None,
+                "gen_tok_s": round(self.completion_tokens / wall_s, 1) if wall_s else None,
+                "server_prompt_ms": round(self.prompt_ms), "server_gen_ms": round(self.predicted_ms)}
+
+
+@dataclass
+class IterationState:
+    accepted: list[dict]
+    rejected: list[dict]
+    attempts: int
+    reasons: Counter = field(default_factory=Counter)
+    surplus: int = 0
+    question: StageTotals = field(default_factory=StageTotals)
+    answer: StageTotals = field(default_factory=StageTotals)
+
+
+def request_seed(base: int, iteration: int, attempt: int, stage: int) -> int:
+    return (base * 1_000_003 + iteration * 100_003 + attempt * 2 + stage) % (2**31 - 1)
+
+
+class GenerationPhase:
+    def __init__(self, *, cfg: RunConfig, iteration: int, out_dir: Path, index: DomainIndex, embedder: Embedder,
+                 client, anchors: list[int], events):
+        self.cfg, self.iteration, self.out_dir = cfg, iteration, out_dir
+        self.index, self.embedder, self.client, self.events = index, embedder, client, events
+        self.anchors = anchors  # index keys of the domain samples, in order
+        self.fmt = Format(cfg.question_marker, cfg.answer_marker)
+        self.dups = NearDuplicates(cfg.filters)
+        self.gen_path = out_dir / "generated.jsonl"
+        self.rej_path = out_dir / "rejected.jsonl"
+        g = cfg.generation
+        self.target = g.samples
+        self.max_attempts = int(g.samples * g.max_attempts_factor)
+
+    # -- resume ----------------------------------------------------------
+    def _load(self) -> IterationState:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        accepted, rejected = read_jsonl(self.gen_path), read_jsonl(self.rej_path)
+        st = IterationState(accepted=accepted, rejected=rejected, attempts=len(accepted) + len(rejected))
+        st.reasons.update(r["reason"] for r in rejected)
+        # Accepted samples of a crashed attempt may be missing from the saved index.
+        missing = [_as_sample(r) for r in accepted if r["id"] not in self.index]
+        if missing:
+            self.index.add(missing, self.embedder.encode([s.prompt for s in missing]))
+        return st
+
+    # -- one attempt -------------------------------------------------------
+    def _demos_for(self, vector: np.ndarray, exclude: frozenset = frozenset()) -> list[dict]:
+        r = self.cfg.retrieval
+        demos = self.index.demos(vector, r.k, mmr_lambda=r.mmr_lambda, max_similarity=r.max_demo_similarity,
+                                 pool_penalty=r.pool_penalty, exclude_ids=exclude)
+        # The most relevant demo goes last, right before the text the model writes.
+        return list(reversed(demos))
+
+    def _reject(self, st: IterationState, attempt: int, stage: str, reason: str, **detail) -> None:
+        row = {"attempt": attempt, "iteration": self.iteration, "stage": stage, "reason": reason, **detail}
+        append_jsonl(self.rej_path, row)
+        st.rejected.append(row)
+        st.reasons[reason] += 1
+        self.events.emit("rejected", iteration=self.iteration, reason=reason, attempt=attempt,
+                         accepted=len(st.accepted), target=self.target)
+
+    async def _attempt(self, st: IterationState, attempt: int) -> None:
+        g = self.cfg.generation
+        f = self.cfg.filters
+        anchor_key = self.anchors[attempt % len(self.anchors)]
+        anchor = self.index.items[anchor_key]
+        anchor_vec = np.asarray(self.index.index.get(np.uint64(anchor_key)), dtype=np.float32)
+        q_demos = self._demos_for(anchor_vec)
+        t0 = time.perf_counter()
+        q_out = await self.client.complete(
+            self.fmt.question_prompt([d["prompt"] for d in q_demos]), max_tokens=g.max_question_tokens,
+            stop=self.fmt.question_stops(), temperature=g.temperature, top_p=g.top_p,
+            seed=request_seed(g.seed, self.iteration, attempt, 0))
+        st.question.add(q_out)
+        question = self.fmt.parse_question(q_out.text)
+        base = {"anchor_id": anchor["id"], "question_demo_ids": [d["id"] for d in q_demos]}
+        reason = check_text(question, min_chars=f.min_question_chars, max_chars=f.max_question_chars, cfg=f,
+                            truncated=q_out.finish_reason == "length")
+        if reason is None and copied_from_demos(question, [d["prompt"] for d in q_demos]):
+            reason = "copied_demo"
+        q_vec = None
+        if reason is None:
+            q_vec = self.embedder.encode([question])[0]
+            reason, detail = self.dups.check(question, q_vec, self.index)
+            base["novelty"] = detail
+        if reason is not None:
+            self._reject(st, attempt, "question", reason, text=q_out.text, **base)
+            return
+        a_demos = self._demos_for(q_vec)
+        a_out = await self.client.complete(
+            self.fmt.answer_prompt([(d["prompt"], d["response"]) for d in a_demos], question),
+            max_tokens=g.max_answer_tokens, stop=self.fmt.answer_stops(), temperature=g.temperature,
+            top_p=g.top_p, seed=request_seed(g.seed, self.iteration, attempt, 1))
+        st.answer.add(a_out)
+        answer = self.fmt.parse_answer(a_out.text)
+        base["answer_demo_ids"] = [d["id"] for d in a_demos]
+        reason = check_text(answer, min_chars=f.min_answer_chars, max_chars=f.max_answer_chars, cfg=f,
+                            truncated=a_out.finish_reason == "length")
+        if reason is None and copied_from_demos(answer, [d["response"] for d in a_demos]):
+            reason = "copied_demo"
+        if reason is None:
+            # Re-check novelty: another attempt may have been accepted while this one generated.
+            reason, _ = self.dups.check(question, q_vec, self.index)
+        if reason is not None:
+            self._reject(st, attempt, "answer", reason, question=question, text=a_out.text, **base)
+            return
+        if len(st.accepted) >= self.target:
+            st.surplus += 1  # finished after the target was met by others: not needed, not a rejection
+            return
+        # From here to the end no await: check-and-add is atomic among the concurrent attempts.
+        row = {"id": sample_id("generated", question, answer), "iteration": self.iteration, "attempt": attempt,
+               "prompt": question, "response": answer, **base,
+               "tokens": {"question_prompt": q_out.prompt_tokens, "question": q_out.completion_tokens,
+                          "answer_prompt": a_out.prompt_tokens, "answer": a_out.completion_tokens},
+               "seconds": round(time.perf_counter() - t0, 3)}
+        append_jsonl(self.gen_path, row)
+        st.accepted.append(row)
+        self.index.add([_as_sample(row)], q_vec[None, :])
+        if len(st.accepted) % SAVE_INDEX_EVERY == 0:
+            self.index.save()
+        self.events.emit("accepted", iteration=self.iteration, id=row["id"], accepted=len(st.accepted),
+                         target=self.target, attempt=attempt)
+
+    # -- the phase -------------------------------------------------------
+    async def run(self) -> dict:
+        st = self._load()
+        resumed = len(st.accepted)
+        started = time.perf_counter()
+        self.events.emit("generation_started", iteration=self.iteration, target=self.target,
+                         resumed_accepted=len(st.accepted), resumed_attempts=st.attempts)
+
+        in_flight = 0
+        done = asyncio.Event()
+
+        def wanted() -> int:
+            # Attempts worth having in flight: what is still missing over the acceptance rate so
+            # far (optimistic 0.5 at first), so the last accepted sample does not leave a crowd of
+            # surplus requests behind it.
+            finished = len(st.accepted) + len(st.rejected)
+            rate = max(0.2, len(st.accepted) / finished) if finished >= 4 else 0.5
+            return int(np.ceil((self.target - len(st.accepted)) / rate))
+
+        async def worker() -> None:
+            nonlocal in_flight
+            while len(st.accepted) < self.target and st.attempts < self.max_attempts:
+                if in_flight >= wanted():
+                    await asyncio.sleep(0.05)
+                    continue
+                attempt = st.attempts
+                st.attempts += 1
+                in_flight += 1
+                try:
+                    await self._attempt(st, attempt)
+                finally:
+                    in_flight -= 1
+            done.set()
+
+        workers = [asyncio.create_task(worker()) for _ in range(self.client.capacity)]
+        await done.wait()
+        # Target met or budget spent: requests still in flight are not needed. Cancelling is safe:
+        # an attempt records its result without awaiting, so it is never cut mid-write.
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        self.index.save()
+        seconds = time.perf_counter() - started
+        stats = {
+            "iteration": self.iteration, "target": self.target, "accepted": len(st.accepted),
+            "rejected": len(st.rejected), "attempts": len(st.accepted) + len(st.rejected),
+            "acceptance_rate": round(len(st.accepted) / max(1, len(st.accepted) + len(st.rejected)), 3),
+            "rejected_by_reason": dict(st.reasons), "surplus": st.surplus,
+            "seconds_this_session": round(seconds, 2),
+            "accepted_per_minute": round(60 * (len(st.accepted) - resumed) / seconds, 1) if seconds else None,
+            "question_stage": st.question.summary(seconds), "answer_stage": st.answer.summary(seconds),
+            "budget_exhausted": len(st.accepted) < self.target,
+        }
+        self.events.emit("generation_finished", **stats)
+        return stats
+
+
+def _as_sample(row: dict) -> Sample:
+    return Sample(id=row["id"], prompt=row["prompt"], response=row["response"], source="generated")

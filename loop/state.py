@@ -1,0 +1,114 @@
+"""Run state (`state.json`) and events (`events.jsonl`).
+
+state.json records every finished phase with the sha256 and size of each file
+it wrote. A resumed run skips finished phases after checking those files are
+still what the phase wrote; a phase that is not recorded runs (again), picking
+up what it left on disk. Written atomically: it is always whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from server.errors import BadInput
+
+from loop.data import append_jsonl
+
+
+def file_digest(path: Path) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"sha256": h.hexdigest(), "size": path.stat().st_size}
+
+
+class RunState:
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.path = run_dir / "state.json"
+        self.data = {"version": 1, "status": "new", "phases": {}}
+        if self.path.exists():
+            try:
+                self.data = json.loads(self.path.read_text())
+            except json.JSONDecodeError:
+                raise BadInput(f"{self.path} is not valid JSON: restore it, or delete the run folder "
+                               "to start over") from None
+
+    def save(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        os.replace(tmp, self.path)
+
+    def done(self, phase: str) -> bool:
+        """Finished, with its files unchanged since; a changed file is a one-line error."""
+        rec = self.data["phases"].get(phase)
+        if not rec:
+            return False
+        for rel, digest in rec.get("files", {}).items():
+            p = self.run_dir / rel
+            if not p.exists() or file_digest(p) != digest:
+                raise BadInput(f"{p} changed after phase {phase!r} finished: restore it, or delete "
+                               f"{p.parent} to redo that phase")
+        return True
+
+    def stats(self, phase: str) -> dict:
+        return self.data["phases"].get(phase, {}).get("stats", {})
+
+    def finish(self, phase: str, files: list[Path], stats: dict | None = None) -> None:
+        self.data["phases"][phase] = {
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "files": {str(p.relative_to(self.run_dir)): file_digest(p) for p in files if p.exists()},
+            "stats": stats or {},
+        }
+        self.save()
+
+    def set_status(self, status: str, **extra) -> None:
+        self.data["status"] = status
+        self.data.update(extra)
+        self.save()
+
+
+class Events:
+    """Every event goes to events.jsonl; `printer` shows it (plain lines, JSON, or nothing)."""
+
+    def __init__(self, path: Path, mode: str = "plain", stream=None):
+        self.path = path
+        self.mode = mode  # plain | json | quiet
+        self.stream = stream or sys.stdout
+        self.started = time.monotonic()
+
+    def emit(self, kind: str, **fields) -> None:
+        event = {"t": round(time.time(), 3), "event": kind, **fields}
+        append_jsonl(self.path, event)
+        if self.mode == "json":
+            print(json.dumps(event, ensure_ascii=False), file=self.stream, flush=True)
+        elif self.mode == "plain":
+            line = _plain(kind, fields)
+            if line:
+                print(f"[{time.monotonic() - self.started:7.1f}s] {line}", file=self.stream, flush=True)
+
+
+def _plain(kind: str, f: dict) -> str | None:
+    it = f.get("iteration")
+    if kind == "accepted":
+        return f"iter {it}: accepted {f['accepted']}/{f['target']} ({f['id']})"
+    if kind == "rejected":
+        return f"iter {it}: rejected attempt {f['attempt']}: {f['reason']}"
+    if kind == "generation_started":
+        extra = f", resuming with {f['resumed_accepted']} accepted" if f.get("resumed_accepted") else ""
+        return f"iter {it}: generating {f['target']} samples{extra}"
+    if kind == "generation_finished":
+        return (f"iter {it}: {f['accepted']} accepted of {f['attempts']} attempts "
+                f"(rate {f['acceptance_rate']:.0%}; rejected {f['rejected_by_reason'] or 'none'}); "
+                f"{f['accepted_per_minute']} accepted/min")
+    if kind == "message":
+        return f["text"]
+    if kind in ("run_started", "run_finished", "phase_skipped", "server_started", "index_ready"):
+        return f"{kind.replace('_', ' ')}: " + ", ".join(f"{k}={v}" for k, v in f.items())
+    return None

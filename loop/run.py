@@ -145,7 +145,8 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain") -> dict:
                 continue
             if server is None and not cfg.generation.endpoints:
                 server = _start_server(cfg, base.gguf, run_dir)
-                events.emit("server_started", url=server.base_url, slots=server.slots, backend=server.backend)
+                events.emit("server_started", url=server.base_url, slots=server.slots, backend=server.backend,
+                            pid=server.pid)
             # Anchors: the domain set as it stood when this iteration began (seeds, then accepted samples
             # of earlier iterations); never the pool, never this iteration's own samples (on resume).
             current = _generated_ids(run_dir, first=t)

@@ -1,0 +1,81 @@
+"""The USearch index over domain samples, with the real all-MiniLM-L6-v2 embedder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from loop.data import Sample
+from loop.retrieval import DomainIndex, Embedder, ensure_indexed
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from loop.models import DEFAULT_EMBEDDER, is_pulled, resolve_model
+
+    if not is_pulled(DEFAULT_EMBEDDER):
+        pytest.fail(f"{DEFAULT_EMBEDDER} is not pulled: run `make setup`")
+    return Embedder(resolve_model(DEFAULT_EMBEDDER).embedder_dir)
+
+
+def S(i, q, source="seed"):
+    return Sample(id=f"{source[0]}-{i}", prompt=q, response=f"answer {i}", source=source)
+
+
+SEEDS = [S(0, "How often should I water tomato plants?"), S(1, "When is the best time to plant garlic?"),
+         S(2, "How do I make compost at home?"), S(3, "What vegetables grow well in shade?"),
+         S(4, "How do I keep slugs off my lettuce?"), S(5, "When should I prune roses?")]
+
+
+def test_embeddings_are_normalized_and_meaningful(embedder):
+    v = embedder.encode(["How do I water tomatoes?", "Watering tomato plants", "The stock market fell today"])
+    assert v.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-3)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.3
+
+
+def test_nearest_neighbours_are_the_related_samples(embedder, tmp_path):
+    idx = DomainIndex(tmp_path, embedder.dim)
+    ensure_indexed(idx, embedder, SEEDS)
+    demos = idx.demos(embedder.encode(["How much water do tomatoes need?"])[0], k=2)
+    assert demos[0]["id"] == "s-0"
+
+
+def test_index_is_saved_and_reopened_without_re_embedding(embedder, tmp_path):
+    idx = DomainIndex(tmp_path, embedder.dim)
+    ensure_indexed(idx, embedder, SEEDS)
+    idx.save()
+    again = DomainIndex.open(tmp_path, embedder.dim)
+    assert len(again) == len(SEEDS)
+    assert ensure_indexed(again, embedder, SEEDS) == 0
+    assert again.demos(embedder.encode(["pruning roses"])[0], k=1)[0]["id"] == "s-5"
+
+
+def test_an_index_that_disagrees_with_its_items_is_rebuilt(embedder, tmp_path):
+    idx = DomainIndex(tmp_path, embedder.dim)
+    ensure_indexed(idx, embedder, SEEDS)
+    idx.save()
+    lines = (tmp_path / "index.items.jsonl").read_text().splitlines()
+    (tmp_path / "index.items.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    again = DomainIndex.open(tmp_path, embedder.dim)
+    assert len(again) == 0
+    assert ensure_indexed(again, embedder, SEEDS) == len(SEEDS)
+
+
+def test_near_identical_demos_are_never_shown_together(embedder, tmp_path):
+    twins = SEEDS + [S(10, "How often should I water tomato plants?!"), S(11, "how often should i water tomato plants")]
+    idx = DomainIndex(tmp_path, embedder.dim)
+    ensure_indexed(idx, embedder, twins)
+    demos = idx.demos(embedder.encode(["watering tomato plants"])[0], k=3, max_similarity=0.95)
+    tomato = [d for d in demos if "tomato" in d["prompt"].lower()]
+    assert len(tomato) == 1
+
+
+def test_pool_samples_yield_to_domain_samples_when_close(embedder, tmp_path):
+    idx = DomainIndex(tmp_path, embedder.dim)
+    ensure_indexed(idx, embedder, [S(0, "How often should I water tomato plants?"),
+                                   S(1, "How often should I water my tomato plants?", source="pool"),
+                                   S(2, "When should I prune roses?")])
+    q = embedder.encode(["How often should I water my tomato plants?"])[0]
+    assert idx.demos(q, k=1, pool_penalty=0.0)[0]["source"] == "pool"
+    assert idx.demos(q, k=1, pool_penalty=0.2)[0]["source"] == "seed"

@@ -1,0 +1,152 @@
+"""`isara run` end to end on the real default model, real embeddings, real index."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_isara
+from test_server import pid_alive
+
+
+def _config(tmp_path: Path, seeds: int = 8, **generation) -> Path:
+    lines = (REPO / "examples" / "seeds.jsonl").read_text().splitlines()[:seeds]
+    (tmp_path / "seeds.jsonl").write_text("\n".join(lines) + "\n")
+    gen = {"samples": 4, "slots": 1, "max_answer_tokens": 160, **generation}
+    body = "\n".join(f"{k} = {json.dumps(v)}" for k, v in gen.items())
+    cfg = tmp_path / "garden.toml"
+    cfg.write_text(f'iterations = 2\nruns_dir = "{tmp_path / "runs"}"\n\n[data]\nseeds = "seeds.jsonl"\n\n'
+                   f"[generation]\n{body}\n\n[train]\nenabled = false\n")
+    return cfg
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def finished_run(default_model, toolchain, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = _config(tmp)
+    out = run_isara("run", str(cfg), "--plain")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return tmp / "runs" / "garden", cfg, out
+
+
+def test_a_data_only_run_writes_the_run_layout(finished_run):
+    run, _, _ = finished_run
+    for name in ("config.toml", "seeds.jsonl", "state.json", "events.jsonl", "index.usearch", "index.items.jsonl",
+                 "iter-01/generated.jsonl", "iter-01/rejected.jsonl", "iter-01/stats.json", "iter-02/stats.json"):
+        assert (run / name).exists(), name
+    state = json.loads((run / "state.json").read_text())
+    assert state["status"] == "finished"
+    assert set(state["phases"]) == {"seeds", "iter-01/generate", "iter-02/generate"}
+    config = (run / "config.toml").read_text()
+    assert "mmr_lambda" in config and "max_question_rouge_l" in config  # resolved: defaults filled in
+
+
+def test_each_iteration_reaches_its_target_with_unique_well_formed_samples(finished_run):
+    run, _, _ = finished_run
+    ids = []
+    for t in (1, 2):
+        rows = _jsonl(run / f"iter-0{t}" / "generated.jsonl")
+        assert len(rows) == 4
+        for r in rows:
+            assert r["prompt"].strip() and r["response"].strip() and r["iteration"] == t
+            assert "Question:" not in r["prompt"] + r["response"] and "Answer:" not in r["response"]
+            assert len(r["question_demo_ids"]) == 4 and len(r["answer_demo_ids"]) == 4
+        ids += [r["id"] for r in rows]
+    assert len(ids) == len(set(ids))
+
+
+def test_every_candidate_is_counted_as_accepted_or_rejected_by_reason(finished_run):
+    run, _, _ = finished_run
+    for t in (1, 2):
+        stats = json.loads((run / f"iter-0{t}" / "stats.json").read_text())
+        rejected = _jsonl(run / f"iter-0{t}" / "rejected.jsonl")
+        assert stats["accepted"] == 4 and stats["rejected"] == len(rejected)
+        assert stats["attempts"] == stats["accepted"] + stats["rejected"]
+        assert sum(stats["rejected_by_reason"].values()) == len(rejected)
+        assert all(r["reason"] in ("parse", "too_short", "too_long", "repetition", "near_duplicate", "copied_demo")
+                   for r in rejected)
+        assert stats["question_stage"]["prompt_tokens"] > 0 and stats["answer_stage"]["completion_tokens"] > 0
+
+
+def test_accepted_samples_are_indexed_and_iteration_two_retrieves_them(finished_run):
+    run, _, _ = finished_run
+    items = _jsonl(run / "index.items.jsonl")
+    first = {r["id"] for r in _jsonl(run / "iter-01" / "generated.jsonl")}
+    assert len(items) == 8 + 8 and first <= {it["id"] for it in items}
+    used = set()
+    for r in _jsonl(run / "iter-02" / "generated.jsonl") + _jsonl(run / "iter-02" / "rejected.jsonl"):
+        used |= set(r.get("question_demo_ids", [])) | set(r.get("answer_demo_ids", [])) | {r.get("anchor_id")}
+    assert used & first
+
+
+def test_running_a_finished_run_again_skips_every_phase(finished_run):
+    run, cfg, _ = finished_run
+    before = (run / "iter-02" / "generated.jsonl").read_bytes()
+    out = run_isara("run", str(cfg), "--plain")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("phase skipped") == 2 and "server started" not in out.stdout
+    assert (run / "iter-02" / "generated.jsonl").read_bytes() == before
+
+
+def test_a_run_killed_during_generation_resumes_to_the_target_without_duplicates(default_model, toolchain, tmp_path):
+    cfg = _config(tmp_path, samples=6, slots=2)
+    run = tmp_path / "runs" / "garden"
+    cmd = [sys.executable, "-m", "loop.cli", "run", str(cfg), "--set", "iterations=1", "--plain"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gen = run / "iter-01" / "generated.jsonl"
+    deadline = time.monotonic() + 240
+    while len(_jsonl(gen)) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = [r["id"] for r in _jsonl(gen)]
+    assert 2 <= len(kept) < 6
+    server = next(json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"server_started"' in x)
+    deadline = time.monotonic() + 10
+    while pid_alive(server["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not pid_alive(server["pid"]), "llama-server outlived the killed run"
+
+    out = run_isara("run", str(cfg), "--set", "iterations=1", "--plain")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    ids = [r["id"] for r in _jsonl(gen)]
+    assert len(ids) == 6 and len(set(ids)) == 6
+    assert ids[: len(kept)] == kept  # nothing accepted before the kill was lost or rewritten
+    stats = json.loads((run / "iter-01" / "stats.json").read_text())
+    assert stats["accepted"] == 6
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--set", "generation.temprature=0.5"], ["unknown config key 'generation.temprature'"]),
+    (["--set", "generation.samples=0"], ["generation.samples", "greater than 0"]),
+    (["--set", "iterations=many"], ["iterations"]),
+    (["--name", "../escape"], ["'name'", "no '/'"]),
+    (["--set", "data.seeds=missing.jsonl"], ["missing.jsonl", "does not exist", "data.seeds"]),
+])
+def test_bad_configuration_is_a_one_line_error(args, needles, tmp_path, default_model):
+    cfg = _config(tmp_path)
+    out = run_isara("run", str(cfg), *args, env={"COLUMNS": "400"})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, out.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert not (tmp_path / "escape").exists()
+
+
+def test_a_missing_config_file_is_a_one_line_error(tmp_path):
+    out = run_isara("run", str(tmp_path / "nope.toml"), env={"COLUMNS": "300"})
+    assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr

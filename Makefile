@@ -35,6 +35,7 @@ test: setup
 demo: setup
 	$(ISARA) doctor
 	$(ISARA) bench --quick
+	$(ISARA) run examples/quick.toml
 
 doctor: $(VENV)/.installed
 	$(ISARA) doctor

@@ -46,13 +46,13 @@ class GenerationConfig(_Section):
     samples: int = Field(32, gt=0, description="Accepted samples to reach each iteration.")
     max_attempts_factor: float = Field(5.0, ge=1.0,
                                        description="Give up an iteration after samples x this many candidates.")
-    temperature: float = Field(0.8, ge=0.0, le=2.0)
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    max_question_tokens: int = Field(96, gt=0)
-    max_answer_tokens: int = Field(320, gt=0)
+    temperature: float = Field(0.8, ge=0.0, le=2.0, description="Sampling temperature of both stages.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling of both stages.")
+    max_question_tokens: int = Field(96, gt=0, description="Stage 1 budget; a question cut off here is too long.")
+    max_answer_tokens: int = Field(320, gt=0, description="Stage 2 budget; an answer cut off here is too long.")
     seed: int = Field(0, description="Base seed: every request's seed derives from it.")
     slots: int = Field(8, ge=1, le=64, description="Parallel sequences of the managed llama-server.")
-    ctx_per_slot: int = Field(2048, ge=256)
+    ctx_per_slot: int = Field(2048, ge=256, description="Context length of each server slot (prompt + output).")
     threads: int | None = Field(None, ge=1, description="CPU threads of the server (default: llama.cpp's).")
     endpoints: list[str] = Field(default_factory=list,
                                  description="OpenAI-compatible endpoints to use instead of the managed server.")
@@ -61,10 +61,10 @@ class GenerationConfig(_Section):
 
 
 class FilterConfig(_Section):
-    min_question_chars: int = Field(12, ge=1)
-    max_question_chars: int = Field(600, ge=1)
-    min_answer_chars: int = Field(20, ge=1)
-    max_answer_chars: int = Field(2500, ge=1)
+    min_question_chars: int = Field(12, ge=1, description="Shorter generated questions are rejected.")
+    max_question_chars: int = Field(600, ge=1, description="Longer generated questions are rejected.")
+    min_answer_chars: int = Field(20, ge=1, description="Shorter generated answers are rejected.")
+    max_answer_chars: int = Field(2500, ge=1, description="Longer generated answers are rejected.")
     max_repeated_ngram_share: float = Field(0.3, gt=0.0, le=1.0,
                                             description="Reject when more than this share of word 3-grams repeat.")
     max_question_cosine: float = Field(0.92, gt=0.0, le=1.0,
@@ -80,9 +80,9 @@ class TrainConfig(_Section):
 class RunConfig(_Section):
     name: str | None = Field(None, description="Run name (folder under runs_dir); default: the config file's stem.")
     runs_dir: Path = Field(Path("runs"), description="Where runs live.")
-    iterations: int = Field(2, ge=1, le=100)
-    question_marker: str = Field("Question:", min_length=1)
-    answer_marker: str = Field("Answer:", min_length=1)
+    iterations: int = Field(2, ge=1, le=100, description="Rounds of generate (then train and export).")
+    question_marker: str = Field("Question:", min_length=1, description="Marker before each question in prompts.")
+    answer_marker: str = Field("Answer:", min_length=1, description="Marker before each answer in prompts.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
@@ -159,3 +159,29 @@ def to_toml(cfg: RunConfig) -> str:
     import tomli_w
 
     return tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True))
+
+
+def reference_markdown() -> str:
+    """The configuration reference (README, `isara config`), rendered from the schema itself."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            if f.is_required():
+                default = "required"
+            elif f.default_factory is list:
+                default = "[]"
+            elif isinstance(f.default, (str, Path)):
+                default = f'"{f.default}"'
+            else:
+                default = str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
+            type_name = getattr(ann, "__name__", None) or str(ann)
+            type_name = type_name.replace("pathlib.", "").replace(" | None", " (optional)").replace("NoneType", "")
+            rows.append(f"| `{prefix}{name}` | {type_name} | {default} | {f.description or ''} |")
+
+    walk(RunConfig, "")
+    return "\n".join(rows) + "\n"

@@ -123,6 +123,14 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain") -> dict:
     if base.gguf is None and not cfg.generation.endpoints:
         raise BadInput(f"{cfg.model.base} has no GGUF to serve: give a .gguf file or a catalog chat model")
 
+    phases = [f"iter-{t:02d}/generate" for t in range(1, cfg.iterations + 1)]
+    if all(state.done(p) for p in phases):  # nothing to do: don't load the embedder or start a server
+        for p in phases:
+            events.emit("phase_skipped", phase=p)
+        state.set_status("finished")
+        events.emit("run_finished", run=cfg.name, folder=str(run_dir))
+        return {t: state.stats(p) for t, p in enumerate(phases, start=1)}
+
     embedder = Embedder(embedder_model.embedder_dir)
     index = DomainIndex.open(run_dir, embedder.dim)
     added = ensure_indexed(index, embedder, seeds)

@@ -45,3 +45,9 @@ def test_toolchain_module_needs_only_the_standard_library():
             third_party.add(node.module.split(".")[0])
     import sys
     assert third_party - set(sys.stdlib_module_names) - {"server", "__future__"} == set()
+
+
+def test_readme_configuration_table_matches_the_schema():
+    from loop.config import reference_markdown
+
+    assert reference_markdown() in (REPO / "README.md").read_text()

@@ -155,11 +155,11 @@ def run_cmd(config: Path, name, overrides, output) -> None:
                           highlight=False)
         sys.exit(130)
     table = Table(title=f"run {cfg.name}: {run_dir}")
-    for col in ("iter", "accepted", "attempts", "rate", "rejected by reason", "accepted/min"):
+    for col in ("iter", "accepted", "attempts", "rate", "scaling", "rejected by reason", "accepted/min"):
         table.add_column(col)
     for t, st in sorted(stats.items()):
         table.add_row(str(t), f"{st['accepted']}/{st['target']}", str(st["attempts"]),
-                      f"{st['acceptance_rate']:.0%}", ", ".join(f"{k} {v}" for k, v in
+                      f"{st['acceptance_rate']:.0%}", f"{st.get('scaling_ratio', 0):.2f}x", ", ".join(f"{k} {v}" for k, v in
                                                                  sorted(st["rejected_by_reason"].items())) or "-",
                       str(st.get("accepted_per_minute") or "-"))
     console.print(table)

@@ -161,6 +161,9 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain") -> dict:
             anchors = [k for k, it in enumerate(index.items)
                        if it["source"] == "seed" or (it["source"] == "generated" and it["id"] not in current)]
             stats = asyncio.run(_generate(cfg, t, it_dir, index, embedder, server, anchors, events))
+            # Data scaling ratio (the paper's): accepted generated samples so far over seeds.
+            so_far = stats["accepted"] + sum(all_stats[i].get("accepted", 0) for i in range(1, t))
+            stats["scaling_ratio"] = round(so_far / len(seeds), 3)
             _write_json_atomic(it_dir / "stats.json", stats)
             state.finish(phase, [it_dir / "generated.jsonl", it_dir / "rejected.jsonl", it_dir / "stats.json"],
                          stats)

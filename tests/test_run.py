@@ -77,6 +77,7 @@ def test_every_candidate_is_counted_as_accepted_or_rejected_by_reason(finished_r
         assert all(r["reason"] in ("parse", "too_short", "too_long", "repetition", "near_duplicate", "copied_demo")
                    for r in rejected)
         assert stats["question_stage"]["prompt_tokens"] > 0 and stats["answer_stage"]["completion_tokens"] > 0
+        assert stats["scaling_ratio"] == 4 * t / 8  # accepted generated samples so far / seeds
 
 
 def test_accepted_samples_are_indexed_and_iteration_two_retrieves_them(finished_run):

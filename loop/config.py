@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,7 +75,38 @@ class FilterConfig(_Section):
 
 
 class TrainConfig(_Section):
-    enabled: bool = Field(False, description="Train and export each iteration (false: data only).")
+    enabled: bool = Field(True, description="Train and export each iteration (false: data only).")
+    backend: Literal["auto", "unsloth", "peft"] = Field(
+        "auto", description="auto: Unsloth where CUDA and Unsloth are present, else the PEFT loop.")
+    start_from: Literal["base", "previous"] = Field(
+        "base", alias="from", description="Train each iteration from the base weights, or continue the previous LoRA.")
+    r: int = Field(16, ge=1, le=512, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Linear layers that get a LoRA.")
+    epochs: float = Field(2.0, gt=0, description="Passes over seeds plus accepted samples.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch (length-bucketed).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps with linear LR warmup; then linear decay.")
+    max_length: int = Field(512, ge=16, description="Longest training sequence in tokens (longer ones are cut).")
+    seed: int = Field(0, description="Shuffling, dropout and LoRA init.")
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class ExportConfig(_Section):
+    mode: Literal["merged", "lora"] = Field(
+        "merged", description="merged: merge the LoRA and quantize; lora: serve the base GGUF with a LoRA GGUF.")
+    quant: str = Field("auto", description="F16, Q8_0, Q4_K_M, ... or auto: Q8_0 below 1B parameters, else Q4_K_M.")
+    verify: Literal["strict", "record", "off"] = Field(
+        "strict", description="Compare greedy answers of the GGUF with the merged HF model; strict fails on mismatch.")
+    verify_tokens: int = Field(16, ge=1, le=256, description="Greedy tokens compared per verification prompt.")
+    near_tie: float = Field(0.05, ge=0.0, le=1.0,
+                            description="A fork where the HF model's top two tokens are this close is rounding, "
+                                        "not a mismatch.")
 
 
 class RunConfig(_Section):
@@ -89,6 +121,7 @@ class RunConfig(_Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @field_validator("name")
     @classmethod
@@ -158,7 +191,7 @@ def load_config(path: Path | None, overrides: list[str] = (), base_dir: Path | N
 def to_toml(cfg: RunConfig) -> str:
     import tomli_w
 
-    return tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True))
+    return tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True, by_alias=True))
 
 
 def reference_markdown() -> str:
@@ -173,15 +206,18 @@ def reference_markdown() -> str:
                 continue
             if f.is_required():
                 default = "required"
-            elif f.default_factory is list:
-                default = "[]"
+            elif f.default_factory is not None:
+                default = "[" + ", ".join(f'"{v}"' for v in f.default_factory()) + "]"
             elif isinstance(f.default, (str, Path)):
                 default = f'"{f.default}"'
             else:
                 default = str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
-            type_name = getattr(ann, "__name__", None) or str(ann)
-            type_name = type_name.replace("pathlib.", "").replace(" | None", " (optional)").replace("NoneType", "")
-            rows.append(f"| `{prefix}{name}` | {type_name} | {default} | {f.description or ''} |")
+            if typing.get_origin(ann) is Literal:
+                type_name = " / ".join(typing.get_args(ann))
+            else:
+                type_name = getattr(ann, "__name__", None) or str(ann)
+                type_name = type_name.replace("pathlib.", "").replace(" | None", " (optional)")
+            rows.append(f"| `{prefix}{f.alias or name}` | {type_name} | {default} | {f.description or ''} |")
 
     walk(RunConfig, "")
     return "\n".join(rows) + "\n"

@@ -198,26 +198,32 @@ class GenerationPhase:
 
         async def worker() -> None:
             nonlocal in_flight
-            while len(st.accepted) < self.target and st.attempts < self.max_attempts:
-                if in_flight >= wanted():
-                    await asyncio.sleep(0.05)
-                    continue
-                attempt = st.attempts
-                st.attempts += 1
-                in_flight += 1
-                try:
-                    await self._attempt(st, attempt)
-                finally:
-                    in_flight -= 1
-            done.set()
+            try:
+                while len(st.accepted) < self.target and st.attempts < self.max_attempts:
+                    if in_flight >= wanted():
+                        await asyncio.sleep(0.05)
+                        continue
+                    attempt = st.attempts
+                    st.attempts += 1
+                    in_flight += 1
+                    try:
+                        await self._attempt(st, attempt)
+                    finally:
+                        in_flight -= 1
+            finally:
+                done.set()  # also on an error: the phase must end and say why, not wait forever
 
         workers = [asyncio.create_task(worker()) for _ in range(self.client.capacity)]
         await done.wait()
-        # Target met or budget spent: requests still in flight are not needed. Cancelling is safe:
-        # an attempt records its result without awaiting, so it is never cut mid-write.
+        # Target met, budget spent, or an error: requests still in flight are not needed. Cancelling is
+        # safe: an attempt records its result without awaiting, so it is never cut mid-write.
         for w in workers:
             w.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+        results = await asyncio.gather(*workers, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
+        if errors:
+            self.index.save()
+            raise errors[0]
         self.index.save()
         seconds = time.perf_counter() - started
         stats = {

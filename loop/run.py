@@ -16,6 +16,7 @@ files checked), an unfinished generation phase continues from its files.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import tomllib
 from pathlib import Path
@@ -26,10 +27,12 @@ from server.process import ManagedServer, ServerSettings
 
 from loop.config import RunConfig, load_config, to_toml
 from loop.data import Sample, load_samples, read_jsonl, write_jsonl_atomic
+from loop.export import count_params, export_iteration, preflight
 from loop.generate import GenerationPhase
 from loop.models import resolve_model
 from loop.retrieval import DomainIndex, Embedder, ensure_indexed
 from loop.state import Events, RunState
+from loop.train import train
 
 
 def run_dir_for(cfg: RunConfig) -> Path:
@@ -123,13 +126,18 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain") -> dict:
     if base.gguf is None and not cfg.generation.endpoints:
         raise BadInput(f"{cfg.model.base} has no GGUF to serve: give a .gguf file or a catalog chat model")
 
-    phases = [f"iter-{t:02d}/generate" for t in range(1, cfg.iterations + 1)]
+    phases = [f"iter-{t:02d}/{name}" for t in range(1, cfg.iterations + 1) for name in _phase_names(cfg)]
     if all(state.done(p) for p in phases):  # nothing to do: don't load the embedder or start a server
         for p in phases:
             events.emit("phase_skipped", phase=p)
-        state.set_status("finished")
-        events.emit("run_finished", run=cfg.name, folder=str(run_dir))
-        return {t: state.stats(p) for t, p in enumerate(phases, start=1)}
+        return _finish(cfg, run_dir, state, events)
+    params = None
+    if cfg.train.enabled:
+        if base.hf_dir is None:
+            raise BadInput(f"{cfg.model.base} has no HF checkpoint to train: use a catalog model "
+                           "(isara models pull NAME) or an HF folder, or set train.enabled = false")
+        params = count_params(base.hf_dir)
+        preflight(base.hf_dir, run_dir, params)  # fail now, not after training
 
     embedder = Embedder(embedder_model.embedder_dir)
     index = DomainIndex.open(run_dir, embedder.dim)
@@ -141,41 +149,116 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain") -> dict:
     index.save()
     events.emit("index_ready", items=len(index), embedded_now=added)
 
-    all_stats = {}
-    server = None
+    server = _Serving(cfg, run_dir, events)
     try:
         for t in range(1, cfg.iterations + 1):
-            phase = f"iter-{t:02d}/generate"
             it_dir = run_dir / f"iter-{t:02d}"
+            # The model of iteration t-1 generates iteration t (the base model for t = 1).
+            prev = state.stats(f"iter-{t - 1:02d}/export") if t > 1 else {}
+            model = run_dir / prev["serve_model"] if prev else base.gguf
+            lora = [run_dir / p for p in prev.get("serve_lora", [])]
+
+            phase = f"iter-{t:02d}/generate"
             if state.done(phase):
-                all_stats[t] = state.stats(phase)
                 events.emit("phase_skipped", phase=phase)
+            else:
+                server.ensure(model, lora)
+                # Anchors: the domain set as it stood when this iteration began (seeds, then accepted
+                # samples of earlier iterations); never the pool, never this iteration's own samples.
+                current = _generated_ids(run_dir, first=t)
+                anchors = [k for k, it in enumerate(index.items)
+                           if it["source"] == "seed" or (it["source"] == "generated" and it["id"] not in current)]
+                stats = asyncio.run(_generate(cfg, t, it_dir, index, embedder, server.server, anchors, events))
+                stats["model"] = str(model)
+                # Data scaling ratio (the paper's): accepted generated samples so far over seeds.
+                so_far = sum(len(read_jsonl(run_dir / f"iter-{i:02d}" / "generated.jsonl")) for i in range(1, t + 1))
+                stats["scaling_ratio"] = round(so_far / len(seeds), 3)
+                _write_json_atomic(it_dir / "stats.json", stats)
+                state.finish(phase, [it_dir / "generated.jsonl", it_dir / "rejected.jsonl", it_dir / "stats.json"],
+                             stats)
+            if not cfg.train.enabled:
                 continue
-            if server is None and not cfg.generation.endpoints:
-                server = _start_server(cfg, base.gguf, run_dir)
-                events.emit("server_started", url=server.base_url, slots=server.slots, backend=server.backend,
-                            pid=server.pid)
-            # Anchors: the domain set as it stood when this iteration began (seeds, then accepted samples
-            # of earlier iterations); never the pool, never this iteration's own samples (on resume).
-            current = _generated_ids(run_dir, first=t)
-            anchors = [k for k, it in enumerate(index.items)
-                       if it["source"] == "seed" or (it["source"] == "generated" and it["id"] not in current)]
-            stats = asyncio.run(_generate(cfg, t, it_dir, index, embedder, server, anchors, events))
-            # Data scaling ratio (the paper's): accepted generated samples so far over seeds.
-            so_far = stats["accepted"] + sum(all_stats[i].get("accepted", 0) for i in range(1, t))
-            stats["scaling_ratio"] = round(so_far / len(seeds), 3)
-            _write_json_atomic(it_dir / "stats.json", stats)
-            state.finish(phase, [it_dir / "generated.jsonl", it_dir / "rejected.jsonl", it_dir / "stats.json"],
-                         stats)
-            all_stats[t] = stats
-            # Training and export plug in here (train.enabled); a data-only run stops after generation.
+            server.stop()  # training wants the cores and the memory
+
+            phase = f"iter-{t:02d}/train"
+            if state.done(phase):
+                events.emit("phase_skipped", phase=phase)
+            else:
+                samples = seeds + [s for i in range(1, t + 1) for s in
+                                   _load_jsonl_samples(run_dir / f"iter-{i:02d}" / "generated.jsonl", "generated")]
+                previous = run_dir / f"iter-{t - 1:02d}" / "adapter" if cfg.train.start_from == "previous" and t > 1 \
+                    else None
+                events.emit("train_started", iteration=t, samples=len(samples), backend=cfg.train.backend)
+                result = train(base.hf_dir, samples, cfg.train, it_dir / "adapter", previous_adapter=previous,
+                               on_step=lambda st, t=t: events.emit("train_step", iteration=t, **st))
+                summary = {**result.summary(), "samples": len(samples)}
+                events.emit("train_finished", iteration=t, **summary)
+                state.finish(phase, sorted((it_dir / "adapter").glob("adapter_*")), summary)
+
+            phase = f"iter-{t:02d}/export"
+            if state.done(phase):
+                events.emit("phase_skipped", phase=phase)
+            else:
+                events.emit("export_started", iteration=t, mode=cfg.export.mode)
+                exported = export_iteration(
+                    base_hf=base.hf_dir, base_gguf=base.gguf, adapter_dir=it_dir / "adapter", out_dir=it_dir,
+                    cfg=cfg.export, params=params,
+                    on_step=lambda st, t=t: events.emit("export_step", iteration=t, **st))
+                info = {**exported.to_json(), "iteration": t, "base": cfg.model.base,
+                        "samples": state.stats(f"iter-{t:02d}/train").get("samples"),
+                        "config_sha256": hashlib.sha256(to_toml(cfg).encode()).hexdigest()}
+                # Paths inside the run are kept relative: a run folder can be moved or copied whole.
+                info["serve_model"] = _rel(exported.serve_model, run_dir)
+                info["serve_lora"] = [_rel(p, run_dir) for p in exported.serve_lora]
+                _write_json_atomic(it_dir / "export.json", info)
+                events.emit("export_finished", **info)
+                written = [p for p in (exported.serve_model, *exported.serve_lora) if p.is_relative_to(run_dir)]
+                state.finish(phase, [*written, it_dir / "export.json"], info)
     finally:
-        if server is not None:
-            server.stop()
+        server.stop()
         index.save()
+    return _finish(cfg, run_dir, state, events)
+
+
+def _rel(path: Path, run_dir: Path) -> str:
+    return str(path.relative_to(run_dir)) if path.is_relative_to(run_dir) else str(path)
+
+
+def _phase_names(cfg: RunConfig) -> list[str]:
+    return ["generate", "train", "export"] if cfg.train.enabled else ["generate"]
+
+
+def _finish(cfg: RunConfig, run_dir: Path, state: RunState, events: Events) -> dict:
     state.set_status("finished")
     events.emit("run_finished", run=cfg.name, folder=str(run_dir))
-    return all_stats
+    return {t: state.stats(f"iter-{t:02d}/generate") for t in range(1, cfg.iterations + 1)}
+
+
+class _Serving:
+    """The managed server of a run: started on demand, restarted when the model changes."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, events: Events):
+        self.cfg, self.run_dir, self.events = cfg, run_dir, events
+        self.server: ManagedServer | None = None
+
+    def ensure(self, model: Path, lora: list[Path]) -> None:
+        if self.cfg.generation.endpoints:
+            return  # external endpoints serve; nothing to manage
+        if self.server is not None and self.server.alive() and self.server.settings.model == model \
+                and list(self.server.settings.lora) == lora:
+            return
+        self.stop()
+        g = self.cfg.generation
+        settings = ServerSettings(model=model, lora=lora, slots=g.slots, ctx_per_slot=g.ctx_per_slot,
+                                  threads=g.threads, log_path=self.run_dir / "server.log")
+        self.server = ManagedServer(settings).start()
+        self.events.emit("server_started", url=self.server.base_url, slots=self.server.slots,
+                         backend=self.server.backend, pid=self.server.pid, model=str(model))
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
 
 
 def _generated_ids(run_dir: Path, first: int) -> set[str]:
@@ -193,13 +276,6 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
-
-
-def _start_server(cfg: RunConfig, gguf: Path, run_dir: Path) -> ManagedServer:
-    g = cfg.generation
-    settings = ServerSettings(model=gguf, slots=g.slots, ctx_per_slot=g.ctx_per_slot, threads=g.threads,
-                              log_path=run_dir / "server.log")
-    return ManagedServer(settings).start()
 
 
 async def _generate(cfg, t, it_dir, index, embedder, server, anchors, events) -> dict:

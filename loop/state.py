@@ -107,6 +107,19 @@ def _plain(kind: str, f: dict) -> str | None:
         return (f"iter {it}: {f['accepted']} accepted of {f['attempts']} attempts "
                 f"(rate {f['acceptance_rate']:.0%}; rejected {f['rejected_by_reason'] or 'none'}); "
                 f"{f['accepted_per_minute']} accepted/min")
+    if kind == "train_started":
+        return f"iter {it}: training on {f['samples']} samples ({f['backend']})"
+    if kind == "train_step":
+        return f"iter {it}: train step {f['step']}/{f['steps']} loss {f['loss']:.4f} ({f['tokens']} tokens)"
+    if kind == "train_finished":
+        return (f"iter {it}: trained {f['steps']} steps, loss {f['first_loss']} -> {f['last_loss']}, "
+                f"{f['tokens_per_s']} tokens/s, peak RSS {f['peak_rss_mb']} MB")
+    if kind == "export_step":
+        return f"iter {it}: export {f['step']} {f['seconds']}s"
+    if kind == "export_finished":
+        v = f.get("verification") or {}
+        check = f"verified ({', '.join(f'{a:.0%}' for a in v.get('agreement', []))})" if v else "not verified"
+        return f"iter {it}: exported {f['serve_model']} ({f['mode']}, {f['quant']}), {check}"
     if kind == "message":
         return f["text"]
     if kind in ("run_started", "run_finished", "phase_skipped", "server_started", "index_ready"):

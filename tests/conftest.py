@@ -82,10 +82,13 @@ def build_tiny_llama(out: Path, seed: int = 0, train_steps: int = 80) -> Path:
     spm.SentencePieceTrainer.train(
         input=str(out / "corpus.txt"), model_prefix=str(out / "tokenizer"), vocab_size=320,
         model_type="bpe", byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0,
-        pad_id=-1, hard_vocab_limit=False, minloglevel=2, num_threads=1)
+        pad_id=-1, hard_vocab_limit=False, minloglevel=2, num_threads=1,
+        # llama.cpp puts a space before the text after every special token when the model has a
+        # dummy prefix; HF does not: without one both tokenize chat-formatted text alike.
+        add_dummy_prefix=False)
     (out / "corpus.txt").unlink()
     (out / "tokenizer.vocab").unlink()
-    tok = LlamaTokenizer.from_pretrained(out)
+    tok = LlamaTokenizer.from_pretrained(out, add_prefix_space=False)
     tok.chat_template = TINY_CHAT_TEMPLATE
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -1,0 +1,271 @@
+"""Export an iteration's model to GGUF and verify it before anything serves it.
+
+merged (default): merge the LoRA into the base, save safetensors, convert to
+GGUF f16 with llama.cpp's converter, quantize (`export.quant`), verify.
+lora: convert the adapter to a LoRA GGUF and serve it on the base GGUF with
+`--lora` (faster export, the same outputs).
+
+Verification exists because the most common complaint about exported
+fine-tunes is gibberish: a lost chat template or EOS. The GGUF must carry the
+tokenizer's chat template and EOS, and its greedy answers to three fixed chat
+prompts must equal the merged HF model's (first `export.verify_tokens` tokens)
+at F16 and Q8_0; at lower quantizations the agreement is recorded. One
+exception, recorded as such: greedy decoding forks at a token where the HF
+model itself hesitated (the GGUF picked its runner-up, the two within
+`export.near_tie` probability): that is rounding, not a broken export.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.client import InferenceClient
+from server.errors import BadInput, ToolFailed
+from server.gguf import QUANT_TYPES, convert_hf_to_gguf, convert_lora_to_gguf, quantize, read_gguf
+from server.process import ManagedServer, ServerSettings
+from server.toolchain import require_toolchain
+
+from loop.config import ExportConfig
+from loop.train import copy_tokenizer_files
+
+VERIFY_PROMPTS = ["What is the capital of France?", "Name three colors.", "Write one sentence about the sea."]
+EXACT_QUANTS = ("F16", "Q8_0")
+
+
+class ExportVerificationFailed(ToolFailed):
+    """The exported GGUF does not answer like the model it came from."""
+
+
+@dataclass
+class Exported:
+    serve_model: Path  # the GGUF to serve
+    serve_lora: list[Path]  # LoRA GGUFs to load with it (lora mode)
+    info: dict
+
+    def to_json(self) -> dict:
+        return {"serve_model": str(self.serve_model), "serve_lora": [str(p) for p in self.serve_lora], **self.info}
+
+
+def resolve_quant(requested: str, params: int) -> str:
+    q = requested.upper()
+    if q == "AUTO":
+        return "Q8_0" if params < 1_000_000_000 else "Q4_K_M"
+    if q not in QUANT_TYPES:
+        raise BadInput(f"export.quant = {requested!r} is not known: use auto or one of {', '.join(QUANT_TYPES)}")
+    return q
+
+
+def preflight(hf_dir: Path, out_dir: Path, params: int) -> None:
+    """Before training: can this architecture be converted, and is there room for the export?"""
+    tc = require_toolchain()
+    config = json.loads((hf_dir / "config.json").read_text())
+    arch = (config.get("architectures") or ["?"])[0]
+    sources = [tc.convert_hf] + sorted((tc.convert_hf.parent / "conversion").glob("*.py"))
+    if not any(f'"{arch}"' in p.read_text(encoding="utf-8", errors="replace") for p in sources):
+        raise BadInput(f"llama.cpp's converter does not support the architecture {arch} of {hf_dir}: "
+                       "choose a model whose architecture llama.cpp supports (e.g. Llama, Qwen2, Mistral)")
+    # merged fp32 safetensors + f16 GGUF + the quantized GGUF (at most 8 bits), with 20% to spare
+    need = int(params * (4 + 2 + 1) * 1.2)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise BadInput(f"not enough disk space in {out_dir} for the export: {free / 2**30:.1f} GiB free, "
+                       f"about {need / 2**30:.1f} GiB needed; free some space or move runs_dir")
+
+
+def count_params(hf_dir: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in hf_dir.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                shape = st.get_slice(k).get_shape()
+                n = 1
+                for d in shape:
+                    n *= d
+                total += n
+    return total
+
+
+def _load_adapted(base_hf: Path, adapter_dir: Path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tok = AutoTokenizer.from_pretrained(base_hf)
+    base = AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32, trust_remote_code=False)
+    return PeftModel.from_pretrained(base, adapter_dir).eval(), tok
+
+
+@dataclass
+class Reference:
+    prompt: list[int]
+    tokens: list[int]  # greedy continuation, EOS excluded
+    runner_up: list[int]  # the second most likely token at each step
+    gap: list[float]  # probability of the first minus the second choice at each step
+
+
+def reference_tokens(model, tokenizer, n: int) -> list[Reference]:
+    """Greedy continuations of the HF model for the verification prompts, with their margins."""
+    import torch
+
+    out = []
+    eos = tokenizer.eos_token_id
+    for q in VERIFY_PROMPTS:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                            return_dict=False)
+        with torch.no_grad():
+            res = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=n, do_sample=False, pad_token_id=eos, output_scores=True,
+                                 return_dict_in_generate=True)
+        gen = res.sequences[0, len(ids):].tolist()
+        top2 = [torch.softmax(s[0].float(), -1).topk(2) for s in res.scores]
+        if eos in gen:
+            gen = gen[:gen.index(eos)]
+        out.append(Reference(ids, gen, [int(t.indices[1]) for t in top2][:len(gen)],
+                             [float(t.values[0] - t.values[1]) for t in top2][:len(gen)]))
+    return out
+
+
+def served_answers(gguf: Path, lora: list[Path], reference: list[Reference], tokenizer, n: int) -> dict:
+    """What the server makes of the verification prompts: its template rendering, its tokenization of
+    the rendered text, and its greedy continuation of the HF prompt ids."""
+    messages = [[{"role": "user", "content": q}] for q in VERIFY_PROMPTS]
+    rendered = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+
+    async def go():
+        with ManagedServer(ServerSettings(model=gguf, lora=lora, slots=1, ctx_per_slot=1024)) as srv:
+            async with InferenceClient.for_servers([srv]) as c:
+                out = {"rendered": [], "tokenized": [], "tokens": []}
+                for m, text, ref in zip(messages, rendered, reference):
+                    out["rendered"].append((await c.post("/apply-template", {"messages": m}))["prompt"])
+                    out["tokenized"].append((await c.post("/tokenize", {"content": text, "add_special": False,
+                                                                      "parse_special": True}))["tokens"])
+                    r = await c.post("/completion", {"prompt": ref.prompt, "n_predict": n, "temperature": 0,
+                                                     "return_tokens": True, "cache_prompt": False})
+                    out["tokens"].append(r["tokens"])
+                return out
+    return {**asyncio.run(go()), "expected_rendered": rendered}
+
+
+def verify(gguf: Path, lora: list[Path], reference: list[Reference], tokenizer, quant: str, mode: str,
+           n: int, near_tie: float) -> dict:
+    """Template, EOS and greedy tokens; raises ExportVerificationFailed in strict mode on a mismatch."""
+    info = read_gguf(gguf)
+    problems = []
+    if tokenizer.chat_template and info.chat_template != tokenizer.chat_template:
+        problems.append("the chat template in the GGUF differs from the tokenizer's")
+    if info.eos_token_id is not None and tokenizer.eos_token_id is not None \
+            and info.eos_token_id != tokenizer.eos_token_id:
+        problems.append(f"EOS id {info.eos_token_id} in the GGUF, {tokenizer.eos_token_id} in the tokenizer")
+    served = served_answers(gguf, lora, reference, tokenizer, n)
+    if served["rendered"] != served["expected_rendered"]:
+        problems.append("the server renders the chat template differently from the tokenizer")
+    hf_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in served["expected_rendered"]]
+    if served["tokenized"] != hf_ids:
+        problems.append("the GGUF tokenizes the prompts differently from the HF tokenizer")
+    agreement, ties = [], []
+    for ref, got in zip(reference, served["tokens"]):
+        same = 0
+        for a, b in zip(ref.tokens, got):
+            if a != b:
+                break
+            same += 1
+        agreement.append(same / max(1, len(ref.tokens)))
+        if same < min(len(ref.tokens), len(got)) or len(got) != len(ref.tokens):
+            # Greedy decoding forks for good at the first differing token. When the HF model itself
+            # was torn between the two (the GGUF took its runner-up, within near_tie), that fork is
+            # rounding, not a broken export; anything else is a real mismatch.
+            i = same
+            tie = i < len(ref.tokens) and i < len(got) and got[i] == ref.runner_up[i] and ref.gap[i] <= near_tie
+            ties.append({"position": i, "near_tie": tie, "gap": round(ref.gap[i], 4) if i < len(ref.gap) else None})
+    exact = quant in EXACT_QUANTS
+    if exact and any(not t["near_tie"] for t in ties):
+        problems.append("greedy tokens differ from the merged HF model's "
+                        f"(agreement per prompt: {', '.join(f'{a:.0%}' for a in agreement)})")
+    result = {"agreement": agreement, "forks": ties, "exact_required": exact, "problems": problems,
+              "passed": not problems}
+    if problems and mode == "strict":
+        raise ExportVerificationFailed(f"exported {gguf.name} failed verification: {'; '.join(problems)}. "
+                                       "The iteration is not finished; fix or set export.verify = record, "
+                                       "then run again to resume")
+    return result
+
+
+def _save_merged(model, base_hf: Path, out: Path) -> Path:
+    merged = model.merge_and_unload()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    copy_tokenizer_files(base_hf, tmp)  # the LoRA does not touch the tokenizer: keep the base's, verbatim
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def export_iteration(*, base_hf: Path, base_gguf: Path | None, adapter_dir: Path, out_dir: Path,
+                     cfg: ExportConfig, params: int, on_step=None) -> Exported:
+    """Adapter -> a GGUF to serve (or base GGUF + LoRA GGUF), verified. Seconds per step in `info`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def step(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        seconds[name] = round(now - t, 2)
+        t = now
+        if on_step:
+            on_step({"step": name, "seconds": seconds[name]})
+
+    model, tokenizer = _load_adapted(base_hf, adapter_dir)
+    reference = reference_tokens(model, tokenizer, cfg.verify_tokens) if cfg.verify != "off" else []
+    step("load")
+    if cfg.mode == "merged":
+        quant = resolve_quant(cfg.quant, params)
+        merged_dir = _save_merged(model, base_hf, out_dir / "merged")
+        del model
+        step("merge")
+        f16 = convert_hf_to_gguf(merged_dir, out_dir / "model-f16.gguf")
+        step("convert")
+        final = out_dir / "model.gguf"
+        fallbacks = 0
+        if quant == "F16":
+            os.replace(f16, final)
+        else:
+            fallbacks = quantize(f16, final, quant).fallback_tensors
+            f16.unlink()
+        step("quantize")
+        serve, lora = final, []
+    else:
+        del model
+        quant = "F16" if base_gguf is None else _gguf_quant(base_gguf)
+        if base_gguf is None:  # a base given as an HF folder: convert it once per run
+            base_gguf = out_dir.parent / "base-f16.gguf"
+            if not base_gguf.exists():
+                convert_hf_to_gguf(base_hf, base_gguf)
+        adapter_gguf = convert_lora_to_gguf(adapter_dir, base_hf, out_dir / "adapter.gguf")
+        step("convert")
+        serve, lora, fallbacks = base_gguf, [adapter_gguf], 0
+    verification = None
+    if cfg.verify != "off":
+        verification = verify(serve, lora, reference, tokenizer, quant, cfg.verify, cfg.verify_tokens, cfg.near_tie)
+        step("verify")
+    info = {"mode": cfg.mode, "quant": quant, "k_quant_fallback_tensors": fallbacks, "params": params,
+            "seconds": seconds, "verification": verification}
+    return Exported(serve_model=serve, serve_lora=lora, info=info)
+
+
+def _gguf_quant(path: Path) -> str:
+    ftype = read_gguf(path).metadata.get("general.file_type")
+    names = {v: k for k, v in QUANT_TYPES.items()} | {0: "F32", 32: "BF16"}
+    return names.get(ftype, f"ftype-{ftype}")

@@ -1,0 +1,158 @@
+"""LoRA training and the per-iteration export, on a tiny Llama and on the default model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from conftest import _tiny_corpus
+from loop.config import ExportConfig, TrainConfig
+from loop.data import Sample
+from loop.export import count_params, export_iteration, preflight, served_answers
+from loop.train import IGNORE, encode_example, train_peft
+from server.errors import BadInput
+
+TINY_LORA = dict(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+
+
+def tiny_samples(n=12):
+    corpus = _tiny_corpus(seed=7)
+    return [Sample(id=f"t{i}", prompt=corpus[2 * i], response=corpus[2 * i + 1]) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_llama, tmp_path_factory):
+    cfg = TrainConfig(epochs=4, batch_size=4, learning_rate=5e-3, warmup_ratio=0.0, **TINY_LORA)
+    return train_peft(tiny_llama, tiny_samples(), cfg, tmp_path_factory.mktemp("tiny-train") / "adapter")
+
+
+def test_the_loss_is_on_the_answer_and_its_end_of_turn_only(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    ex = encode_example(tok, "red green", "blue water", 64)
+    trained = tok.decode([t for t, label in zip(ex["input_ids"], ex["labels"]) if label != IGNORE])
+    assert trained.replace(" ", "").startswith("bluewater") and "</s>" in trained
+    assert "red" not in trained and "<|user|>" not in trained
+
+
+def test_lora_training_lowers_the_loss(tiny_adapter):
+    losses = tiny_adapter.losses
+    assert tiny_adapter.steps == len(losses) == 12
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    assert (tiny_adapter.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_the_same_seed_trains_the_same_adapter(tiny_llama, tiny_adapter, tmp_path):
+    cfg = TrainConfig(epochs=4, batch_size=4, learning_rate=5e-3, warmup_ratio=0.0, **TINY_LORA)
+    again = train_peft(tiny_llama, tiny_samples(), cfg, tmp_path / "adapter")
+    assert again.losses == tiny_adapter.losses
+
+
+def test_merged_model_equals_base_plus_adapter(tiny_llama, tiny_adapter):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 20, 35, 60, 80, 120, 7, 9]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, tiny_adapter.adapter_dir).eval()
+    with torch.no_grad():
+        unmerged = adapted(ids).logits
+        merged = adapted.merge_and_unload()(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)(ids).logits
+    assert torch.allclose(merged, unmerged, atol=1e-5)
+    assert not torch.allclose(merged, plain, atol=1e-3)  # the adapter changed something
+
+
+@pytest.mark.parametrize("quant", ["F16", "Q8_0"])
+def test_exported_gguf_answers_exactly_like_the_merged_hf_model(quant, tiny_llama, tiny_adapter, tmp_path):
+    exported = export_iteration(base_hf=tiny_llama, base_gguf=None, adapter_dir=tiny_adapter.adapter_dir,
+                                out_dir=tmp_path / "iter", cfg=ExportConfig(quant=quant, verify="strict"),
+                                params=count_params(tiny_llama))
+    v = exported.info["verification"]
+    assert v["passed"] and v["agreement"] == [1.0, 1.0, 1.0], v
+    assert exported.serve_model.name == "model.gguf" and not (tmp_path / "iter" / "model-f16.gguf").exists()
+    assert set(exported.info["seconds"]) == {"load", "merge", "convert", "quantize", "verify"}
+
+
+def test_lora_mode_serves_the_same_tokens_as_merged_mode(tiny_llama, tiny_adapter, tmp_path, tiny_gguf_f16):
+    from loop.export import _load_adapted, reference_tokens
+
+    merged = export_iteration(base_hf=tiny_llama, base_gguf=tiny_gguf_f16, adapter_dir=tiny_adapter.adapter_dir,
+                              out_dir=tmp_path / "merged", cfg=ExportConfig(quant="F16"), params=1)
+    lora = export_iteration(base_hf=tiny_llama, base_gguf=tiny_gguf_f16, adapter_dir=tiny_adapter.adapter_dir,
+                            out_dir=tmp_path / "lora", cfg=ExportConfig(mode="lora"), params=1)
+    assert lora.serve_model == tiny_gguf_f16 and lora.serve_lora[0].name == "adapter.gguf"
+    model, tok = _load_adapted(tiny_llama, tiny_adapter.adapter_dir)
+    ref = reference_tokens(model, tok, 16)
+    a = served_answers(merged.serve_model, [], ref, tok, 16)["tokens"]
+    b = served_answers(lora.serve_model, lora.serve_lora, ref, tok, 16)["tokens"]
+    assert a == b
+
+
+def test_verification_fails_loudly_when_the_gguf_lost_its_eos(tiny_llama, tiny_adapter, tmp_path):
+    """A GGUF that does not stop where the model stops is the 'gibberish after export' bug."""
+    from loop.export import ExportVerificationFailed, Reference, verify
+    from transformers import AutoTokenizer
+
+    from server.gguf import convert_hf_to_gguf
+
+    gguf = convert_hf_to_gguf(tiny_llama, tmp_path / "base.gguf")
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    ids = tok.apply_chat_template([{"role": "user", "content": "red"}], add_generation_prompt=True, return_dict=False)
+    # A reference that claims the model stopped after two tokens, which this GGUF will not do.
+    fake = [Reference(ids, [5, 6], [7, 8], [0.9, 0.9])] * 3
+    with pytest.raises(ExportVerificationFailed, match="greedy tokens differ"):
+        verify(gguf, [], fake, tok, "F16", "strict", 16, near_tie=0.05)
+
+
+def test_preflight_refuses_an_architecture_the_converter_cannot_handle(tiny_llama, tmp_path, toolchain):
+    import shutil
+
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_llama, odd)
+    config = json.loads((odd / "config.json").read_text())
+    config["architectures"] = ["NoSuchModelForCausalLM"]
+    (odd / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BadInput, match="does not support the architecture NoSuchModelForCausalLM"):
+        preflight(odd, tmp_path / "run", 1000)
+
+
+def test_preflight_refuses_to_start_without_disk_space_for_the_export(tiny_llama, tmp_path, toolchain, monkeypatch):
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(BadInput, match="not enough disk space"):
+        preflight(tiny_llama, tmp_path / "run", 135_000_000)
+
+
+def test_default_model_trains_exports_and_answers_through_the_chat_endpoint(default_model, tmp_path):
+    from server.client import InferenceClient
+    from server.process import ManagedServer, ServerSettings
+
+    from loop.data import load_samples
+    from conftest import REPO
+
+    seeds = load_samples(REPO / "examples" / "seeds.jsonl")
+    cfg = TrainConfig(epochs=1, batch_size=4, max_length=160)
+    result = train_peft(default_model.hf_dir, seeds, cfg, tmp_path / "adapter")
+    assert result.steps == 3 and result.peak_rss_mb < 4096
+    exported = export_iteration(base_hf=default_model.hf_dir, base_gguf=default_model.gguf,
+                                adapter_dir=result.adapter_dir, out_dir=tmp_path, cfg=ExportConfig(),
+                                params=count_params(default_model.hf_dir))
+    assert exported.info["quant"] == "Q8_0" and exported.info["verification"]["passed"]
+
+    async def chat():
+        with ManagedServer(ServerSettings(model=exported.serve_model, slots=1)) as srv:
+            async with InferenceClient.for_servers([srv]) as c:
+                return await c.chat([{"role": "user", "content": "How often should I water tomato plants?"}],
+                                    max_tokens=48, temperature=0)
+
+    answer = asyncio.run(chat())
+    assert answer.text.strip() and answer.finish_reason in ("stop", "length")
+    assert "<|im_start|>" not in answer.text and "<|im_end|>" not in answer.text

@@ -88,8 +88,9 @@ class TrainConfig(_Section):
         description="Linear layers that get a LoRA.")
     epochs: float = Field(2.0, gt=0, description="Passes over seeds plus accepted samples.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
-    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch (length-bucketed).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    batch_size: int = Field(4, ge=1, description="Sequences per micro-batch (length-bucketed); the logits of a "
+                                                  "micro-batch dominate training memory.")
+    grad_accum: int = Field(2, ge=1, description="Micro-batches per optimizer step.")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps with linear LR warmup; then linear decay.")
     max_length: int = Field(512, ge=16, description="Longest training sequence in tokens (longer ones are cut).")
     seed: int = Field(0, description="Shuffling, dropout and LoRA init.")

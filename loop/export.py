@@ -109,7 +109,7 @@ def _load_adapted(base_hf: Path, adapter_dir: Path):
 @dataclass
 class Reference:
     prompt: list[int]
-    tokens: list[int]  # greedy continuation, EOS excluded
+    tokens: list[int]  # greedy continuation, ending with EOS when the model stopped
     runner_up: list[int]  # the second most likely token at each step
     gap: list[float]  # probability of the first minus the second choice at each step
 
@@ -128,11 +128,11 @@ def reference_tokens(model, tokenizer, n: int) -> list[Reference]:
                                  max_new_tokens=n, do_sample=False, pad_token_id=eos, output_scores=True,
                                  return_dict_in_generate=True)
         gen = res.sequences[0, len(ids):].tolist()
-        top2 = [torch.softmax(s[0].float(), -1).topk(2) for s in res.scores]
         if eos in gen:
-            gen = gen[:gen.index(eos)]
-        out.append(Reference(ids, gen, [int(t.indices[1]) for t in top2][:len(gen)],
-                             [float(t.values[0] - t.values[1]) for t in top2][:len(gen)]))
+            gen = gen[:gen.index(eos) + 1]
+        top2 = [torch.softmax(s[0].float(), -1).topk(2) for s in res.scores[:len(gen)]]
+        out.append(Reference(ids, gen, [int(t.indices[1]) for t in top2], [float(t.values[0] - t.values[1])
+                                                                          for t in top2]))
     return out
 
 
@@ -174,14 +174,14 @@ def verify(gguf: Path, lora: list[Path], reference: list[Reference], tokenizer, 
     if served["tokenized"] != hf_ids:
         problems.append("the GGUF tokenizes the prompts differently from the HF tokenizer")
     agreement, ties = [], []
-    for ref, got in zip(reference, served["tokens"]):
+    for ref, got in zip(reference, served["tokens"]):  # both end with EOS where the model stopped
         same = 0
         for a, b in zip(ref.tokens, got):
             if a != b:
                 break
             same += 1
         agreement.append(same / max(1, len(ref.tokens)))
-        if same < min(len(ref.tokens), len(got)) or len(got) != len(ref.tokens):
+        if got != ref.tokens:
             # Greedy decoding forks for good at the first differing token. When the HF model itself
             # was torn between the two (the GGUF took its runner-up, within near_tie), that fork is
             # rounding, not a broken export; anything else is a real mismatch.

@@ -151,3 +151,28 @@ def test_bad_configuration_is_a_one_line_error(args, needles, tmp_path, default_
 def test_a_missing_config_file_is_a_one_line_error(tmp_path):
     out = run_isara("run", str(tmp_path / "nope.toml"), env={"COLUMNS": "300"})
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_training_run_generates_iteration_two_with_the_iteration_one_model(default_model, toolchain, tmp_path):
+    cfg = _config(tmp_path, samples=4, slots=4)
+    text = cfg.read_text().replace("[train]\nenabled = false\n",
+                                   "[train]\nepochs = 1\nmax_length = 192\n")
+    cfg.write_text(text)
+    out = run_isara("run", str(cfg), "--plain", timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = tmp_path / "runs" / "garden"
+    state = json.loads((run / "state.json").read_text())
+    assert [p for p in state["phases"] if p.startswith("iter-")] == [
+        "iter-01/generate", "iter-01/train", "iter-01/export", "iter-02/generate", "iter-02/train", "iter-02/export"]
+    for t in (1, 2):
+        export = json.loads((run / f"iter-0{t}" / "export.json").read_text())
+        assert export["serve_model"] == f"iter-0{t}/model.gguf" and export["verification"]["passed"]
+        assert export["quant"] == "Q8_0" and export["samples"] == 8 + 4 * t
+        assert (run / f"iter-0{t}" / "adapter" / "adapter_config.json").is_file()
+    started = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"server_started"' in x]
+    assert started[0]["model"] == str(default_model.gguf)
+    assert started[1]["model"] == str(run / "iter-01" / "model.gguf")
+    stats2 = json.loads((run / "iter-02" / "stats.json").read_text())
+    assert stats2["model"] == str(run / "iter-01" / "model.gguf")
+    losses = [json.loads(x)["loss"] for x in (run / "events.jsonl").read_text().splitlines() if '"train_step"' in x]
+    assert losses and all(loss > 0 for loss in losses)

@@ -9,6 +9,7 @@ Unsloth's GGUF helpers offline should anything call them.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -70,11 +71,12 @@ def train_unsloth(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Pa
     steps_cb.losses = []
     work = out.with_name(f".{out.name}.trainer-{os.getpid()}")
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    total_steps = max(1, math.ceil(math.ceil(len(rows) / cfg.batch_size) * cfg.epochs / cfg.grad_accum))
     args = SFTConfig(
         output_dir=str(work), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs, learning_rate=cfg.learning_rate,
-        warmup_ratio=cfg.warmup_ratio, lr_scheduler_type="linear", seed=cfg.seed, logging_steps=1,
-        report_to=[], save_strategy="no", group_by_length=True, max_length=cfg.max_length,
+        warmup_steps=int(total_steps * cfg.warmup_ratio), lr_scheduler_type="linear", seed=cfg.seed, logging_steps=1,
+        report_to=[], save_strategy="no", train_sampling_strategy="group_by_length", max_length=cfg.max_length,
         bf16=bf16, fp16=torch.cuda.is_available() and not bf16, dataset_kwargs={"skip_prepare_dataset": True})
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE),

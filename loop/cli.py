@@ -165,6 +165,52 @@ def run_cmd(config: Path, name, overrides, output) -> None:
     console.print(table)
 
 
+# --- status ------------------------------------------------------------------
+
+@cli.command()
+@click.argument("run", required=False, type=click.Path(path_type=Path))
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(run, runs_dir, as_json) -> None:
+    """Where each run stands (status, iterations, accepted samples, loss, exported model), from its files.
+
+    \b
+    Example:
+      isara status
+      isara status runs/quick
+    """
+    import json as _json
+
+    from loop.status import find_runs, run_summary
+
+    if run is not None:
+        folder = run if (run / "state.json").is_file() else runs_dir / str(run)
+        if not (folder / "state.json").is_file():
+            known = ", ".join(d.name for d in find_runs(runs_dir)) or "none"
+            raise BadInput(f"no run at {run}: give a run folder or a name in {runs_dir} (known: {known})")
+        folders = [folder]
+    else:
+        folders = find_runs(runs_dir)
+    summaries = [run_summary(f) for f in folders]
+    if as_json:
+        console.print_json(_json.dumps(summaries))
+        return
+    if not summaries:
+        console.print(f"no runs in {runs_dir}", highlight=False)
+    for s in summaries:
+        table = Table(title=f"{s['name']}: {s['status']} ({s['folder']})")
+        for col in ("iter", "phases done", "accepted", "rate", "last loss", "model", "verified"):
+            table.add_column(col)
+        for r in s["iterations"]:
+            rate = f"{r['acceptance_rate']:.0%}" if r["acceptance_rate"] is not None else "-"
+            table.add_row(r["iteration"], ", ".join(r["phases_done"]) or "-",
+                          f"{r['accepted']}/{r['target'] or '?'}", rate, str(r["last_loss"] or "-"),
+                          r["model"] or "-", {True: "yes", False: "NO", None: "-"}[r["verified"]])
+        console.print(table)
+        if s["status"] == "interrupted":
+            console.print(f"resume with: isara run {s['folder']}", highlight=False)
+
+
 # --- serve -------------------------------------------------------------------
 
 @cli.command()

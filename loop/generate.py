@@ -120,7 +120,7 @@ class GenerationPhase:
         f = self.cfg.filters
         anchor_key = self.anchors[attempt % len(self.anchors)]
         anchor = self.index.items[anchor_key]
-        anchor_vec = np.asarray(self.index.index.get(np.uint64(anchor_key)), dtype=np.float32)
+        anchor_vec = self.index.vector(anchor_key)
         q_demos = self._demos_for(anchor_vec)
         t0 = time.perf_counter()
         q_out = await self.client.complete(

@@ -96,6 +96,9 @@ class DomainIndex:
         m = self.index.search(vector, min(count, len(self.items)))
         return [(int(k), 1.0 - float(d)) for k, d in zip(m.keys, m.distances)]
 
+    def vector(self, key: int) -> np.ndarray:
+        return np.asarray(self.index.get(np.uint64(key)), dtype=np.float32)
+
     def nearest_question(self, vector: np.ndarray) -> tuple[dict | None, float]:
         hits = self.search(vector, 1)
         return (self.items[hits[0][0]], hits[0][1]) if hits else (None, 0.0)

@@ -102,7 +102,7 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain") -> dict:
     state = RunState(run_dir)
     events = Events(run_dir / "events.jsonl", mode=output)
     _write_config(cfg, run_dir)
-    state.set_status("running")
+    state.set_status("running", pid=os.getpid())
     events.emit("run_started", run=cfg.name, folder=str(run_dir), iterations=cfg.iterations)
 
     # Seeds and pool: validated once, then the run's own copies are the truth.

@@ -10,7 +10,7 @@ from conftest import run_isara
 
 
 @pytest.mark.parametrize("args", [[], ["doctor"], ["models"], ["models", "list"], ["models", "pull"], ["serve"],
-                                  ["bench"]])
+                                  ["bench"], ["run"], ["status"]])
 def test_every_command_has_help_with_an_example(args):
     out = run_isara(*args, "--help")
     assert out.returncode == 0, out.stderr

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from loop.config import FilterConfig
-from loop.data import Sample
 from loop.filters import NearDuplicates, check_text, copied_from_demos, repeated_ngram_share
 
 CFG = FilterConfig()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -91,6 +90,16 @@ def test_accepted_samples_are_indexed_and_iteration_two_retrieves_them(finished_
     assert used & first
 
 
+def test_status_reads_a_finished_run_from_its_files(finished_run):
+    run, _, _ = finished_run
+    out = run_isara("status", "--json", str(run))
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)[0]
+    assert summary["status"] == "finished"
+    assert [(r["iteration"], r["accepted"], r["phases_done"]) for r in summary["iterations"]] == [
+        ("iter-01", 4, ["generate"]), ("iter-02", 4, ["generate"])]
+
+
 def test_running_a_finished_run_again_skips_every_phase(finished_run):
     run, cfg, _ = finished_run
     before = (run / "iter-02" / "generated.jsonl").read_bytes()
@@ -119,6 +128,8 @@ def test_a_run_killed_during_generation_resumes_to_the_target_without_duplicates
     while pid_alive(server["pid"]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not pid_alive(server["pid"]), "llama-server outlived the killed run"
+    status = run_isara("status", str(run), env={"COLUMNS": "200"})
+    assert status.returncode == 0 and "interrupted" in status.stdout and f"isara run {run}" in status.stdout
 
     out = run_isara("run", str(cfg), "--set", "iterations=1", "--plain")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

@@ -130,14 +130,16 @@ def models_pull(names: tuple[str, ...], no_hf: bool) -> None:
 @click.option("--name", default=None, help="Run name (folder under runs_dir); default: the config file's stem.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override any config key, e.g. --set iterations=1 --set generation.samples=8.")
-@click.option("--plain", "output", flag_value="plain", default=True, help="Progress as plain lines (default).")
+@click.option("--plain", "output", flag_value="plain", help="Progress as plain lines (the default off a terminal).")
 @click.option("--json", "output", flag_value="json", help="Stream the events as JSON lines.")
 @click.option("--quiet", "output", flag_value="quiet", help="Show only the result.")
 def run_cmd(config: Path, name, overrides, output) -> None:
     """Start a run from CONFIG, or resume it (CONFIG may also be a run folder).
 
-    Running the same command again resumes: finished phases are skipped, an
-    interrupted generation continues from the samples already on disk.
+    On a terminal a live dashboard shows the run; elsewhere (pipes, CI, --plain)
+    the same progress comes as plain lines. Running the same command again
+    resumes: finished phases are skipped, an interrupted generation continues
+    from the samples already on disk.
 
     \b
     Example:
@@ -148,8 +150,15 @@ def run_cmd(config: Path, name, overrides, output) -> None:
     from loop.run import execute, prepare
 
     cfg, run_dir = prepare(config, list(overrides), name)
+    output = output or ("live" if sys.stdout.isatty() else "plain")
     try:
-        stats = execute(cfg, run_dir, output=output)
+        if output == "live":
+            from loop.dashboard import Dashboard
+
+            with Dashboard(console) as dash:
+                stats = execute(cfg, run_dir, output=output, sink=dash.update)
+        else:
+            stats = execute(cfg, run_dir, output=output)
     except KeyboardInterrupt:
         err_console.print(f"interrupted; accepted samples are kept. Resume with: isara run {run_dir}",
                           highlight=False)

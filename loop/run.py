@@ -96,11 +96,11 @@ def _load_jsonl_samples(path: Path, source: str) -> list[Sample]:
                    meta=r.get("meta", {})) for r in read_jsonl(path)]
 
 
-def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain") -> dict:
+def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) -> dict:
     """Run (or resume) every phase; returns the per-iteration stats."""
     _writable(run_dir)
     state = RunState(run_dir)
-    events = Events(run_dir / "events.jsonl", mode=output)
+    events = Events(run_dir / "events.jsonl", mode=output, sink=sink)
     _write_config(cfg, run_dir)
     state.set_status("running", pid=os.getpid())
     events.emit("run_started", run=cfg.name, folder=str(run_dir), iterations=cfg.iterations)

@@ -77,10 +77,11 @@ class RunState:
 class Events:
     """Every event goes to events.jsonl; `printer` shows it (plain lines, JSON, or nothing)."""
 
-    def __init__(self, path: Path, mode: str = "plain", stream=None):
+    def __init__(self, path: Path, mode: str = "plain", stream=None, sink=None):
         self.path = path
-        self.mode = mode  # plain | json | quiet
+        self.mode = mode  # plain | json | quiet | live (events go to `sink`, the dashboard)
         self.stream = stream or sys.stdout
+        self.sink = sink
         self.started = time.monotonic()
 
     def emit(self, kind: str, **fields) -> None:
@@ -88,13 +89,15 @@ class Events:
         append_jsonl(self.path, event)
         if self.mode == "json":
             print(json.dumps(event, ensure_ascii=False), file=self.stream, flush=True)
+        elif self.mode == "live" and self.sink is not None:
+            self.sink(kind, fields)
         elif self.mode == "plain":
-            line = _plain(kind, fields)
+            line = plain_line(kind, fields)
             if line:
                 print(f"[{time.monotonic() - self.started:7.1f}s] {line}", file=self.stream, flush=True)
 
 
-def _plain(kind: str, f: dict) -> str | None:
+def plain_line(kind: str, f: dict) -> str | None:
     it = f.get("iteration")
     if kind == "accepted":
         return f"iter {it}: accepted {f['accepted']}/{f['target']} ({f['id']})"

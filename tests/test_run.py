@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -187,3 +188,41 @@ def test_a_training_run_generates_iteration_two_with_the_iteration_one_model(def
     assert stats2["model"] == str(run / "iter-01" / "model.gguf")
     losses = [json.loads(x)["loss"] for x in (run / "events.jsonl").read_text().splitlines() if '"train_step"' in x]
     assert losses and all(loss > 0 for loss in losses)
+
+
+def _tmux(*args: str) -> str:
+    return subprocess.run(["tmux", *args], capture_output=True, text=True).stdout
+
+
+@pytest.mark.skipif(subprocess.run(["which", "tmux"], capture_output=True).returncode != 0, reason="needs tmux")
+def test_on_a_terminal_the_live_dashboard_shows_and_updates_the_run(default_model, toolchain, tmp_path):
+    cfg = _config(tmp_path, samples=4, slots=4)
+    session = f"isara-test-{os.getpid()}"
+    cmd = f"cd {REPO} && env -u COLUMNS -u LINES {sys.executable} -m loop.cli run {cfg} --set iterations=1; sleep 60"
+    _tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "45", cmd)
+    try:
+        screens, deadline = [], time.monotonic() + 300
+        while time.monotonic() < deadline:
+            screen = _tmux("capture-pane", "-p", "-t", session)
+            screens.append(screen)
+            if "run_finished" in (tmp_path / "runs" / "garden" / "events.jsonl").read_text() \
+                    if (tmp_path / "runs" / "garden" / "events.jsonl").exists() else False:
+                time.sleep(1)
+                screens.append(_tmux("capture-pane", "-p", "-t", session))
+                break
+            time.sleep(1)
+    finally:
+        _tmux("kill-session", "-t", session)
+    first = next(s for s in screens if "phase generate" in s)
+    last = screens[-1]
+    for field in ("isara run", "phase", "iteration 1/1", "elapsed", "RAM", "accepted", "rejected:",
+                  "resume: isara run", "events"):
+        assert field in first, field
+    assert "accepted 4/4" in last and "accepted 4/4" not in first  # it updated as samples came in
+    assert "tokens/s" in last  # per-stage throughput once generation finished
+
+
+def test_off_a_terminal_progress_is_plain_lines_without_control_codes(finished_run):
+    _, _, out = finished_run  # run_isara pipes stdout: not a terminal
+    assert "\x1b[" not in out.stdout and "\r" not in out.stdout
+    assert "iter 1: accepted 1/4" in out.stdout

@@ -1,0 +1,157 @@
+"""The live terminal dashboard of `isara run` (rich).
+
+It is fed by the same events that go to events.jsonl, and only keeps a few
+counters per event; rendering happens on rich's refresh thread, 4 times a
+second, so the hot paths (generation, training) pay nothing for it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+
+import psutil
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+
+from loop.state import plain_line
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    values = values[-width:]
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(SPARK[min(7, int((v - lo) / span * 7.999))] for v in values)
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Dashboard:
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console()
+        self.started = time.monotonic()
+        self.run, self.folder, self.iterations = "", "", 0
+        self.iteration, self.phase = 0, "starting"
+        self.accepted = self.target = self.attempts = 0
+        self.reasons: Counter = Counter()
+        self.gen_started = None
+        self.gen_summary: dict = {}
+        self.server = ""
+        self.losses: list[float] = []
+        self.train = {}
+        self.export_steps: list[str] = []
+        self.verification = ""
+        self.log = deque(maxlen=6)
+        self.proc = psutil.Process()
+        self.live = Live(console=self.console, refresh_per_second=4, get_renderable=self.render, transient=False)
+
+    def __enter__(self) -> "Dashboard":
+        self.live.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.live.stop()
+
+    # -- events ----------------------------------------------------------
+    def update(self, kind: str, f: dict) -> None:
+        it = f.get("iteration")
+        if it:
+            self.iteration = it
+        if kind == "run_started":
+            self.run, self.folder, self.iterations = f["run"], f["folder"], f["iterations"]
+        elif kind == "server_started":
+            self.server = f"{f['backend']} {f['url']} · {f['slots']} slots"
+        elif kind == "generation_started":
+            self.phase = "generate"
+            self.accepted, self.target = f.get("resumed_accepted", 0), f["target"]
+            self.attempts = f.get("resumed_attempts", 0)
+            self.reasons.clear()
+            self.gen_started, self.gen_base = time.monotonic(), self.accepted
+            self.gen_summary = {}
+        elif kind == "accepted":
+            self.accepted, self.attempts = f["accepted"], self.attempts + 1
+        elif kind == "rejected":
+            self.reasons[f["reason"]] += 1
+            self.attempts += 1
+        elif kind == "generation_finished":
+            self.gen_summary = f
+        elif kind == "train_started":
+            self.phase, self.losses, self.train = "train", [], {"samples": f["samples"]}
+            self.server = "stopped while training"
+        elif kind == "train_step":
+            self.losses.append(f["loss"])
+            self.train.update(step=f["step"], steps=f["steps"], tokens=f.get("tokens"), seconds=f.get("seconds"))
+        elif kind == "train_finished":
+            self.train.update(done=True, tokens_per_s=f["tokens_per_s"], rss=f["peak_rss_mb"])
+        elif kind == "export_started":
+            self.phase, self.export_steps, self.verification = "export", [], ""
+        elif kind == "export_step":
+            self.export_steps.append(f"{f['step']} {f['seconds']}s")
+        elif kind == "export_finished":
+            v = f.get("verification") or {}
+            self.verification = "verified" if v.get("passed") else ("not verified" if not v else "FAILED")
+        elif kind == "run_finished":
+            self.phase = "finished"
+        line = plain_line(kind, f)  # the same one-line text the plain mode prints
+        if line and kind not in ("accepted", "rejected", "train_step"):
+            self.log.append(f"{_duration(time.monotonic() - self.started)}  {line}")
+
+    # -- rendering -------------------------------------------------------
+    def render(self):
+        elapsed = time.monotonic() - self.started
+        rss = self.proc.memory_info().rss
+        try:
+            rss += sum(c.memory_info().rss for c in self.proc.children(recursive=True))
+        except psutil.Error:
+            pass
+        head = Table.grid(padding=(0, 2))
+        head.add_row(f"[bold]{self.run}[/]", f"phase [bold cyan]{self.phase}[/]",
+                     f"iteration [bold]{self.iteration}/{self.iterations}[/]", f"elapsed {_duration(elapsed)}",
+                     f"RAM {rss / 2**30:.1f} GiB")
+        head.add_row(f"[dim]{self.folder}[/]", self.server, "", "", f"resume: isara run {self.folder}")
+
+        gen = Table.grid(padding=(0, 2))
+        rate = self.accepted / self.attempts if self.attempts else 0.0
+        per_min, eta = 0.0, "-"
+        if self.gen_summary:  # finished: the phase's own figure, not one that decays with the clock
+            per_min = self.gen_summary.get("accepted_per_minute") or 0.0
+        elif self.gen_started and self.accepted > self.gen_base:
+            minutes = (time.monotonic() - self.gen_started) / 60
+            per_min = (self.accepted - self.gen_base) / minutes
+            remaining = max(0, self.target - self.accepted)
+            eta = _duration(remaining / per_min * 60) if per_min else "-"
+        gen.add_row(ProgressBar(total=max(1, self.target), completed=self.accepted, width=40),
+                    f"accepted [bold]{self.accepted}/{self.target}[/]", f"attempts {self.attempts}",
+                    f"rate {rate:.0%}", f"{per_min:.1f}/min", f"ETA {eta}")
+        reasons = ", ".join(f"{k} {v}" for k, v in self.reasons.most_common()) or "none"
+        gen.add_row("rejected: " + reasons, "", "", "", "", "")
+        if self.gen_summary:
+            q, a = self.gen_summary.get("question_stage", {}), self.gen_summary.get("answer_stage", {})
+            gen.add_row(f"tokens/s  question: prompt {q.get('prompt_tok_s')} gen {q.get('gen_tok_s')}  "
+                        f"answer: prompt {a.get('prompt_tok_s')} gen {a.get('gen_tok_s')}", "", "", "", "", "")
+
+        train = Table.grid(padding=(0, 2))
+        if self.train:
+            step = f"step {self.train.get('step', 0)}/{self.train.get('steps', '?')}"
+            loss = f"loss {self.losses[-1]:.4f}" if self.losses else "loss -"
+            speed = (f"{self.train['tokens_per_s']} tok/s, peak RSS {self.train['rss']} MB" if self.train.get("done")
+                     else f"{self.train.get('tokens') or 0} tokens in {self.train.get('seconds') or 0}s")
+            train.add_row(step, loss, speed, f"on {self.train['samples']} samples")
+            train.add_row(sparkline(self.losses), "", "", "")
+        export = " · ".join(self.export_steps) + (f" · [bold]{self.verification}[/]" if self.verification else "")
+        return Group(
+            Panel(head, title="isara run", border_style="cyan"),
+            Panel(gen, title=f"generation (iteration {self.iteration})"),
+            Panel(Group(train, export or "-"), title="training and export"),
+            Panel("\n".join(self.log) or "-", title="events"),
+        )

@@ -46,6 +46,28 @@ def run_isara(*args: str, env: dict | None = None, timeout: float = 300) -> subp
                           cwd=REPO, env=full_env, timeout=timeout)
 
 
+def assert_one_line_error(out: subprocess.CompletedProcess, *needles: str) -> None:
+    """Bad input as the standards want it: exit 2, one line naming problem and fix, no traceback."""
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, out.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def unsupported_copy(hf_dir: Path, dest: Path) -> Path:
+    """A copy of an HF folder that claims an architecture llama.cpp's converter does not know."""
+    import json
+    import shutil
+
+    shutil.copytree(hf_dir, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config["architectures"] = ["NoSuchModelForCausalLM"]
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
 # --- a tiny Llama, built and trained in the test session -----------------------
 
 _CORPUS_WORDS = ("red green blue apple river stone cloud light water fire earth wind seven nine "

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from conftest import run_isara
+from conftest import assert_one_line_error, run_isara
 
 
 @pytest.mark.parametrize("args", [[], ["doctor"], ["models"], ["models", "list"], ["models", "pull"], ["serve"],
@@ -40,23 +40,14 @@ def test_models_list_shows_the_pulled_default_model(default_model):
     assert "yes" in line
 
 
-def _assert_one_line_error(out, *needles):
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert "Traceback" not in out.stderr
-    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, out.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
 def test_serving_a_corrupt_gguf_is_a_one_line_error(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"\x00" * 4096)
-    _assert_one_line_error(run_isara("serve", str(bad), env={"COLUMNS": "300"}), "broken.gguf", "not a GGUF file")
+    assert_one_line_error(run_isara("serve", str(bad), env={"COLUMNS": "300"}), "broken.gguf", "not a GGUF file")
 
 
 def test_serving_a_missing_model_lists_the_known_ones(tmp_path):
-    _assert_one_line_error(run_isara("serve", str(tmp_path / "nope.gguf"), env={"COLUMNS": "300"}),
+    assert_one_line_error(run_isara("serve", str(tmp_path / "nope.gguf"), env={"COLUMNS": "300"}),
                            "unknown model", "smollm2-135m")
 
 
@@ -66,18 +57,18 @@ def test_serving_on_a_port_in_use_is_a_one_line_error(default_model):
         s.listen()
         port = s.getsockname()[1]
         out = run_isara("serve", "smollm2-135m", "--port", str(port), env={"COLUMNS": "300"})
-    _assert_one_line_error(out, f"port {port}", "already in use", "--port")
+    assert_one_line_error(out, f"port {port}", "already in use", "--port")
 
 
 def test_serving_off_loopback_without_an_api_key_is_refused(default_model):
-    _assert_one_line_error(run_isara("serve", "smollm2-135m", "--host", "0.0.0.0", env={"COLUMNS": "300"}),
+    assert_one_line_error(run_isara("serve", "smollm2-135m", "--host", "0.0.0.0", env={"COLUMNS": "300"}),
                            "without an API key", "--api-key")
 
 
 def test_a_missing_llama_server_binary_names_the_fix(default_model, tmp_path):
     out = run_isara("serve", "smollm2-135m", "--backend", "native",
                     env={"ISARA_TOOLCHAIN": str(tmp_path / "none"), "COLUMNS": "300"})
-    _assert_one_line_error(out, "llama-server is not built", "make setup")
+    assert_one_line_error(out, "llama-server is not built", "make setup")
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -111,15 +111,10 @@ def test_convert_refuses_a_folder_that_is_not_a_model(tmp_path, toolchain):
 
 
 def test_convert_failure_surfaces_the_converters_own_error(tiny_llama, tmp_path, toolchain):
-    import shutil
-
+    from conftest import unsupported_copy
     from server.gguf import convert_hf_to_gguf
 
-    odd = tmp_path / "odd"
-    shutil.copytree(tiny_llama, odd)
-    config = json.loads((odd / "config.json").read_text())
-    config["architectures"] = ["NoSuchModelForCausalLM"]
-    (odd / "config.json").write_text(json.dumps(config))
+    odd = unsupported_copy(tiny_llama, tmp_path / "odd")
     with pytest.raises(ToolFailed, match="NoSuchModelForCausalLM"):
         convert_hf_to_gguf(odd, tmp_path / "odd.gguf")
     assert not (tmp_path / "odd.gguf").exists()

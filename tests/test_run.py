@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_isara
+from conftest import REPO, assert_one_line_error, run_isara
 from test_server import pid_alive
 
 
@@ -150,13 +150,7 @@ def test_a_run_killed_during_generation_resumes_to_the_target_without_duplicates
 ])
 def test_bad_configuration_is_a_one_line_error(args, needles, tmp_path, default_model):
     cfg = _config(tmp_path)
-    out = run_isara("run", str(cfg), *args, env={"COLUMNS": "400"})
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert "Traceback" not in out.stderr
-    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, out.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
+    assert_one_line_error(run_isara("run", str(cfg), *args, env={"COLUMNS": "400"}), *needles)
     assert not (tmp_path / "escape").exists()
 
 

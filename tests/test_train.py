@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 
@@ -111,13 +110,9 @@ def test_verification_fails_loudly_when_the_gguf_lost_its_eos(tiny_llama, tiny_a
 
 
 def test_preflight_refuses_an_architecture_the_converter_cannot_handle(tiny_llama, tmp_path, toolchain):
-    import shutil
+    from conftest import unsupported_copy
 
-    odd = tmp_path / "odd"
-    shutil.copytree(tiny_llama, odd)
-    config = json.loads((odd / "config.json").read_text())
-    config["architectures"] = ["NoSuchModelForCausalLM"]
-    (odd / "config.json").write_text(json.dumps(config))
+    odd = unsupported_copy(tiny_llama, tmp_path / "odd")
     with pytest.raises(BadInput, match="does not support the architecture NoSuchModelForCausalLM"):
         preflight(odd, tmp_path / "run", 1000)
 

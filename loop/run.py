@@ -28,6 +28,7 @@ from server.process import ManagedServer, ServerSettings
 from loop.config import RunConfig, load_config, to_toml
 from loop.data import Sample, load_samples, read_jsonl, write_jsonl_atomic
 from loop.export import count_params, export_iteration, preflight
+from loop.files import write_json_atomic, write_text_atomic
 from loop.generate import GenerationPhase
 from loop.models import resolve_model
 from loop.retrieval import DomainIndex, Embedder, ensure_indexed
@@ -86,9 +87,7 @@ def _write_config(cfg: RunConfig, run_dir: Path) -> None:
     path = run_dir / "config.toml"
     text = to_toml(cfg)
     tomllib.loads(text)  # never write a config the next resume can't read
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def _load_jsonl_samples(path: Path, source: str) -> list[Sample]:
@@ -173,7 +172,7 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
                 # Data scaling ratio (the paper's): accepted generated samples so far over seeds.
                 so_far = sum(len(read_jsonl(run_dir / f"iter-{i:02d}" / "generated.jsonl")) for i in range(1, t + 1))
                 stats["scaling_ratio"] = round(so_far / len(seeds), 3)
-                _write_json_atomic(it_dir / "stats.json", stats)
+                write_json_atomic(it_dir / "stats.json", stats)
                 state.finish(phase, [it_dir / "generated.jsonl", it_dir / "rejected.jsonl", it_dir / "stats.json"],
                              stats)
             if not cfg.train.enabled:
@@ -210,7 +209,7 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
                 # Paths inside the run are kept relative: a run folder can be moved or copied whole.
                 info["serve_model"] = _rel(exported.serve_model, run_dir)
                 info["serve_lora"] = [_rel(p, run_dir) for p in exported.serve_lora]
-                _write_json_atomic(it_dir / "export.json", info)
+                write_json_atomic(it_dir / "export.json", info)
                 events.emit("export_finished", **info)
                 written = [p for p in (exported.serve_model, *exported.serve_lora) if p.is_relative_to(run_dir)]
                 state.finish(phase, [*written, it_dir / "export.json"], info)
@@ -268,14 +267,6 @@ def _generated_ids(run_dir: Path, first: int) -> set[str]:
         if d.name[5:].isdigit() and int(d.name[5:]) >= first:
             ids |= {r["id"] for r in read_jsonl(d / "generated.jsonl")}
     return ids
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    import json
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 async def _generate(cfg, t, it_dir, index, embedder, server, anchors, events) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 from server.errors import BadInput
 
 from loop.data import append_jsonl
+from loop.files import write_json_atomic
 
 
 def file_digest(path: Path) -> dict:
@@ -41,9 +41,7 @@ class RunState:
                                "to start over") from None
 
     def save(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, self.data)
 
     def done(self, phase: str) -> bool:
         """Finished, with its files unchanged since; a changed file is a one-line error."""

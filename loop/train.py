@@ -13,7 +13,6 @@ PEFT adapter folder, written atomically (a temporary folder, then a rename).
 from __future__ import annotations
 
 import math
-import os
 import random
 import shutil
 import time
@@ -24,6 +23,7 @@ from server.toolchain import cuda_available
 
 from loop.config import TrainConfig
 from loop.data import Sample
+from loop.files import atomic_dir
 
 IGNORE = -100
 
@@ -135,12 +135,9 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
 
 
 def _save_adapter_atomic(model, base_hf: Path, out: Path) -> Path:
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    copy_tokenizer_files(base_hf, tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        copy_tokenizer_files(base_hf, tmp)
     return out
 
 

@@ -19,6 +19,7 @@ from server.toolchain import find_toolchain
 
 from loop.config import TrainConfig
 from loop.data import Sample
+from loop.files import atomic_dir
 from loop.train import IGNORE, TrainResult, _peak_rss_mb, copy_tokenizer_files, encode_example
 
 
@@ -86,12 +87,9 @@ def train_unsloth(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Pa
     started = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - started
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # the LoRA only, PEFT format (safetensors)
-    copy_tokenizer_files(hf_dir, tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)  # the LoRA only, PEFT format (safetensors)
+        copy_tokenizer_files(hf_dir, tmp)
     shutil.rmtree(work, ignore_errors=True)
     vram = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return TrainResult(adapter_dir=out, backend="unsloth", steps=int(result.global_step), losses=steps_cb.losses,

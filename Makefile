@@ -10,6 +10,10 @@ VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 ISARA  := $(VENV)/bin/isara
 PYTEST_ARGS ?=
+# make demo: the safety domain, 3 iterations (examples/safety.toml);
+# make demo DEMO=quick: the same pipeline small (examples/safety-quick.toml).
+DEMO ?=
+DEMO_CONFIG := examples/safety$(if $(DEMO),-$(DEMO),).toml
 
 .PHONY: setup test demo doctor bench clean-venv
 
@@ -35,7 +39,7 @@ test: setup
 demo: setup
 	$(ISARA) doctor
 	$(ISARA) bench --quick
-	$(ISARA) run examples/quick.toml
+	$(ISARA) run $(DEMO_CONFIG)
 
 doctor: $(VENV)/.installed
 	$(ISARA) doctor

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -156,22 +157,17 @@ def run_cmd(config: Path, name, overrides, output) -> None:
             from loop.dashboard import Dashboard
 
             with Dashboard(console) as dash:
-                stats = execute(cfg, run_dir, output=output, sink=dash.update)
+                execute(cfg, run_dir, output=output, sink=dash.update)
         else:
-            stats = execute(cfg, run_dir, output=output)
+            execute(cfg, run_dir, output=output)
     except KeyboardInterrupt:
         err_console.print(f"interrupted; accepted samples are kept. Resume with: isara run {run_dir}",
                           highlight=False)
         sys.exit(130)
-    table = Table(title=f"run {cfg.name}: {run_dir}")
-    for col in ("iter", "accepted", "attempts", "rate", "scaling", "rejected by reason", "accepted/min"):
-        table.add_column(col)
-    for t, st in sorted(stats.items()):
-        table.add_row(str(t), f"{st['accepted']}/{st['target']}", str(st["attempts"]),
-                      f"{st['acceptance_rate']:.0%}", f"{st.get('scaling_ratio', 0):.2f}x", ", ".join(f"{k} {v}" for k, v in
-                                                                 sorted(st["rejected_by_reason"].items())) or "-",
-                      str(st.get("accepted_per_minute") or "-"))
-    console.print(table)
+    from loop.report import collect, terminal_table
+
+    console.print(terminal_table(collect(run_dir)))
+    console.print(f"report: {run_dir / 'report.md'}", highlight=False)
 
 
 # --- status ------------------------------------------------------------------
@@ -223,7 +219,10 @@ def status(run, runs_dir, as_json) -> None:
 # --- serve -------------------------------------------------------------------
 
 @cli.command()
-@click.argument("model")
+@click.argument("model", metavar="MODEL|RUN")
+@click.option("--iteration", type=click.IntRange(1), default=None, help="A run's iteration (default: latest).")
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
+              show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; anything but loopback needs --api-key.")
 @click.option("--port", type=int, default=8080, show_default=True)
@@ -234,27 +233,27 @@ def status(run, runs_dir, as_json) -> None:
               help="Context length per slot.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: llama.cpp's).")
 @click.option("--backend", type=click.Choice(["auto", "native", "python"]), default="auto", show_default=True)
-def serve(model, host, port, api_key, slots, ctx_per_slot, threads, backend) -> None:
-    """Serve a model on an OpenAI-compatible endpoint until Ctrl-C.
+def serve(model, iteration, runs_dir, host, port, api_key, slots, ctx_per_slot, threads, backend) -> None:
+    """Serve a model, or a run's latest model, on an OpenAI-compatible endpoint until Ctrl-C.
 
-    MODEL is a catalog name, a .gguf file or a folder holding one.
+    MODEL is a catalog name, a .gguf file or a folder holding one; RUN is a
+    run folder or name (its latest exported iteration, or --iteration).
 
     \b
     Example:
+      isara serve safety --port 8080            # the aligned model of runs/safety
       isara serve smollm2-135m --port 8080
       curl http://127.0.0.1:8080/v1/chat/completions -d '{"messages":[{"role":"user","content":"Hi"}]}'
     """
     from server.process import ManagedServer, ServerSettings
 
-    from loop.models import resolve_model
+    from loop.targets import resolve_target
 
-    m = resolve_model(model)
-    if m.gguf is None:
-        raise BadInput(f"{model} has no GGUF to serve: convert it first (isara export) or give a .gguf file")
-    settings = ServerSettings(model=m.gguf, host=host, port=port, api_key=api_key, slots=slots,
+    t = resolve_target(model, runs_dir, iteration)
+    settings = ServerSettings(model=t.gguf, lora=t.lora, host=host, port=port, api_key=api_key, slots=slots,
                               ctx_per_slot=ctx_per_slot, threads=threads, backend=backend)
     srv = ManagedServer(settings).start()
-    console.print(f"serving {m.gguf} at {srv.base_url}/v1 ({srv.backend}, {srv.slots} slots); "
+    console.print(f"serving {t.label} ({t.gguf.name}) at {srv.base_url}/v1 ({srv.backend}, {srv.slots} slots); "
                   f"log {srv.log_path}; Ctrl-C stops", highlight=False)
     stop = False
 
@@ -274,6 +273,168 @@ def serve(model, host, port, api_key, slots, ctx_per_slot, threads, backend) -> 
     if died:
         err_console.print(f"isara: error: the server exited; see {srv.log_path}")
         sys.exit(1)
+
+
+# --- eval --------------------------------------------------------------------
+
+@cli.command("eval")
+@click.argument("target", metavar="MODEL|RUN")
+@click.option("--domain", type=click.Choice(["safety"]), default="safety", show_default=True,
+              help="Built-in eval sets (held-out harmful prompts, benign prompts).")
+@click.option("--refuse-prompts", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Your own JSONL of prompts the model should refuse (instead of the domain's).")
+@click.option("--answer-prompts", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Your own JSONL of prompts the model should answer (instead of the domain's).")
+@click.option("--n", type=click.IntRange(0), default=50, show_default=True,
+              help="Prompts drawn (seeded) from each set; 0 = all.")
+@click.option("--max-tokens", type=click.IntRange(8, 2048), default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Which prompts are drawn.")
+@click.option("--iteration", type=click.IntRange(1), default=None, help="A run's iteration (default: latest).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where answers.jsonl and eval.json go (default: RUN/evals/iter-NN or evals/MODEL).")
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
+              show_default=True)
+@click.option("--slots", type=click.IntRange(1, 64), default=8, show_default=True)
+def eval_cmd(target, domain, refuse_prompts, answer_prompts, n, max_tokens, seed, iteration, out_dir, runs_dir,
+             slots) -> None:
+    """Evaluate a model or a run's model: harmful rate, over-refusal, degenerate answers.
+
+    Greedy answers through the managed llama-server with the model's chat
+    template; every answer is saved (answers.jsonl) for a person to read.
+
+    \b
+    Example:
+      isara eval smollm2-135m --n 20
+      isara eval safety                      # the latest iteration of runs/safety
+      isara eval runs/safety --iteration 1 --n 0
+    """
+    from server.client import InferenceClient
+    from server.process import ManagedServer, ServerSettings
+
+    from loop.domains import load_domain
+    from loop.evaluate import eval_items, evaluate
+    from loop.targets import resolve_target
+
+    t = resolve_target(target, runs_dir, iteration)
+    d = load_domain(domain, log=lambda m: err_console.print(m, highlight=False))
+    sets = {"harmful": (refuse_prompts or d.eval_sets["harmful"], "refuse"),
+            "benign": (answer_prompts or d.eval_sets["benign"], "answer")}
+    items = eval_items(sets, n, seed)
+    if out_dir is None:
+        out_dir = t.run_dir / "evals" / f"iter-{t.iteration:02d}" if t.run_dir else Path("evals") / t.label
+    srv = ManagedServer(ServerSettings(model=t.gguf, lora=t.lora, slots=slots,
+                                       log_path=out_dir.parent / f"{out_dir.name}.server.log")).start()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result = evaluate(InferenceClient.for_servers([srv]), items, out_dir, max_tokens=max_tokens,
+                          label=t.label, seed=seed)
+    finally:
+        srv.stop()
+    table = Table(title=f"eval {t.label} ({len(items)} prompts, greedy, {max_tokens} tokens)")
+    for col in ("harmful rate", "over-refusal", "degenerate", "seconds"):
+        table.add_column(col, justify="right")
+    table.add_row(*(f"{result[k]:.0%}" if result[k] is not None else "-"
+                    for k in ("harmful_rate", "over_refusal", "degenerate_rate")), f"{result['seconds']:.0f}")
+    console.print(table)
+    console.print(f"answers: {out_dir / 'answers.jsonl'}", highlight=False)
+
+
+# --- chat --------------------------------------------------------------------
+
+@cli.command()
+@click.argument("target", metavar="MODEL|RUN")
+@click.option("-m", "--message", "messages", multiple=True,
+              help="Send this message and print the answer, no prompt (repeatable: one conversation).")
+@click.option("--iteration", type=click.IntRange(1), default=None, help="A run's iteration (default: latest).")
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
+              show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1, 8192), default=512, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0, 2), default=0.7, show_default=True)
+def chat(target, messages, iteration, runs_dir, max_tokens, temperature) -> None:
+    """Talk to a model, or a run's latest model, with its chat template; answers stream.
+
+    Lines typed at the prompt are your turns; /reset forgets the conversation,
+    /exit (or Ctrl-D) leaves.
+
+    \b
+    Example:
+      isara chat safety                 # the latest iteration of runs/safety
+      isara chat smollm2-135m -m "How do I sharpen a kitchen knife?"
+    """
+    import asyncio
+
+    from server.client import InferenceClient
+    from server.process import ManagedServer, ServerSettings
+
+    from loop.targets import resolve_target
+
+    t = resolve_target(target, runs_dir, iteration)
+    log = (t.run_dir or Path(tempfile.gettempdir())) / "chat.server.log"
+    srv = ManagedServer(ServerSettings(model=t.gguf, lora=t.lora, slots=1, log_path=log)).start()
+    history: list[dict] = []
+
+    async def turn(text: str) -> None:
+        history.append({"role": "user", "content": text})
+        pieces = []
+        async with InferenceClient.for_servers([srv], timeout=600) as client:
+            async for piece in client.stream_chat(history, max_tokens=max_tokens, temperature=temperature):
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(pieces)})
+
+    try:
+        if messages:
+            for text in messages:
+                asyncio.run(turn(text))
+            return
+        console.print(f"chatting with {t.label} ({srv.backend} llama-server); /reset, /exit", highlight=False)
+        while True:
+            try:
+                text = input("you> ").strip()
+            except EOFError:
+                break
+            if text in ("/exit", "/quit"):
+                break
+            if text == "/reset":
+                history.clear()
+                continue
+            if text:
+                asyncio.run(turn(text))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.stop()
+
+
+# --- export ------------------------------------------------------------------
+
+@cli.command("export")
+@click.argument("run", metavar="RUN")
+@click.option("--to", "to", required=True, type=click.Path(path_type=Path), help="New folder to write.")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "hf", "lora"]), default="gguf", show_default=True,
+              help="gguf (+ Ollama Modelfile), hf (merged safetensors) or lora (the adapter).")
+@click.option("--iteration", type=click.IntRange(1), default=None, help="Which iteration (default: latest).")
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
+              show_default=True)
+def export_cmd(run, to, fmt, iteration, runs_dir) -> None:
+    """Copy a run's model out of the run, as GGUF (with an Ollama Modelfile), HF or LoRA.
+
+    \b
+    Example:
+      isara export safety --to out/safety-gguf
+      ollama create safety -f out/safety-gguf/Modelfile
+      isara export runs/safety --iteration 2 --format hf --to out/safety-hf
+    """
+    from loop.publish import export_run
+    from loop.targets import resolve_target
+
+    t = resolve_target(run, runs_dir, iteration)
+    if t.run_dir is None:
+        raise BadInput(f"{run!r} is a model, not a run: isara export takes a run (folder or name in {runs_dir})")
+    files = export_run(t, to, fmt)
+    console.print(f"exported {t.label} as {fmt} to {to}: " + ", ".join(p.name for p in files), highlight=False)
 
 
 # --- bench -------------------------------------------------------------------

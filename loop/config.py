@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from server.errors import BadInput
 
@@ -28,7 +28,8 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    seeds: Path = Field(..., description="Seed Q/A samples: JSONL, JSON, CSV or Parquet.")
+    seeds: Path | None = Field(None, description="Seed Q/A samples: JSONL, JSON, CSV or Parquet "
+                                                "(default: the built-in domain's seeds).")
     pool: Path | None = Field(None, description="Optional external pool of Q/A pairs (lower priority in retrieval).")
     max_chars: int = Field(8000, gt=0, description="Longest accepted question or answer in the input, in characters.")
 
@@ -110,19 +111,42 @@ class ExportConfig(_Section):
                                         "not a mismatch.")
 
 
+class EvalConfig(_Section):
+    enabled: bool = Field(True, description="Evaluate after every iteration (when there are eval sets).")
+    refuse_prompts: Path | None = Field(None, description="Prompts the model should refuse (JSONL with `prompt`); "
+                                                          "default: the domain's held-out harmful prompts.")
+    answer_prompts: Path | None = Field(None, description="Prompts the model should answer (JSONL with `prompt`); "
+                                                          "default: the domain's benign prompts.")
+    n: int = Field(50, ge=0, description="Prompts drawn (seeded) from each set; 0 = the whole set.")
+    max_tokens: int = Field(64, ge=8, le=2048, description="Greedy tokens per answer.")
+    baselines: bool = Field(True, description="Also evaluate the base model, ICL-kNN and SFT on the seeds "
+                                              "(once per run, cached).")
+    k: int = Field(4, ge=1, le=32, description="Seed pairs shown to the ICL-kNN baseline.")
+    seed: int = Field(0, description="Which prompts are drawn.")
+
+
 class RunConfig(_Section):
     name: str | None = Field(None, description="Run name (folder under runs_dir); default: the config file's stem.")
     runs_dir: Path = Field(Path("runs"), description="Where runs live.")
-    iterations: int = Field(2, ge=1, le=100, description="Rounds of generate (then train and export).")
+    domain: Literal["safety"] | None = Field(
+        None, description="Built-in domain: its seeds (unless data.seeds is set) and its evaluation sets.")
+    iterations: int = Field(2, ge=1, le=100, description="Rounds of generate (then train, export and eval).")
     question_marker: str = Field("Question:", min_length=1, description="Marker before each question in prompts.")
     answer_marker: str = Field("Answer:", min_length=1, description="Marker before each answer in prompts.")
     model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig
+    data: DataConfig = Field(default_factory=DataConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _has_seeds(self) -> "RunConfig":
+        if self.data.seeds is None and self.domain is None:
+            raise ValueError("no seeds: set data.seeds to your Q/A file, or domain = \"safety\" for the built-in one")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -135,6 +159,8 @@ class RunConfig(_Section):
 def _describe(err: ValidationError) -> str:
     e = err.errors()[0]
     key = ".".join(str(p) for p in e["loc"])
+    if not key:  # a check across keys (model validator): its message names the keys
+        return e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
         return f"unknown config key {key!r}: remove it or check its spelling (see README, configuration)"
     if e["type"] == "missing":
@@ -181,11 +207,12 @@ def load_config(path: Path | None, overrides: list[str] = (), base_dir: Path | N
     except ValidationError as e:
         raise BadInput(_describe(e)) from None
     if base_dir is not None:
-        data = cfg.data
-        if not data.seeds.is_absolute():
-            data.seeds = (base_dir / data.seeds).resolve()
-        if data.pool is not None and not data.pool.is_absolute():
-            data.pool = (base_dir / data.pool).resolve()
+        for section, key in (("data", "seeds"), ("data", "pool"), ("eval", "refuse_prompts"),
+                             ("eval", "answer_prompts")):
+            node = getattr(cfg, section)
+            value = getattr(node, key)
+            if value is not None and not value.is_absolute():
+                setattr(node, key, (base_dir / value).resolve())
     return cfg
 
 

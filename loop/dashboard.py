@@ -36,6 +36,10 @@ def _duration(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.0%}"
+
+
 class Dashboard:
     def __init__(self, console: Console | None = None):
         self.console = console or Console()
@@ -51,6 +55,8 @@ class Dashboard:
         self.train = {}
         self.export_steps: list[str] = []
         self.verification = ""
+        self.evals: dict[str, dict] = {}  # label -> rates, in arrival order
+        self.eval_running = ""
         self.log = deque(maxlen=6)
         self.proc = psutil.Process()
         self.live = Live(console=self.console, refresh_per_second=4, get_renderable=self.render, transient=False)
@@ -100,6 +106,11 @@ class Dashboard:
         elif kind == "export_finished":
             v = f.get("verification") or {}
             self.verification = "verified" if v.get("passed") else ("not verified" if not v else "FAILED")
+        elif kind == "eval_started":
+            self.phase, self.eval_running = "eval", f"{f['label']}: {f['prompts']} prompts..."
+        elif kind == "eval_finished":
+            self.evals[f["label"]] = f
+            self.eval_running = ""
         elif kind == "run_finished":
             self.phase = "finished"
         line = plain_line(kind, f)  # the same one-line text the plain mode prints
@@ -149,9 +160,16 @@ class Dashboard:
             train.add_row(step, loss, speed, f"on {self.train['samples']} samples")
             train.add_row(sparkline(self.losses), "", "", "")
         export = " · ".join(self.export_steps) + (f" · [bold]{self.verification}[/]" if self.verification else "")
+        evals = Table.grid(padding=(0, 2))
+        for label, e in self.evals.items():
+            evals.add_row(label, f"harmful {_pct(e.get('harmful_rate'))}", f"over-refusal {_pct(e.get('over_refusal'))}",
+                          f"degenerate {_pct(e.get('degenerate_rate'))}", f"{e.get('seconds')}s")
+        if self.eval_running:
+            evals.add_row(self.eval_running, "", "", "", "")
         return Group(
             Panel(head, title="isara run", border_style="cyan"),
             Panel(gen, title=f"generation (iteration {self.iteration})"),
             Panel(Group(train, export or "-"), title="training and export"),
+            Panel(evals if self.evals or self.eval_running else "-", title="evaluation (lower is better)"),
             Panel("\n".join(self.log) or "-", title="events"),
         )

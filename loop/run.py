@@ -8,6 +8,10 @@
       events.jsonl       every event, one a line
       index.usearch      the retrieval index (+ index.items.jsonl)
       iter-NN/generated.jsonl, rejected.jsonl, stats.json
+      iter-NN/adapter/, model.gguf, export.json      (training on)
+      iter-NN/answers.jsonl, eval.json               (evaluation on)
+      baselines/{base,icl-knn,sft-seeds}/answers.jsonl, eval.json
+      report.md, report.png
 
 Running the same run again resumes it: finished phases are skipped (their
 files checked), an unfinished generation phase continues from its files.
@@ -27,10 +31,13 @@ from server.process import ManagedServer, ServerSettings
 
 from loop.config import RunConfig, load_config, to_toml
 from loop.data import Sample, load_samples, read_jsonl, write_jsonl_atomic
+from loop.domains import load_domain
+from loop.evaluate import EvalItem, eval_items, evaluate
 from loop.export import count_params, export_iteration, preflight
 from loop.files import write_json_atomic, write_text_atomic
 from loop.generate import GenerationPhase
 from loop.models import resolve_model
+from loop.report import write_report
 from loop.retrieval import DomainIndex, Embedder, ensure_indexed
 from loop.state import Events, RunState
 from loop.train import train
@@ -104,11 +111,16 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
     state.set_status("running", pid=os.getpid())
     events.emit("run_started", run=cfg.name, folder=str(run_dir), iterations=cfg.iterations)
 
+    domain = load_domain(cfg.domain, log=lambda m: events.emit("message", text=m)) if cfg.domain else None
     # Seeds and pool: validated once, then the run's own copies are the truth.
     if not state.done("seeds"):
-        seeds = load_samples(cfg.data.seeds, max_chars=cfg.data.max_chars)
+        state.begin("seeds")
+        seeds = load_samples(cfg.data.seeds or domain.seeds, max_chars=cfg.data.max_chars)
         write_jsonl_atomic(run_dir / "seeds.jsonl", [s.to_json() for s in seeds])
         files = [run_dir / "seeds.jsonl"]
+        if domain is not None:  # where the built-in data came from: package, version, file, licence
+            write_json_atomic(run_dir / "domain.json", domain.sources)
+            files.append(run_dir / "domain.json")
         if cfg.data.pool is not None:
             pool = load_samples(cfg.data.pool, source="pool", max_chars=cfg.data.max_chars, min_count=1)
             write_jsonl_atomic(run_dir / "pool.jsonl", [s.to_json() for s in pool])
@@ -125,7 +137,9 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
     if base.gguf is None and not cfg.generation.endpoints:
         raise BadInput(f"{cfg.model.base} has no GGUF to serve: give a .gguf file or a catalog chat model")
 
-    phases = [f"iter-{t:02d}/{name}" for t in range(1, cfg.iterations + 1) for name in _phase_names(cfg)]
+    items = _eval_items(cfg, domain)
+    phases = [f"iter-{t:02d}/{name}" for t in range(1, cfg.iterations + 1) for name in _phase_names(cfg, items)]
+    phases += _baseline_phases(cfg, items)
     if all(state.done(p) for p in phases):  # nothing to do: don't load the embedder or start a server
         for p in phases:
             events.emit("phase_skipped", phase=p)
@@ -150,6 +164,8 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
 
     server = _Serving(cfg, run_dir, events)
     try:
+        if _baseline_phases(cfg, items):
+            _baselines(cfg, run_dir, state, events, server, base, params, seeds, index, embedder, items)
         for t in range(1, cfg.iterations + 1):
             it_dir = run_dir / f"iter-{t:02d}"
             # The model of iteration t-1 generates iteration t (the base model for t = 1).
@@ -161,6 +177,7 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
             if state.done(phase):
                 events.emit("phase_skipped", phase=phase)
             else:
+                state.begin(phase)
                 server.ensure(model, lora)
                 # Anchors: the domain set as it stood when this iteration began (seeds, then accepted
                 # samples of earlier iterations); never the pool, never this iteration's own samples.
@@ -183,36 +200,28 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
             if state.done(phase):
                 events.emit("phase_skipped", phase=phase)
             else:
+                state.begin(phase)
                 samples = seeds + [s for i in range(1, t + 1) for s in
                                    _load_jsonl_samples(run_dir / f"iter-{i:02d}" / "generated.jsonl", "generated")]
                 previous = run_dir / f"iter-{t - 1:02d}" / "adapter" if cfg.train.start_from == "previous" and t > 1 \
                     else None
-                events.emit("train_started", iteration=t, samples=len(samples), backend=cfg.train.backend)
-                result = train(base.hf_dir, samples, cfg.train, it_dir / "adapter", previous_adapter=previous,
-                               on_step=lambda st, t=t: events.emit("train_step", iteration=t, **st))
-                summary = {**result.summary(), "samples": len(samples)}
-                events.emit("train_finished", iteration=t, **summary)
-                state.finish(phase, sorted((it_dir / "adapter").glob("adapter_*")), summary)
+                _train_phase(cfg, run_dir, state, events, phase, base, samples, it_dir, t, previous)
 
             phase = f"iter-{t:02d}/export"
             if state.done(phase):
                 events.emit("phase_skipped", phase=phase)
             else:
-                events.emit("export_started", iteration=t, mode=cfg.export.mode)
-                exported = export_iteration(
-                    base_hf=base.hf_dir, base_gguf=base.gguf, adapter_dir=it_dir / "adapter", out_dir=it_dir,
-                    cfg=cfg.export, params=params,
-                    on_step=lambda st, t=t: events.emit("export_step", iteration=t, **st))
-                info = {**exported.to_json(), "iteration": t, "base": cfg.model.base,
-                        "samples": state.stats(f"iter-{t:02d}/train").get("samples"),
-                        "config_sha256": hashlib.sha256(to_toml(cfg).encode()).hexdigest()}
-                # Paths inside the run are kept relative: a run folder can be moved or copied whole.
-                info["serve_model"] = _rel(exported.serve_model, run_dir)
-                info["serve_lora"] = [_rel(p, run_dir) for p in exported.serve_lora]
-                write_json_atomic(it_dir / "export.json", info)
-                events.emit("export_finished", **info)
-                written = [p for p in (exported.serve_model, *exported.serve_lora) if p.is_relative_to(run_dir)]
-                state.finish(phase, [*written, it_dir / "export.json"], info)
+                _export_phase(cfg, run_dir, state, events, phase, base, params, it_dir, t)
+
+            phase = f"iter-{t:02d}/eval"
+            if not items:
+                continue
+            if state.done(phase):
+                events.emit("phase_skipped", phase=phase)
+            else:
+                exp = state.stats(f"iter-{t:02d}/export")
+                server.ensure(run_dir / exp["serve_model"], [run_dir / p for p in exp.get("serve_lora", [])])
+                _eval_phase(cfg, run_dir, state, events, server, phase, it_dir, items, f"iter-{t:02d}")
     finally:
         server.stop()
         index.save()
@@ -223,13 +232,129 @@ def _rel(path: Path, run_dir: Path) -> str:
     return str(path.relative_to(run_dir)) if path.is_relative_to(run_dir) else str(path)
 
 
-def _phase_names(cfg: RunConfig) -> list[str]:
-    return ["generate", "train", "export"] if cfg.train.enabled else ["generate"]
+def _phase_names(cfg: RunConfig, items: list[EvalItem]) -> list[str]:
+    if not cfg.train.enabled:
+        return ["generate"]
+    return ["generate", "train", "export", "eval"] if items else ["generate", "train", "export"]
+
+
+def _train_phase(cfg, run_dir, state, events, phase, base, samples, out_dir, t, previous=None) -> None:
+    events.emit("train_started", iteration=t, samples=len(samples), backend=cfg.train.backend)
+    result = train(base.hf_dir, samples, cfg.train, out_dir / "adapter", previous_adapter=previous,
+                   on_step=lambda st: events.emit("train_step", iteration=t, **st))
+    summary = {**result.summary(), "samples": len(samples)}
+    events.emit("train_finished", iteration=t, **summary)
+    state.finish(phase, sorted((out_dir / "adapter").glob("adapter_*")), summary)
+
+
+def _export_phase(cfg, run_dir, state, events, phase, base, params, out_dir, t) -> None:
+    state.begin(phase)
+    events.emit("export_started", iteration=t, mode=cfg.export.mode)
+    exported = export_iteration(
+        base_hf=base.hf_dir, base_gguf=base.gguf, adapter_dir=out_dir / "adapter", out_dir=out_dir,
+        cfg=cfg.export, params=params, on_step=lambda st: events.emit("export_step", iteration=t, **st))
+    train_phase = phase.rsplit("/", 1)[0] + "/train"
+    info = {**exported.to_json(), "iteration": t, "base": cfg.model.base,
+            "samples": state.stats(train_phase).get("samples"),
+            "config_sha256": hashlib.sha256(to_toml(cfg).encode()).hexdigest()}
+    # Paths inside the run are kept relative: a run folder can be moved or copied whole.
+    info["serve_model"] = _rel(exported.serve_model, run_dir)
+    info["serve_lora"] = [_rel(p, run_dir) for p in exported.serve_lora]
+    write_json_atomic(out_dir / "export.json", info)
+    events.emit("export_finished", **info)
+    written = [p for p in (exported.serve_model, *exported.serve_lora) if p.is_relative_to(run_dir)]
+    state.finish(phase, [*written, out_dir / "export.json"], info)
+
+
+# --- evaluation and baselines --------------------------------------------------
+
+def _eval_items(cfg: RunConfig, domain) -> list[EvalItem]:
+    """The prompts every model of the run answers: the configured sets, else the domain's."""
+    if not cfg.eval.enabled:
+        return []
+    sets = {}
+    refuse = cfg.eval.refuse_prompts or (domain.eval_sets["harmful"] if domain else None)
+    answer = cfg.eval.answer_prompts or (domain.eval_sets["benign"] if domain else None)
+    if refuse is not None:
+        sets["harmful"] = (refuse, "refuse")
+    if answer is not None:
+        sets["benign"] = (answer, "answer")
+    return eval_items(sets, cfg.eval.n, cfg.eval.seed) if sets else []
+
+
+def _baseline_phases(cfg: RunConfig, items: list[EvalItem]) -> list[str]:
+    if not items or not cfg.eval.baselines:
+        return []
+    phases = ["baselines/base/eval", "baselines/icl-knn/eval"]
+    if cfg.train.enabled:
+        phases += ["baselines/sft-seeds/train", "baselines/sft-seeds/export", "baselines/sft-seeds/eval"]
+    return phases
+
+
+def _eval_phase(cfg, run_dir, state, events, server, phase, out_dir, items, label, demos=None) -> None:
+    state.begin(phase)
+    events.emit("eval_started", label=label, prompts=len(items))
+    result = evaluate(_client(cfg, server.server), items, out_dir, max_tokens=cfg.eval.max_tokens, label=label,
+                      demos=demos, seed=cfg.eval.seed)
+    events.emit("eval_finished", **result)
+    state.finish(phase, [out_dir / "answers.jsonl", out_dir / "eval.json"], result)
+    write_report(run_dir, cfg.name or run_dir.name)
+
+
+def _icl_knn_demos(index: DomainIndex, embedder: Embedder, k: int):
+    """The k nearest seed pairs of each prompt (USearch), the nearest last, next to the question."""
+    seed_keys = {key for key, it in enumerate(index.items) if it["source"] == "seed"}
+    by_key = {key: index.items[key] for key in seed_keys}
+
+    def demos(item: EvalItem) -> list[tuple[str, str]]:
+        v = embedder.encode([item.prompt])[0]
+        hits = [key for key, _ in index.search(v, len(index)) if key in seed_keys][:k]
+        return [(by_key[key]["prompt"], by_key[key]["response"]) for key in reversed(hits)]
+
+    return demos
+
+
+def _baselines(cfg, run_dir, state, events, server, base, params, seeds, index, embedder, items) -> None:
+    """Base model, ICL-kNN and SFT on the seeds, on the same prompts as every iteration; once per run."""
+    for name, demos in (("base", None), ("icl-knn", _icl_knn_demos(index, embedder, cfg.eval.k))):
+        phase = f"baselines/{name}/eval"
+        if state.done(phase):
+            events.emit("phase_skipped", phase=phase)
+            continue
+        server.ensure(base.gguf, [])
+        _eval_phase(cfg, run_dir, state, events, server, phase, run_dir / "baselines" / name, items, name, demos)
+    if not cfg.train.enabled:
+        return
+    out = run_dir / "baselines" / "sft-seeds"
+    if state.done("baselines/sft-seeds/train"):
+        events.emit("phase_skipped", phase="baselines/sft-seeds/train")
+    else:
+        server.stop()
+        state.begin("baselines/sft-seeds/train")
+        _train_phase(cfg, run_dir, state, events, "baselines/sft-seeds/train", base, seeds, out, 0)
+    if state.done("baselines/sft-seeds/export"):
+        events.emit("phase_skipped", phase="baselines/sft-seeds/export")
+    else:
+        _export_phase(cfg, run_dir, state, events, "baselines/sft-seeds/export", base, params, out, 0)
+    if state.done("baselines/sft-seeds/eval"):
+        events.emit("phase_skipped", phase="baselines/sft-seeds/eval")
+    else:
+        exp = state.stats("baselines/sft-seeds/export")
+        server.ensure(run_dir / exp["serve_model"], [run_dir / p for p in exp.get("serve_lora", [])])
+        _eval_phase(cfg, run_dir, state, events, server, "baselines/sft-seeds/eval", out, items, "sft-seeds")
+
+
+def _client(cfg: RunConfig, server: ManagedServer | None) -> InferenceClient:
+    g = cfg.generation
+    if g.endpoints:
+        return InferenceClient([Endpoint(u, slots=g.endpoint_slots, api_key=g.api_key) for u in g.endpoints])
+    return InferenceClient([Endpoint(server.base_url, slots=server.slots)])
 
 
 def _finish(cfg: RunConfig, run_dir: Path, state: RunState, events: Events) -> dict:
+    report = write_report(run_dir, cfg.name or run_dir.name)
     state.set_status("finished")
-    events.emit("run_finished", run=cfg.name, folder=str(run_dir))
+    events.emit("run_finished", run=cfg.name, folder=str(run_dir), report=str(report))
     return {t: state.stats(f"iter-{t:02d}/generate") for t in range(1, cfg.iterations + 1)}
 
 
@@ -270,12 +395,7 @@ def _generated_ids(run_dir: Path, first: int) -> set[str]:
 
 
 async def _generate(cfg, t, it_dir, index, embedder, server, anchors, events) -> dict:
-    g = cfg.generation
-    if g.endpoints:
-        endpoints = [Endpoint(u, slots=g.endpoint_slots, api_key=g.api_key) for u in g.endpoints]
-    else:
-        endpoints = [Endpoint(server.base_url, slots=server.slots)]
-    async with InferenceClient(endpoints) as client:
+    async with _client(cfg, server) as client:
         phase = GenerationPhase(cfg=cfg, iteration=t, out_dir=it_dir, index=index, embedder=embedder,
                                 client=client, anchors=anchors, events=events)
         return await phase.run()

@@ -33,6 +33,7 @@ class RunState:
         self.run_dir = run_dir
         self.path = run_dir / "state.json"
         self.data = {"version": 1, "status": "new", "phases": {}}
+        self._began: dict[str, float] = {}
         if self.path.exists():
             try:
                 self.data = json.loads(self.path.read_text())
@@ -58,9 +59,18 @@ class RunState:
     def stats(self, phase: str) -> dict:
         return self.data["phases"].get(phase, {}).get("stats", {})
 
+    def begin(self, phase: str) -> None:
+        """Start the clock of a phase (its `seconds` cover the session that finished it)."""
+        self._began[phase] = time.monotonic()
+
+    def seconds(self, phase: str) -> float | None:
+        return self.data["phases"].get(phase, {}).get("seconds")
+
     def finish(self, phase: str, files: list[Path], stats: dict | None = None) -> None:
+        began = self._began.pop(phase, None)
         self.data["phases"][phase] = {
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "seconds": round(time.monotonic() - began, 1) if began is not None else None,
             "files": {str(p.relative_to(self.run_dir)): file_digest(p) for p in files if p.exists()},
             "stats": stats or {},
         }
@@ -97,30 +107,36 @@ class Events:
 
 def plain_line(kind: str, f: dict) -> str | None:
     it = f.get("iteration")
+    who = "baseline sft-seeds" if it == 0 else f"iter {it}"  # iteration 0: the SFT-on-seeds baseline
     if kind == "accepted":
-        return f"iter {it}: accepted {f['accepted']}/{f['target']} ({f['id']})"
+        return f"{who}: accepted {f['accepted']}/{f['target']} ({f['id']})"
     if kind == "rejected":
-        return f"iter {it}: rejected attempt {f['attempt']}: {f['reason']}"
+        return f"{who}: rejected attempt {f['attempt']}: {f['reason']}"
     if kind == "generation_started":
         extra = f", resuming with {f['resumed_accepted']} accepted" if f.get("resumed_accepted") else ""
-        return f"iter {it}: generating {f['target']} samples{extra}"
+        return f"{who}: generating {f['target']} samples{extra}"
     if kind == "generation_finished":
-        return (f"iter {it}: {f['accepted']} accepted of {f['attempts']} attempts "
+        return (f"{who}: {f['accepted']} accepted of {f['attempts']} attempts "
                 f"(rate {f['acceptance_rate']:.0%}; rejected {f['rejected_by_reason'] or 'none'}); "
                 f"{f['accepted_per_minute']} accepted/min")
     if kind == "train_started":
-        return f"iter {it}: training on {f['samples']} samples ({f['backend']})"
+        return f"{who}: training on {f['samples']} samples ({f['backend']})"
     if kind == "train_step":
-        return f"iter {it}: train step {f['step']}/{f['steps']} loss {f['loss']:.4f} ({f['tokens']} tokens)"
+        return f"{who}: train step {f['step']}/{f['steps']} loss {f['loss']:.4f} ({f['tokens']} tokens)"
     if kind == "train_finished":
-        return (f"iter {it}: trained {f['steps']} steps, loss {f['first_loss']} -> {f['last_loss']}, "
+        return (f"{who}: trained {f['steps']} steps, loss {f['first_loss']} -> {f['last_loss']}, "
                 f"{f['tokens_per_s']} tokens/s, peak RSS {f['peak_rss_mb']} MB")
     if kind == "export_step":
-        return f"iter {it}: export {f['step']} {f['seconds']}s"
+        return f"{who}: export {f['step']} {f['seconds']}s"
     if kind == "export_finished":
         v = f.get("verification") or {}
         check = f"verified ({', '.join(f'{a:.0%}' for a in v.get('agreement', []))})" if v else "not verified"
-        return f"iter {it}: exported {f['serve_model']} ({f['mode']}, {f['quant']}), {check}"
+        return f"{who}: exported {f['serve_model']} ({f['mode']}, {f['quant']}), {check}"
+    if kind == "eval_started":
+        return f"eval {f['label']}: {f['prompts']} prompts, greedy"
+    if kind == "eval_finished":
+        return (f"eval {f['label']}: harmful {f['harmful_rate']}, over-refusal {f['over_refusal']}, "
+                f"degenerate {f['degenerate_rate']} ({f['seconds']}s)")
     if kind == "message":
         return f["text"]
     if kind in ("run_started", "run_finished", "phase_skipped", "server_started", "index_ready"):

@@ -10,6 +10,7 @@ token counts and timings (the dashboard and the benchmarks read them).
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -111,6 +112,39 @@ class InferenceClient:
                    **({"stop": stop} if stop else {}), **({"seed": seed} if seed is not None else {}), **extra}
         return await self._generate("/v1/chat/completions", payload,
                                     lambda c: (c.get("message") or {}).get("content") or "")
+
+    async def stream_chat(self, messages: list[dict], *, max_tokens: int = 512, temperature: float = 0.7,
+                          top_p: float = 0.95, seed: int | None = None, **extra: Any):
+        """Chat completion streamed as server-sent events: yields text pieces as they are generated.
+
+        Not retried: a stream that broke half-way can't be replayed without showing text twice."""
+        if self._http is None:
+            raise RuntimeError("use InferenceClient inside `async with`")
+        payload = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
+                   "stream": True, **({"seed": seed} if seed is not None else {}), **extra}
+        ep = await self._acquire(None)
+        try:
+            headers = {"Authorization": f"Bearer {ep.api_key}"} if ep.api_key else {}
+            async with self._http.stream("POST", ep.url + "/v1/chat/completions", json=payload,
+                                         headers=headers) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    error = RequestRejected if resp.status_code < 500 else ServerUnavailable
+                    raise error(f"{ep.url}/v1/chat/completions answered {resp.status_code}: {_error_text(resp)}")
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    choice = (json.loads(data).get("choices") or [{}])[0]
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        yield piece
+        except _RETRYABLE as e:
+            raise ServerUnavailable(f"{ep.url}: the stream broke ({type(e).__name__} {e})") from None
+        finally:
+            await self._release(ep)
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
         data, _, _ = await self._request("/v1/embeddings", {"input": texts})

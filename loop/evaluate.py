@@ -1,0 +1,123 @@
+"""Evaluation: does the model refuse what it should, answer what it should, and stay coherent?
+
+Inputs: a served model (an InferenceClient), eval sets (JSONL of prompts with
+`expect` = refuse | answer), optional in-context demos per prompt (the ICL-kNN
+baseline). Outputs, in the given folder: `answers.jsonl` (every prompt, answer
+and verdict, for a person to read) and `eval.json` (the rates), written last.
+
+Decoding is greedy through the llama.cpp server's chat endpoint, so the model's
+own chat template frames every prompt, exactly as a user of the served model
+would see it. The prompts drawn from each set depend on `seed` alone, so every
+model of a run (and every baseline) answers the same prompts.
+
+Metrics:
+- harmful_rate: share of should-refuse prompts the model does not refuse;
+- over_refusal: share of should-answer prompts it refuses;
+- degenerate_rate: share of all answers that are empty or dominated by repetition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.errors import BadInput
+
+from loop.data import read_jsonl, write_jsonl_atomic
+from loop.files import write_json_atomic
+from loop.refusal import is_degenerate, is_refusal
+
+SETS = {"refuse_prompts": "refuse", "answer_prompts": "answer"}
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    id: str
+    prompt: str
+    expect: str  # refuse | answer
+    set: str
+
+
+def load_eval_set(path: Path, expect: str, name: str) -> list[EvalItem]:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"eval set {path} does not exist: give a JSONL file with a 'prompt' field per line")
+    items = []
+    for i, r in enumerate(read_jsonl(path), 1):
+        prompt = r.get("prompt") if isinstance(r, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BadInput(f"{path}:{i}: no 'prompt' text: every line needs {{\"prompt\": \"...\"}}")
+        items.append(EvalItem(str(r.get("id") or f"{name}-{i:04d}"), prompt.strip(), expect, name))
+    if not items:
+        raise BadInput(f"eval set {path} is empty: give at least one prompt")
+    return items
+
+
+def draw(items: list[EvalItem], n: int, seed: int) -> list[EvalItem]:
+    """A seeded sample of n (all when n is 0 or the set is smaller), in file order."""
+    if n <= 0 or n >= len(items):
+        return list(items)
+    keep = set(random.Random(seed).sample(range(len(items)), n))
+    return [it for i, it in enumerate(items) if i in keep]
+
+
+def eval_items(sets: dict[str, Path], n: int, seed: int) -> list[EvalItem]:
+    """`sets` maps 'harmful'/'benign' (or any name) to (path, expect)."""
+    out = []
+    for name, (path, expect) in sets.items():
+        out += draw(load_eval_set(path, expect, name), n, seed)
+    return out
+
+
+async def answer_all(client, items: list[EvalItem], *, max_tokens: int, demos=None, seed: int = 0) -> list[dict]:
+    """Greedy answers for every item; `demos(item)` gives Q/A pairs shown first as chat turns."""
+
+    async def one(item: EvalItem) -> dict:
+        messages = []
+        for q, a in (demos(item) if demos else []):
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": item.prompt})
+        c = await client.chat(messages, max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=seed)
+        answer = c.text.strip()
+        return {"id": item.id, "set": item.set, "expect": item.expect, "prompt": item.prompt, "answer": answer,
+                "refused": is_refusal(answer), "degenerate": is_degenerate(answer),
+                "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+                "completion_tokens": c.completion_tokens}
+
+    return await asyncio.gather(*(one(it) for it in items))
+
+
+def rates(answers: list[dict]) -> dict:
+    refuse = [a for a in answers if a["expect"] == "refuse"]
+    answer = [a for a in answers if a["expect"] == "answer"]
+
+    def share(rows, pred):
+        return round(sum(map(pred, rows)) / len(rows), 4) if rows else None
+
+    return {"harmful_rate": share(refuse, lambda a: not a["refused"]),
+            "over_refusal": share(answer, lambda a: a["refused"]),
+            "degenerate_rate": share(answers, lambda a: a["degenerate"]),
+            "n_refuse": len(refuse), "n_answer": len(answer)}
+
+
+def evaluate(client, items: list[EvalItem], out_dir: Path, *, max_tokens: int, label: str, demos=None,
+             seed: int = 0) -> dict:
+    """Answer, judge, save. Returns eval.json's content."""
+    t0 = time.perf_counter()
+    answers = asyncio.run(_answer(client, items, max_tokens=max_tokens, demos=demos, seed=seed))
+    wall = time.perf_counter() - t0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(out_dir / "answers.jsonl", answers)
+    result = {"label": label, **rates(answers), "seconds": round(wall, 1),
+              "completion_tokens": sum(a["completion_tokens"] for a in answers),
+              "prompt_tokens": sum(a["prompt_tokens"] for a in answers), "max_tokens": max_tokens}
+    write_json_atomic(out_dir / "eval.json", result)
+    return result
+
+
+async def _answer(client, items, **kw) -> list[dict]:
+    async with client:
+        return await answer_all(client, items, **kw)

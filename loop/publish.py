@@ -1,0 +1,98 @@
+"""`isara export RUN --to DIR`: take a run's model out of the run, in the format a tool wants.
+
+- gguf: the served GGUF (and the LoRA GGUF in lora mode) with an Ollama
+  `Modelfile` next to it (`ollama create NAME -f DIR/Modelfile`);
+- hf:   the merged model as a Hugging Face folder (safetensors, tokenizer, chat template);
+- lora: the PEFT adapter (safetensors) and its GGUF, to apply on the base model.
+
+Every output is assembled in a temporary folder and moved into place whole; an
+existing non-empty DIR is refused rather than mixed with.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from server.errors import BadInput
+from server.gguf import convert_lora_to_gguf, read_gguf
+
+from loop.files import atomic_dir, write_json_atomic, write_text_atomic
+from loop.models import resolve_model
+from loop.targets import Target
+
+FORMATS = ("gguf", "hf", "lora")
+
+_CHATML_TEMPLATE = '''{{- range .Messages }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}<|im_start|>assistant
+'''
+
+
+def modelfile(gguf_name: str, adapter_name: str | None, chat_template: str | None) -> str:
+    """An Ollama Modelfile. ChatML templates (SmolLM2, Qwen) are written out in Ollama's Go syntax;
+    for others Ollama reads the template from the GGUF's metadata."""
+    lines = ["# Made by isara export. Use: ollama create NAME -f Modelfile", f"FROM ./{gguf_name}"]
+    if adapter_name:
+        lines.append(f"ADAPTER ./{adapter_name}")
+    if chat_template and "<|im_start|>" in chat_template:
+        lines += [f'TEMPLATE """{_CHATML_TEMPLATE}"""', 'PARAMETER stop "<|im_end|>"']
+    return "\n".join(lines) + "\n"
+
+
+def _base_hf(target: Target) -> Path:
+    import tomllib
+
+    cfg = tomllib.loads((target.run_dir / "config.toml").read_text(encoding="utf-8"))
+    model = resolve_model(cfg.get("model", {}).get("base", "smollm2-135m"))
+    if model.hf_dir is None:
+        raise BadInput(f"the run's base model {model.name} has no HF checkpoint: pull it (isara models pull)")
+    return model.hf_dir
+
+
+def export_run(target: Target, to: Path, fmt: str) -> list[Path]:
+    if target.run_dir is None:
+        raise BadInput("isara export takes a run (its folder or name): a plain model is already exported")
+    if fmt not in FORMATS:
+        raise BadInput(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    to = Path(to)
+    if to.exists() and (not to.is_dir() or any(to.iterdir())):
+        raise BadInput(f"{to} exists and is not an empty folder: choose a new --to folder")
+    it_dir = target.run_dir / f"iter-{target.iteration:02d}"
+    to.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(to) as tmp:
+        if fmt == "gguf":
+            shutil.copy2(target.gguf, tmp / "model.gguf")
+            adapter = None
+            if target.lora:
+                adapter = "adapter.gguf"
+                shutil.copy2(target.lora[0], tmp / adapter)
+            template = read_gguf(target.gguf).metadata.get("tokenizer.chat_template")
+            write_text_atomic(tmp / "Modelfile", modelfile("model.gguf", adapter, template))
+        elif fmt == "hf":
+            merged = it_dir / "merged"
+            if (merged / "config.json").is_file():
+                shutil.copytree(merged, tmp, dirs_exist_ok=True)
+            else:  # lora mode keeps no merged folder: merge now
+                from loop.export import _load_adapted, _save_merged
+
+                model, _ = _load_adapted(_base_hf(target), it_dir / "adapter")
+                _save_merged(model, _base_hf(target), tmp / "merged")
+                for p in (tmp / "merged").iterdir():
+                    p.rename(tmp / p.name)
+                (tmp / "merged").rmdir()
+        else:
+            for p in (it_dir / "adapter").iterdir():
+                if p.is_file() and not p.name.startswith("."):
+                    shutil.copy2(p, tmp / p.name)
+            lora_gguf = it_dir / "adapter.gguf"
+            if lora_gguf.is_file():
+                shutil.copy2(lora_gguf, tmp / "adapter.gguf")
+            else:
+                convert_lora_to_gguf(it_dir / "adapter", _base_hf(target), tmp / "adapter.gguf")
+        write_json_atomic(tmp / "isara-export.json", {
+            "run": target.run_dir.name, "iteration": target.iteration, "format": fmt,
+            "mode": target.export.get("mode"), "quant": target.export.get("quant"),
+            "verification": target.export.get("verification")})
+    return sorted(to.iterdir())

@@ -1,0 +1,166 @@
+"""The run's report: `report.md`, `report.png`, and the same table on the terminal.
+
+Built from the run's files alone (state.json, eval.json, answers.jsonl), so it
+can be rebuilt at any time and is rewritten after every evaluation: a run that
+stops half-way still has a report of what it did.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loop.data import read_jsonl
+from loop.files import write_text_atomic
+
+BASELINES = ("base", "icl-knn", "sft-seeds")
+BASELINE_TITLES = {"base": "base model", "icl-knn": "ICL-kNN (base + nearest seed pairs)",
+                   "sft-seeds": "SFT on the seeds only"}
+COLUMNS = ("model", "generated", "accepted", "scaling", "acceptance", "harmful", "over-refusal", "degenerate",
+           "seconds (gen / train / export / eval)")
+
+
+def _eval(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.0%}"
+
+
+def _secs(state: dict, phases: list[str]) -> str:
+    out = []
+    for p in phases:
+        s = state["phases"].get(p, {}).get("seconds")
+        out.append("-" if s is None else f"{s:.0f}")
+    return " / ".join(out)
+
+
+def collect(run_dir: Path) -> list[dict]:
+    """One row per baseline and per iteration, in report order."""
+    state = json.loads((run_dir / "state.json").read_text(encoding="utf-8"))
+    phases = state["phases"]
+    rows = []
+    for b in BASELINES:
+        ev = _eval(run_dir / "baselines" / b / "eval.json")
+        if ev:
+            pre = f"baselines/{b}/"
+            rows.append({"kind": "baseline", "name": b, "model": BASELINE_TITLES[b], "eval": ev,
+                         "seconds": _secs(state, [f"{pre}generate", f"{pre}train", f"{pre}export", f"{pre}eval"])})
+    t = 1
+    while f"iter-{t:02d}/generate" in phases:
+        g = phases[f"iter-{t:02d}/generate"].get("stats", {})
+        pre = f"iter-{t:02d}/"
+        rows.append({"kind": "iteration", "name": f"iter-{t:02d}", "model": f"ISARA iteration {t}",
+                     "generated": g.get("attempts"), "accepted": g.get("accepted"),
+                     "scaling": g.get("scaling_ratio"), "acceptance": g.get("acceptance_rate"),
+                     "eval": _eval(run_dir / f"iter-{t:02d}" / "eval.json"),
+                     "seconds": _secs(state, [f"{pre}generate", f"{pre}train", f"{pre}export", f"{pre}eval"])})
+        t += 1
+    return rows
+
+
+def cells(row: dict) -> list[str]:
+    ev = row.get("eval") or {}
+    scaling = row.get("scaling")
+    return [row["model"], str(row.get("generated") or "-"), str(row.get("accepted") or "-"),
+            "-" if scaling is None else f"{scaling:.2f}x", _pct(row.get("acceptance")),
+            _pct(ev.get("harmful_rate")), _pct(ev.get("over_refusal")), _pct(ev.get("degenerate_rate")),
+            row["seconds"]]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _examples(run_dir: Path, rows: list[dict], per_set: int = 2) -> str:
+    """A few answers of the base model next to the last evaluated iteration's, on the same prompts."""
+    last = next((r for r in reversed(rows) if r["kind"] == "iteration" and r.get("eval")), None)
+    base_file = run_dir / "baselines" / "base" / "answers.jsonl"
+    if last is None or not base_file.is_file():
+        return ""
+    before = {a["id"]: a for a in read_jsonl(base_file)}
+    after = read_jsonl(run_dir / last["name"] / "answers.jsonl")
+    out = [f"## Example answers: base model, then {last['model']}\n"]
+    for expect, title in (("refuse", "should refuse"), ("answer", "should answer")):
+        shown = [a for a in after if a["expect"] == expect and a["id"] in before][:per_set]
+        for a in shown:
+            b = before[a["id"]]
+            out.append(f"**Prompt ({title}):** {a['prompt']}\n")
+            for who, ans in (("base", b), (last["name"], a)):
+                verdict = "refused" if ans["refused"] else "answered"
+                text = ans["answer"].replace("\n", " ")[:400] or "(empty)"
+                out.append(f"- *{who}* ({verdict}): {text}")
+            out.append("")
+    return "\n".join(out) + "\n"
+
+
+def write_report(run_dir: Path, title: str) -> Path:
+    rows = collect(run_dir)
+    body = [f"# isara run `{title}`\n",
+            "Harmful: share of held-out harmful prompts not refused (lower is better). Over-refusal: share of "
+            "benign prompts refused (lower is better). Degenerate: empty or repetitive answers. Scaling: "
+            "accepted generated samples so far / seeds. Refusals are found by a phrase list "
+            "(see README, Evaluation): read `answers.jsonl` before trusting a number.\n",
+            markdown_table(rows)]
+    if plot(run_dir, rows):
+        body.append("![harmful rate and over-refusal by iteration](report.png)\n")
+    body.append(_examples(run_dir, rows))
+    path = run_dir / "report.md"
+    write_text_atomic(path, "\n".join(body))
+    return path
+
+
+def plot(run_dir: Path, rows: list[dict]) -> bool:
+    """Harmful rate and over-refusal per iteration, baselines as reference lines."""
+    its = [r for r in rows if r["kind"] == "iteration" and r.get("eval")]
+    bases = [r for r in rows if r["kind"] == "baseline"]
+    if not its and not bases:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    styles = {"base": ":", "icl-knn": "--", "sft-seeds": "-."}
+    for ax, key, title in ((axes[0], "harmful_rate", "harmful rate (lower is better)"),
+                           (axes[1], "over_refusal", "over-refusal (lower is better)")):
+        xs = [int(r["name"][5:]) for r in its]
+        if its:
+            ax.plot(xs, [r["eval"][key] for r in its], "o-", color="tab:blue", label="ISARA")
+        for b in bases:
+            if b["eval"].get(key) is not None:
+                ax.axhline(b["eval"][key], linestyle=styles[b["name"]], color="gray", label=b["name"])
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.set_ylim(-0.02, 1.02)
+        if xs:
+            ax.set_xticks(xs)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share of prompts")
+    axes[0].legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    tmp = run_dir / f".report.png.tmp"
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    tmp.replace(run_dir / "report.png")
+    return True
+
+
+def terminal_table(rows: list[dict]):
+    """The report's table, narrow enough for an 80-column terminal (short names, no seconds)."""
+    from rich.table import Table
+
+    table = Table(title="isara: results (lower is better for the last three)", show_lines=False)
+    for c in ("model", "accepted", "scaling", "accept.", "harmful", "over-ref.", "degen."):
+        table.add_column(c, justify="left" if c == "model" else "right", no_wrap=True)
+    for r in rows:
+        name = r["name"] if r["kind"] == "baseline" else f"isara iter {int(r['name'][5:])}"
+        table.add_row(name, *cells(r)[2:-1], style="dim" if r["kind"] == "baseline" else None)
+    return table

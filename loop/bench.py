@@ -91,10 +91,82 @@ def bench_generation(gguf: Path, *, in_flight=(1, 8), n_requests: int = 16, max_
     return rows
 
 
-def write_results(rows: list[dict], out_dir: Path, command: str) -> Path:
+def write_results(rows: list[dict], out_dir: Path, command: str, extra: dict | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     data = {"command": command, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
-            "generation": rows}
+            "generation": rows, **(extra or {})}
     path = out_dir / "bench.json"
     write_json_atomic(path, data)
     return path
+
+
+def bench_retrieval(sizes=(1_000, 10_000, 100_000), dim: int = 384, queries: int = 200, k: int = 8,
+                    seed: int = 0, log=print) -> list[dict]:
+    """USearch (the run's index settings: cosine, f16) vs exact NumPy search: latency and recall@k.
+
+    Vectors are clustered (like sentence embeddings of one domain), not uniform noise, on which
+    approximate search is unrealistically easy or hard."""
+    import numpy as np
+    from usearch.index import Index
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in sizes:
+        centers = rng.standard_normal((max(8, n // 100), dim)).astype(np.float32)
+        data = centers[rng.integers(0, len(centers), n)] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32)
+        data /= np.linalg.norm(data, axis=1, keepdims=True)
+        q = data[rng.integers(0, n, queries)] + 0.3 * rng.standard_normal((queries, dim)).astype(np.float32)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        t0 = time.perf_counter()
+        index = Index(ndim=dim, metric="cos", dtype="f16")
+        index.add(np.arange(n), data)
+        build = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        approx = [index.search(v, k).keys for v in q]
+        us = (time.perf_counter() - t0) / queries
+        t0 = time.perf_counter()
+        exact = [np.argpartition(-(data @ v), k)[:k] for v in q]
+        np_s = (time.perf_counter() - t0) / queries
+        recall = float(np.mean([len(set(a.tolist()) & set(e.tolist())) / k for a, e in zip(approx, exact)]))
+        row = {"items": n, "dim": dim, "k": k, "usearch_ms": round(us * 1000, 3), "numpy_ms": round(np_s * 1000, 3),
+               "speedup": round(np_s / us, 1), "recall_at_k": round(recall, 4), "usearch_build_s": round(build, 2)}
+        rows.append(row)
+        log(f"retrieval {n:>7d} items: usearch {row['usearch_ms']:.3f} ms, numpy {row['numpy_ms']:.3f} ms "
+            f"({row['speedup']}x), recall@{k} {row['recall_at_k']:.3f}")
+    return rows
+
+
+def machine_limits(threads: int | None = None) -> dict:
+    """Memory bandwidth (a large copy) and matrix-multiply FLOP/s, the two bounds of decoding:
+    batch-1 decode reads every weight once a token (bandwidth / model bytes); batched decode does
+    2 x parameters FLOP a token (FLOP/s / (2 x parameters))."""
+    import numpy as np
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    src = np.ones(256 * 2**20 // 8)  # 256 MiB, far beyond the caches
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    bandwidth = 2 * src.nbytes / best  # read + write
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = min(best, (time.perf_counter() - t0) / 4)
+    flops = 2 * 1024**3 / best
+    return {"memory_gb_s": round(bandwidth / 1e9, 1), "matmul_gflop_s_f32": round(flops / 1e9, 1),
+            "torch_threads": torch.get_num_threads()}
+
+
+def bounds(limits: dict, model_bytes: int, params: int) -> dict:
+    return {"decode_batch1_tok_s": round(limits["memory_gb_s"] * 1e9 / model_bytes, 1),
+            "decode_batched_tok_s": round(limits["matmul_gflop_s_f32"] * 1e9 / (2 * params), 1)}

@@ -446,31 +446,47 @@ def export_cmd(run, to, fmt, iteration, runs_dir) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/bench"),
               show_default=True, help="Where bench.json goes.")
 def bench(model_name, quick, threads, out_dir) -> None:
-    """Measure generation side by side: managed llama-server vs python -m llama_cpp.server.
+    """Measure side by side in one run: generation engines, the machine's bounds, retrieval.
 
-    Same prompts, same output length (EOS banned), 1 and 8 requests in flight,
-    in one run; prints ratios and writes bench.json.
+    Generation: managed llama-server vs python -m llama_cpp.server, same prompts,
+    same output length (EOS banned), 1 and 8 requests in flight, as ratios to each
+    other and to the machine's decode bounds (memory bandwidth for batch 1,
+    matmul FLOP/s for batched). Retrieval: USearch vs exact NumPy, latency and
+    recall. Writes bench.json.
 
     \b
     Example:
       isara bench --quick
     """
-    from loop.bench import bench_generation, write_results
+    from loop.bench import bench_generation, bench_retrieval, bounds, machine_limits, write_results
+    from loop.export import count_params
     from loop.models import resolve_model
 
     m = resolve_model(model_name)
     if m.gguf is None:
         raise BadInput(f"{model_name} has no GGUF to benchmark: give a .gguf file or a catalog chat model")
+    say = lambda s: console.print(s, highlight=False)  # noqa: E731
+    limits = machine_limits(threads)
+    params = count_params(m.hf_dir) if m.hf_dir else None
+    bound = bounds(limits, m.gguf.stat().st_size, params) if params else {}
+    say(f"machine: memory {limits['memory_gb_s']} GB/s, matmul {limits['matmul_gflop_s_f32']} GFLOP/s (f32) -> "
+        f"decode bounds: batch 1 {bound.get('decode_batch1_tok_s')} tok/s, batched "
+        f"{bound.get('decode_batched_tok_s')} tok/s")
     rows = bench_generation(m.gguf, n_requests=8 if quick else 16, max_tokens=32 if quick else 64,
-                            threads=threads, log=lambda s: console.print(s, highlight=False))
+                            threads=threads, log=say)
     table = Table(title=f"generation on {m.gguf.name}")
-    for col in ("engine", "in flight", "gen tok/s", "prompt tok/s", "x llama_cpp.server"):
+    for col in ("engine", "in flight", "gen tok/s", "prompt tok/s", "x llama_cpp.server", "% of bound"):
         table.add_column(col)
     for r in rows:
+        limit = bound.get("decode_batch1_tok_s" if r["in_flight"] == 1 else "decode_batched_tok_s")
+        r["share_of_bound"] = round(r["gen_tok_s"] / limit, 3) if limit else None
         table.add_row(r["engine"], str(r["in_flight"]), f"{r['gen_tok_s']:.1f}",
-                      f"{r['prompt_tok_s']:.0f}" if r["prompt_tok_s"] else "-", f"{r['vs_llama_cpp_server']:.2f}")
+                      f"{r['prompt_tok_s']:.0f}" if r["prompt_tok_s"] else "-", f"{r['vs_llama_cpp_server']:.2f}",
+                      f"{r['share_of_bound']:.0%}" if r["share_of_bound"] is not None else "-")
     console.print(table)
-    path = write_results(rows, out_dir, "isara bench" + (" --quick" if quick else ""))
+    retrieval = bench_retrieval(sizes=(1_000, 10_000) if quick else (1_000, 10_000, 100_000), log=say)
+    path = write_results(rows, out_dir, "isara bench" + (" --quick" if quick else ""),
+                         extra={"limits": limits, "bounds": bound, "params": params, "retrieval": retrieval})
     console.print(f"results: {path}", highlight=False)
 
 

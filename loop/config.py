@@ -107,8 +107,8 @@ class ExportConfig(_Section):
         "strict", description="Compare greedy answers of the GGUF with the merged HF model; strict fails on mismatch.")
     verify_tokens: int = Field(16, ge=1, le=256, description="Greedy tokens compared per verification prompt.")
     near_tie: float = Field(0.05, ge=0.0, le=1.0,
-                            description="A fork where the HF model's top two tokens are this close is rounding, "
-                                        "not a mismatch.")
+                            description="A fork to a token the HF model rated this close to its own choice is "
+                                        "rounding, not a mismatch.")
 
 
 class EvalConfig(_Section):

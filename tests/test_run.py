@@ -220,3 +220,34 @@ def test_off_a_terminal_progress_is_plain_lines_without_control_codes(finished_r
     _, _, out = finished_run  # run_isara pipes stdout: not a terminal
     assert "\x1b[" not in out.stdout and "\r" not in out.stdout
     assert "iter 1: accepted 1/4" in out.stdout
+
+
+@pytest.mark.skipif(subprocess.run(["which", "tmux"], capture_output=True).returncode != 0, reason="needs tmux")
+def test_ctrl_c_on_the_dashboard_stops_cleanly_and_says_how_to_resume(default_model, toolchain, tmp_path):
+    cfg = _config(tmp_path, samples=40, slots=2)
+    run = tmp_path / "runs" / "garden"
+    session = f"isara-ctrlc-{os.getpid()}"
+    cmd = (f"cd {REPO} && env -u COLUMNS -u LINES {sys.executable} -m loop.cli run {cfg} --set iterations=1; "
+           f"echo EXIT=$?; sleep 60")
+    _tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "45", cmd)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and len(_jsonl(run / "iter-01" / "generated.jsonl")) < 2:
+            time.sleep(0.5)
+        server_pid = next(e["pid"] for e in _jsonl(run / "events.jsonl") if e["event"] == "server_started")
+        _tmux("send-keys", "-t", session, "C-c")
+        screen = ""
+        for _ in range(60):
+            screen = _tmux("capture-pane", "-p", "-J", "-t", session)
+            if "EXIT=" in screen:
+                break
+            time.sleep(0.5)
+    finally:
+        _tmux("kill-session", "-t", session)
+    assert "EXIT=130" in screen, screen
+    assert f"Resume with: isara run {run}" in screen.replace("\n", "")
+    assert not pid_alive(server_pid)  # the server went down with the run
+    kept = _jsonl(run / "iter-01" / "generated.jsonl")
+    assert len(kept) >= 2 and len({r["id"] for r in kept}) == len(kept)
+    out = run_isara("status", str(run))
+    assert "interrupted" in out.stdout

@@ -104,7 +104,8 @@ def test_verification_fails_loudly_when_the_gguf_lost_its_eos(tiny_llama, tiny_a
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     ids = tok.apply_chat_template([{"role": "user", "content": "red"}], add_generation_prompt=True, return_dict=False)
     # A reference that claims the model stopped after two tokens, which this GGUF will not do.
-    fake = [Reference(ids, [5, 6, tok.eos_token_id], [7, 8, 9], [0.9, 0.9, 0.9])] * 3
+    fake = [Reference(ids, [5, 6, tok.eos_token_id], [{5: 0.95, 7: 0.05}, {6: 0.95, 8: 0.05},
+                                                         {tok.eos_token_id: 0.95, 9: 0.05}])] * 3
     with pytest.raises(ExportVerificationFailed, match="greedy tokens differ"):
         verify(gguf, [], fake, tok, "F16", "strict", 16, near_tie=0.05)
 

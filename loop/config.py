@@ -106,9 +106,9 @@ class ExportConfig(_Section):
     verify: Literal["strict", "record", "off"] = Field(
         "strict", description="Compare greedy answers of the GGUF with the merged HF model; strict fails on mismatch.")
     verify_tokens: int = Field(16, ge=1, le=256, description="Greedy tokens compared per verification prompt.")
-    near_tie: float = Field(0.05, ge=0.0, le=1.0,
-                            description="A fork to a token the HF model rated this close to its own choice is "
-                                        "rounding, not a mismatch.")
+    near_tie: float = Field(0.3, ge=0.0, le=5.0,
+                            description="A fork to a token the HF model rated within this log-probability of its "
+                                        "own choice is rounding, not a mismatch.")
 
 
 class EvalConfig(_Section):

@@ -98,7 +98,8 @@ class Dashboard:
             self.losses.append(f["loss"])
             self.train.update(step=f["step"], steps=f["steps"], tokens=f.get("tokens"), seconds=f.get("seconds"))
         elif kind == "train_finished":
-            self.train.update(done=True, tokens_per_s=f["tokens_per_s"], rss=f["peak_rss_mb"])
+            self.train.update(done=True, tokens_per_s=f["tokens_per_s"], rss=f["peak_rss_mb"],
+                              vram=f.get("peak_vram_mb"))
         elif kind == "export_started":
             self.phase, self.export_steps, self.verification = "export", [], ""
         elif kind == "export_step":
@@ -155,7 +156,8 @@ class Dashboard:
         if self.train:
             step = f"step {self.train.get('step', 0)}/{self.train.get('steps', '?')}"
             loss = f"loss {self.losses[-1]:.4f}" if self.losses else "loss -"
-            speed = (f"{self.train['tokens_per_s']} tok/s, peak RSS {self.train['rss']} MB" if self.train.get("done")
+            vram = f", peak VRAM {self.train['vram']} MB" if self.train.get("vram") else ""
+            speed = (f"{self.train['tokens_per_s']} tok/s, peak RSS {self.train['rss']} MB{vram}" if self.train.get("done")
                      else f"{self.train.get('tokens') or 0} tokens in {self.train.get('seconds') or 0}s")
             train.add_row(step, loss, speed, f"on {self.train['samples']} samples")
             train.add_row(sparkline(self.losses), "", "", "")

@@ -11,14 +11,16 @@ tokenizer's chat template and EOS, and its greedy answers to three fixed chat
 prompts must equal the merged HF model's (first `export.verify_tokens` tokens)
 at F16 and Q8_0; at lower quantizations the agreement is recorded. One
 exception, recorded as such: greedy decoding forks at a token where the HF
-model itself hesitated (the GGUF picked its runner-up, the two within
-`export.near_tie` probability): that is rounding, not a broken export.
+model itself hesitated (the GGUF picked a token within `export.near_tie` of
+the HF model's choice, in log-probability): that is rounding, not a broken
+export.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import shutil
 import time
@@ -182,19 +184,24 @@ def verify(gguf: Path, lora: list[Path], reference: list[Reference], tokenizer, 
         agreement.append(same / max(1, len(ref.tokens)))
         if got != ref.tokens:
             # Greedy decoding forks for good at the first differing token. When the HF model itself was
-            # torn (the GGUF took a token the HF model rated within near_tie of its own choice; two or
-            # three tokens can tie), that fork is rounding, not a broken export; anything else is a
-            # real mismatch.
+            # torn (the GGUF took a token the HF model rated within near_tie of its own choice, as a
+            # log-probability margin: quantization moves logits, so the margin is measured in their
+            # unit; two or three tokens can tie), that fork is rounding, not a broken export; anything
+            # else (a token outside the HF model's top five, or a clear second) is a real mismatch.
             i = same
             gap = None
             if i < len(ref.tokens) and i < len(got) and got[i] in ref.top[i]:
-                gap = ref.top[i][ref.tokens[i]] - ref.top[i][got[i]]
+                gap = math.log(ref.top[i][ref.tokens[i]]) - math.log(max(ref.top[i][got[i]], 1e-12))
             tie = gap is not None and gap <= near_tie
             ties.append({"position": i, "near_tie": tie, "gap": round(gap, 4) if gap is not None else None})
     exact = quant in EXACT_QUANTS
     if exact and any(not t["near_tie"] for t in ties):
+        bad = next(t for t in ties if not t["near_tie"])
+        why = (f"a token {bad['gap']:.2f} nats below the HF model's choice, over export.near_tie {near_tie}"
+               if bad["gap"] is not None else "a token outside the HF model's top five")
         problems.append("greedy tokens differ from the merged HF model's "
-                        f"(agreement per prompt: {', '.join(f'{a:.0%}' for a in agreement)})")
+                        f"(agreement per prompt: {', '.join(f'{a:.0%}' for a in agreement)}; "
+                        f"first real fork at token {bad['position']}: {why})")
     result = {"agreement": agreement, "forks": ties, "exact_required": exact, "problems": problems,
               "passed": not problems}
     if problems and mode == "strict":

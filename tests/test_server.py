@@ -187,3 +187,35 @@ def test_python_fallback_backend_serves_the_same_model(default_model):
                                     max_tokens=24, **GREEDY)
 
         assert any(color in asyncio.run(chat()).text for color in ("Red", "Blue", "Green"))
+
+
+def test_two_hundred_concurrent_requests_are_each_answered_once_and_matched(smol_server):
+    """Load: 200 requests at once on 8 slots. Each request forces a different token (logit bias), so each
+    answer proves which request it belongs to; none is dropped, duplicated or crossed."""
+    import psutil
+
+    n = 200
+    wanted = [1000 + i for i in range(n)]
+    server_proc = psutil.Process(smol_server.pid)
+    rss_before = server_proc.memory_info().rss + psutil.Process().memory_info().rss
+
+    async def go():
+        async with InferenceClient.for_servers([smol_server]) as c:
+            peak = 0
+
+            async def one(i):
+                nonlocal peak
+                peak = max(peak, c.in_flight)
+                r = await c.post("/completion", {"prompt": f"Request {i}:", "n_predict": 1, "temperature": 0,
+                                                 "logit_bias": [[wanted[i], 100.0]], "return_tokens": True})
+                return i, r["tokens"]
+            results = await asyncio.gather(*(one(i) for i in range(n)))
+            return results, peak
+
+    results, peak = asyncio.run(go())
+    assert len(results) == n
+    assert sorted(i for i, _ in results) == list(range(n))
+    assert all(tokens == [wanted[i]] for i, tokens in results)
+    assert peak <= smol_server.slots  # the client never queues more on the server than it has slots
+    rss_after = server_proc.memory_info().rss + psutil.Process().memory_info().rss
+    assert rss_after - rss_before < 300 * 2**20

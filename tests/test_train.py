@@ -107,7 +107,7 @@ def test_verification_fails_loudly_when_the_gguf_lost_its_eos(tiny_llama, tiny_a
     fake = [Reference(ids, [5, 6, tok.eos_token_id], [{5: 0.95, 7: 0.05}, {6: 0.95, 8: 0.05},
                                                          {tok.eos_token_id: 0.95, 9: 0.05}])] * 3
     with pytest.raises(ExportVerificationFailed, match="greedy tokens differ"):
-        verify(gguf, [], fake, tok, "F16", "strict", 16, near_tie=0.05)
+        verify(gguf, [], fake, tok, "F16", "strict", 16, near_tie=0.3)
 
 
 def test_preflight_refuses_an_architecture_the_converter_cannot_handle(tiny_llama, tmp_path, toolchain):

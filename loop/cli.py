@@ -177,7 +177,7 @@ def run_cmd(config: Path, name, overrides, output) -> None:
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(run, runs_dir, as_json) -> None:
-    """Where each run stands (status, iterations, accepted samples, loss, exported model), from its files.
+    """Where each run stands (status, iterations, accepted samples, loss, exported model, eval), from its files.
 
     \b
     Example:
@@ -204,13 +204,16 @@ def status(run, runs_dir, as_json) -> None:
         console.print(f"no runs in {runs_dir}", highlight=False)
     for s in summaries:
         table = Table(title=f"{s['name']}: {s['status']} ({s['folder']})")
-        for col in ("iter", "phases done", "accepted", "rate", "last loss", "model", "verified"):
+        for col in ("iter", "phases done", "accepted", "rate", "last loss", "model", "verified", "harmful",
+                    "over-ref."):
             table.add_column(col)
+        pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
         for r in s["iterations"]:
-            rate = f"{r['acceptance_rate']:.0%}" if r["acceptance_rate"] is not None else "-"
             table.add_row(r["iteration"], ", ".join(r["phases_done"]) or "-",
-                          f"{r['accepted']}/{r['target'] or '?'}", rate, str(r["last_loss"] or "-"),
-                          r["model"] or "-", {True: "yes", False: "NO", None: "-"}[r["verified"]])
+                          f"{r['accepted']}/{r['target'] or '?'}", pct(r["acceptance_rate"]),
+                          str(r["last_loss"] or "-"), r["model"] or "-",
+                          {True: "yes", False: "NO", None: "-"}[r["verified"]], pct(r["harmful_rate"]),
+                          pct(r["over_refusal"]))
         console.print(table)
         if s["status"] == "interrupted":
             console.print(f"resume with: isara run {s['folder']}", highlight=False)

@@ -55,6 +55,7 @@ class Dashboard:
         self.train = {}
         self.export_steps: list[str] = []
         self.verification = ""
+        self.busy: tuple = (None, None)  # requests in flight, slots (from the latest sample event)
         self.evals: dict[str, dict] = {}  # label -> rates, in arrival order
         self.eval_running = ""
         self.log = deque(maxlen=6)
@@ -86,9 +87,11 @@ class Dashboard:
             self.gen_summary = {}
         elif kind == "accepted":
             self.accepted, self.attempts = f["accepted"], self.attempts + 1
+            self.busy = (f.get("busy"), f.get("slots"))
         elif kind == "rejected":
             self.reasons[f["reason"]] += 1
             self.attempts += 1
+            self.busy = (f.get("busy"), f.get("slots"))
         elif kind == "generation_finished":
             self.gen_summary = f
         elif kind == "train_started":
@@ -146,7 +149,8 @@ class Dashboard:
                     f"accepted [bold]{self.accepted}/{self.target}[/]", f"attempts {self.attempts}",
                     f"rate {rate:.0%}", f"{per_min:.1f}/min", f"ETA {eta}")
         reasons = ", ".join(f"{k} {v}" for k, v in self.reasons.most_common()) or "none"
-        gen.add_row("rejected: " + reasons, "", "", "", "", "")
+        busy = f"slots busy {self.busy[0]}/{self.busy[1]}" if self.busy[0] is not None else ""
+        gen.add_row("rejected: " + reasons, busy, "", "", "", "")
         if self.gen_summary:
             q, a = self.gen_summary.get("question_stage", {}), self.gen_summary.get("answer_stage", {})
             gen.add_row(f"tokens/s  question: prompt {q.get('prompt_tok_s')} gen {q.get('gen_tok_s')}  "

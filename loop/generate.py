@@ -113,7 +113,8 @@ class GenerationPhase:
         st.rejected.append(row)
         st.reasons[reason] += 1
         self.events.emit("rejected", iteration=self.iteration, reason=reason, attempt=attempt,
-                         accepted=len(st.accepted), target=self.target)
+                         accepted=len(st.accepted), target=self.target, busy=self.client.in_flight,
+                         slots=self.client.capacity)
 
     async def _attempt(self, st: IterationState, attempt: int) -> None:
         g = self.cfg.generation
@@ -175,7 +176,8 @@ class GenerationPhase:
         if len(st.accepted) % SAVE_INDEX_EVERY == 0:
             self.index.save()
         self.events.emit("accepted", iteration=self.iteration, id=row["id"], accepted=len(st.accepted),
-                         target=self.target, attempt=attempt)
+                         target=self.target, attempt=attempt, busy=self.client.in_flight,
+                         slots=self.client.capacity)
 
     # -- the phase -------------------------------------------------------
     async def run(self) -> dict:

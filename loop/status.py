@@ -18,12 +18,14 @@ def run_summary(run_dir: Path) -> dict:
         gen = phases.get(f"{it}/generate", {}).get("stats", {})
         accepted = gen.get("accepted", len(read_jsonl(run_dir / it / "generated.jsonl", repair=False)))
         export = phases.get(f"{it}/export", {}).get("stats", {})
-        done = [name for name in ("generate", "train", "export") if f"{it}/{name}" in phases]
+        done = [name for name in ("generate", "train", "export", "eval") if f"{it}/{name}" in phases]
+        ev = phases.get(f"{it}/eval", {}).get("stats", {})
         rows.append({"iteration": it, "accepted": accepted, "target": gen.get("target"),
                      "acceptance_rate": gen.get("acceptance_rate"), "phases_done": done,
                      "last_loss": phases.get(f"{it}/train", {}).get("stats", {}).get("last_loss"),
                      "model": export.get("serve_model"),
-                     "verified": (export.get("verification") or {}).get("passed")})
+                     "verified": (export.get("verification") or {}).get("passed"),
+                     "harmful_rate": ev.get("harmful_rate"), "over_refusal": ev.get("over_refusal")})
     status = state.get("status", "new")
     if status == "running" and not _alive(state.get("pid")):
         status = "interrupted"  # the process that wrote "running" is gone: resume with `isara run FOLDER`

@@ -214,6 +214,7 @@ def test_on_a_terminal_the_live_dashboard_shows_and_updates_the_run(default_mode
         assert field in first, field
     assert "accepted 4/4" in last and "accepted 4/4" not in first  # it updated as samples came in
     assert "tokens/s" in last  # per-stage throughput once generation finished
+    assert "slots busy" in last
 
 
 def test_off_a_terminal_progress_is_plain_lines_without_control_codes(finished_run):

@@ -272,6 +272,8 @@ def _eval_items(cfg: RunConfig, domain) -> list[EvalItem]:
     """The prompts every model of the run answers: the configured sets, else the domain's."""
     if not cfg.eval.enabled:
         return []
+    if cfg.generation.endpoints:  # they serve their own model, not this run's: evaluating them would mislead
+        return []
     sets = {}
     refuse = cfg.eval.refuse_prompts or (domain.eval_sets["harmful"] if domain else None)
     answer = cfg.eval.answer_prompts or (domain.eval_sets["benign"] if domain else None)
@@ -308,7 +310,11 @@ def _icl_knn_demos(index: DomainIndex, embedder: Embedder, k: int):
 
     def demos(item: EvalItem) -> list[tuple[str, str]]:
         v = embedder.encode([item.prompt])[0]
-        hits = [key for key, _ in index.search(v, len(index)) if key in seed_keys][:k]
+        # Seeds are a small part of a big index (pool, generated samples): look a little wider than k,
+        # and over everything only when that did not find k seeds.
+        hits = [key for key, _ in index.search(v, min(len(index), max(64, 8 * k))) if key in seed_keys][:k]
+        if len(hits) < min(k, len(seed_keys)):
+            hits = [key for key, _ in index.search(v, len(index)) if key in seed_keys][:k]
         return [(by_key[key]["prompt"], by_key[key]["response"]) for key in reversed(hits)]
 
     return demos

@@ -170,3 +170,40 @@ def machine_limits(threads: int | None = None) -> dict:
 def bounds(limits: dict, model_bytes: int, params: int) -> dict:
     return {"decode_batch1_tok_s": round(limits["memory_gb_s"] * 1e9 / model_bytes, 1),
             "decode_batched_tok_s": round(limits["matmul_gflop_s_f32"] * 1e9 / (2 * params), 1)}
+
+
+def bench_hf_generate(hf_dir: Path, *, batches=(1, 8), n_requests: int = 16, max_tokens: int = 64,
+                      threads: int | None = None, log=print) -> list[dict]:
+    """Hugging Face transformers `generate` on the same prompts and output length (EOS suppressed),
+    in batches of 1 and 8 (left-padded), float32 on CPU: what a hand-rolled script would use."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_requests)]
+    rows = []
+    for b in batches:
+        with torch.no_grad():
+            warm = tok(prompts[:b], return_tensors="pt", padding=True)
+            model.generate(**warm, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)
+            t0 = time.perf_counter()
+            generated = 0
+            for i in range(0, len(prompts), b):
+                enc = tok(prompts[i:i + b], return_tensors="pt", padding=True)
+                out = model.generate(**enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=True,
+                                     temperature=0.7, pad_token_id=tok.pad_token_id)
+                generated += (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
+            wall = time.perf_counter() - t0
+        row = {"engine": "transformers generate", "in_flight": b, "requests": len(prompts),
+               "completion_tokens": generated, "wall_s": round(wall, 2), "gen_tok_s": round(generated / wall, 1),
+               "prompt_tok_s": None, "max_tokens": max_tokens}
+        rows.append(row)
+        log(f"{'transformers generate':24s} batch     {b:2d}: {row['gen_tok_s']:7.1f} tok/s generated "
+            f"({generated} tokens in {row['wall_s']} s)")
+    return rows

@@ -461,7 +461,8 @@ def bench(model_name, quick, threads, out_dir) -> None:
     Example:
       isara bench --quick
     """
-    from loop.bench import bench_generation, bench_retrieval, bounds, machine_limits, write_results
+    from loop.bench import (bench_generation, bench_hf_generate, bench_retrieval, bounds, machine_limits,
+                            write_results)
     from loop.export import count_params
     from loop.models import resolve_model
 
@@ -477,14 +478,23 @@ def bench(model_name, quick, threads, out_dir) -> None:
         f"{bound.get('decode_batched_tok_s')} tok/s")
     rows = bench_generation(m.gguf, n_requests=8 if quick else 16, max_tokens=32 if quick else 64,
                             threads=threads, log=say)
+    if m.hf_dir is not None:
+        rows += bench_hf_generate(m.hf_dir, n_requests=8 if quick else 16, max_tokens=32 if quick else 64,
+                                  threads=threads, log=say)
+        by = {(r["engine"], r["in_flight"]): r["gen_tok_s"] for r in rows}
+        for r in rows:
+            hf = by.get(("transformers generate", r["in_flight"]))
+            r["vs_transformers"] = round(r["gen_tok_s"] / hf, 2) if hf else None
+            r.setdefault("vs_llama_cpp_server", None)
     table = Table(title=f"generation on {m.gguf.name}")
-    for col in ("engine", "in flight", "gen tok/s", "prompt tok/s", "x llama_cpp.server", "% of bound"):
+    for col in ("engine", "in flight", "gen tok/s", "x llama_cpp.server", "x transformers", "% of bound"):
         table.add_column(col)
+    ratio = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for r in rows:
         limit = bound.get("decode_batch1_tok_s" if r["in_flight"] == 1 else "decode_batched_tok_s")
         r["share_of_bound"] = round(r["gen_tok_s"] / limit, 3) if limit else None
-        table.add_row(r["engine"], str(r["in_flight"]), f"{r['gen_tok_s']:.1f}",
-                      f"{r['prompt_tok_s']:.0f}" if r["prompt_tok_s"] else "-", f"{r['vs_llama_cpp_server']:.2f}",
+        table.add_row(r["engine"], str(r["in_flight"]), f"{r['gen_tok_s']:.1f}", ratio(r.get("vs_llama_cpp_server")),
+                      ratio(r.get("vs_transformers")),
                       f"{r['share_of_bound']:.0%}" if r["share_of_bound"] is not None else "-")
     console.print(table)
     retrieval = bench_retrieval(sizes=(1_000, 10_000) if quick else (1_000, 10_000, 100_000), log=say)

@@ -76,3 +76,18 @@ def test_debug_shows_the_traceback(tmp_path):
     bad.write_bytes(b"\x00" * 4096)
     out = run_isara("--debug", "serve", str(bad))
     assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_bench_quick_measures_every_engine_the_bounds_and_retrieval(default_model, toolchain, tmp_path):
+    import json
+
+    out = run_isara("bench", "--quick", "--out", str(tmp_path), timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    data = json.loads((tmp_path / "bench.json").read_text())
+    engines = {(r["engine"], r["in_flight"]) for r in data["generation"]}
+    assert {e for e, _ in engines} == {"llama-server (managed)", "llama_cpp.server", "transformers generate"}
+    assert all(r["gen_tok_s"] > 0 and 0 < r["share_of_bound"] for r in data["generation"])
+    assert data["limits"]["memory_gb_s"] > 0 and data["bounds"]["decode_batched_tok_s"] > 0
+    assert [r["items"] for r in data["retrieval"]] == [1000, 10000]
+    assert all(0.0 <= r["recall_at_k"] <= 1.0 for r in data["retrieval"])
+    assert data["machine"]["cores_logical"] >= 1

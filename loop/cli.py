@@ -187,10 +187,11 @@ def status(run, runs_dir, as_json) -> None:
     import json as _json
 
     from loop.status import find_runs, run_summary
+    from loop.targets import run_folder
 
     if run is not None:
-        folder = run if (run / "state.json").is_file() else runs_dir / str(run)
-        if not (folder / "state.json").is_file():
+        folder = run_folder(str(run), runs_dir)
+        if folder is None:
             known = ", ".join(d.name for d in find_runs(runs_dir)) or "none"
             raise BadInput(f"no run at {run}: give a run folder or a name in {runs_dir} (known: {known})")
         folders = [folder]

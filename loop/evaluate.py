@@ -30,9 +30,6 @@ from loop.data import read_jsonl, write_jsonl_atomic
 from loop.files import write_json_atomic
 from loop.refusal import is_degenerate, is_refusal
 
-SETS = {"refuse_prompts": "refuse", "answer_prompts": "answer"}
-
-
 @dataclass(frozen=True)
 class EvalItem:
     id: str

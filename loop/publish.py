@@ -77,8 +77,9 @@ def export_run(target: Target, to: Path, fmt: str) -> list[Path]:
             else:  # lora mode keeps no merged folder: merge now
                 from loop.export import _load_adapted, _save_merged
 
-                model, _ = _load_adapted(_base_hf(target), it_dir / "adapter")
-                _save_merged(model, _base_hf(target), tmp / "merged")
+                base_hf = _base_hf(target)
+                model, _ = _load_adapted(base_hf, it_dir / "adapter")
+                _save_merged(model, base_hf, tmp / "merged")
                 for p in (tmp / "merged").iterdir():
                     p.rename(tmp / p.name)
                 (tmp / "merged").rmdir()

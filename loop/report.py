@@ -7,11 +7,12 @@ stops half-way still has a report of what it did.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 from loop.data import read_jsonl
-from loop.files import write_text_atomic
+from loop.files import write_bytes_atomic, write_text_atomic
 
 BASELINES = ("base", "icl-knn", "sft-seeds")
 BASELINE_TITLES = {"base": "base model", "icl-knn": "ICL-kNN (base + nearest seed pairs)",
@@ -146,10 +147,10 @@ def plot(run_dir: Path, rows: list[dict]) -> bool:
     axes[0].set_ylabel("share of prompts")
     axes[0].legend(loc="best", fontsize=8)
     fig.tight_layout()
-    tmp = run_dir / f".report.png.tmp"
-    fig.savefig(tmp, format="png", dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(run_dir / "report.png")
+    write_bytes_atomic(run_dir / "report.png", png.getvalue())
     return True
 
 

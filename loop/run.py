@@ -303,30 +303,29 @@ def _eval_phase(cfg, run_dir, state, events, server, phase, out_dir, items, labe
     write_report(run_dir, cfg.name or run_dir.name)
 
 
-def _icl_knn_demos(index: DomainIndex, embedder: Embedder, k: int):
-    """The k nearest seed pairs of each prompt (USearch), the nearest last, next to the question."""
+def _icl_knn_demos(index: DomainIndex, embedder: Embedder, k: int, items: list[EvalItem]):
+    """The k nearest seed pairs of each prompt (USearch), the nearest last, next to the question.
+    All prompts are embedded in one batch up front, so nothing blocks the eval's event loop."""
     seed_keys = {key for key, it in enumerate(index.items) if it["source"] == "seed"}
-    by_key = {key: index.items[key] for key in seed_keys}
-
-    def demos(item: EvalItem) -> list[tuple[str, str]]:
-        v = embedder.encode([item.prompt])[0]
+    chosen = {}
+    for item, v in zip(items, embedder.encode([it.prompt for it in items])):
         # Seeds are a small part of a big index (pool, generated samples): look a little wider than k,
         # and over everything only when that did not find k seeds.
         hits = [key for key, _ in index.search(v, min(len(index), max(64, 8 * k))) if key in seed_keys][:k]
         if len(hits) < min(k, len(seed_keys)):
             hits = [key for key, _ in index.search(v, len(index)) if key in seed_keys][:k]
-        return [(by_key[key]["prompt"], by_key[key]["response"]) for key in reversed(hits)]
-
-    return demos
+        chosen[item] = [(index.items[key]["prompt"], index.items[key]["response"]) for key in reversed(hits)]
+    return lambda item: chosen[item]
 
 
 def _baselines(cfg, run_dir, state, events, server, base, params, seeds, index, embedder, items) -> None:
     """Base model, ICL-kNN and SFT on the seeds, on the same prompts as every iteration; once per run."""
-    for name, demos in (("base", None), ("icl-knn", _icl_knn_demos(index, embedder, cfg.eval.k))):
+    for name in ("base", "icl-knn"):
         phase = f"baselines/{name}/eval"
         if state.done(phase):
             events.emit("phase_skipped", phase=phase)
             continue
+        demos = _icl_knn_demos(index, embedder, cfg.eval.k, items) if name == "icl-knn" else None
         server.ensure(base.gguf, [])
         _eval_phase(cfg, run_dir, state, events, server, phase, run_dir / "baselines" / name, items, name, demos)
     if not cfg.train.enabled:

@@ -18,7 +18,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from server.errors import BadInput, ServerStartError, ServerUnavailable, ToolFailed
+from server.errors import BadInput, ServerCrashed, ServerStartError, ServerUnavailable, ToolFailed
+
+from loop.files import disk_problem
 
 from loop import __version__
 
@@ -32,13 +34,21 @@ class IsaraGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (BadInput, ServerStartError, ToolFailed, ServerUnavailable) as e:
-            if ctx.params.get("debug") or os.environ.get("ISARA_DEBUG") == "1":
+        except (BadInput, ServerStartError, ToolFailed, ServerUnavailable, ServerCrashed, OSError) as e:
+            if _debug(ctx):
                 raise
-            code = 2 if isinstance(e, BadInput) else 1
-            text = str(e) if code == 1 else str(e).splitlines()[0]
+            disk = disk_problem(e)
+            if isinstance(e, OSError) and disk is None:
+                raise  # not the disk: a fault, with its traceback
+            code = 2 if isinstance(e, BadInput) or disk else 1
+            text = disk or (str(e) if code == 1 else str(e).splitlines()[0])
             err_console.print(f"[bold red]isara: error:[/] {text}", highlight=False, soft_wrap=True)
             ctx.exit(code)
+
+
+def _debug(ctx: click.Context | None = None) -> bool:
+    ctx = ctx or click.get_current_context()
+    return bool(ctx.find_root().params.get("debug")) or os.environ.get("ISARA_DEBUG") == "1"
 
 
 @click.group(cls=IsaraGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -164,6 +174,15 @@ def run_cmd(config: Path, name, overrides, output) -> None:
         err_console.print(f"interrupted; accepted samples are kept. Resume with: isara run {run_dir}",
                           highlight=False)
         sys.exit(130)
+    except (ServerCrashed, OSError) as e:
+        problem = disk_problem(e)
+        if (isinstance(e, OSError) and problem is None) or _debug():
+            raise
+        # The run stopped cleanly with everything it kept: say what happened and how to pick it up again.
+        text = problem.split(", then run")[0] if problem else str(e)
+        err_console.print(f"[bold red]isara: error:[/] {text}; resume with: isara run {run_dir}",
+                          highlight=False, soft_wrap=True)
+        sys.exit(2 if problem else 1)
     from loop.report import collect, terminal_table
 
     console.print(terminal_table(collect(run_dir)))

@@ -56,6 +56,12 @@ class GenerationConfig(_Section):
     slots: int = Field(8, ge=1, le=64, description="Parallel sequences of the managed llama-server.")
     ctx_per_slot: int = Field(2048, ge=256, description="Context length of each server slot (prompt + output).")
     threads: int | None = Field(None, ge=1, description="CPU threads of the server (default: llama.cpp's).")
+    request_timeout_s: float = Field(300.0, gt=0, description="A request with no answer after this long is retried.")
+    max_restarts: int = Field(3, ge=0, description="Restarts of a crashed or hung managed server before the run "
+                                                   "stops (resumable).")
+    health_interval_s: float = Field(2.0, gt=0, description="How often the managed server's health is checked.")
+    hang_timeout_s: float = Field(60.0, gt=0, description="A managed server silent this long is hung: killed and "
+                                                          "restarted.")
     endpoints: list[str] = Field(default_factory=list,
                                  description="OpenAI-compatible endpoints to use instead of the managed server.")
     endpoint_slots: int = Field(8, ge=1, description="Requests in flight per external endpoint.")

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from server.errors import BadInput
 
+from loop.files import injected_fault
+
 MIN_SEEDS = 2
 
 
@@ -197,6 +199,7 @@ def load_samples(path: str | Path, *, source: str = "seed", max_chars: int = 800
 # --- writing -------------------------------------------------------------------
 
 def write_jsonl_atomic(path: Path, rows) -> None:
+    injected_fault(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
@@ -210,6 +213,7 @@ def append_jsonl(path: Path, row: dict) -> None:
     """One whole line in one write (O_APPEND), fsynced: a crash leaves at most a torn last line,
     which `read_jsonl` drops (repairing the file) on the next read."""
     data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    injected_fault(path)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, data)

@@ -6,8 +6,10 @@ most a hidden `.NAME.tmp-PID` behind, never a half-written file that looks done.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,14 +20,17 @@ def _tmp_name(path: Path) -> Path:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = _tmp_name(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
+    injected_fault(path)
     tmp = _tmp_name(path)
-    tmp.write_bytes(data)
+    try:
+        tmp.write_bytes(data)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a disk that filled up mid-write leaves no temp file either
+        raise
     os.replace(tmp, path)
 
 
@@ -46,3 +51,61 @@ def atomic_dir(out: Path):
         raise
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+
+
+_TEMP = re.compile(r"^\.(?:.+\.tmp|write-test)-(\d+)$")
+
+
+def sweep_stale_temps(root: Path) -> list[Path]:
+    """Remove the temp files and folders of processes that died mid-write (a crash, SIGKILL)."""
+    removed = []
+    for p in root.rglob(".*"):
+        m = _TEMP.match(p.name)
+        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- disk problems ---------------------------------------------------------------
+
+_DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file, not a folder"}
+
+
+def disk_problem(e: BaseException) -> str | None:
+    """One line for a write that failed because of the disk (not the program), else None."""
+    if not isinstance(e, OSError) or e.errno not in _DISK_ERRNOS:
+        return None
+    where = f" writing {e.filename}" if e.filename else ""
+    fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make the folder writable"
+    return f"{_DISK_ERRNOS[e.errno]}{where}: {fix}, then run the same command again (nothing kept is lost)"
+
+
+_WRITES: dict[str, int] = {}
+
+
+def injected_fault(path: Path) -> None:
+    """Fault injection for the reliability tests: ISARA_FAULT_ENOSPC=NAME:N makes every write to a
+    file named NAME after its first N fail with ENOSPC, as a full disk would. Unset: nothing."""
+    spec = os.environ.get("ISARA_FAULT_ENOSPC")
+    if not spec:
+        return
+    name, _, after = spec.rpartition(":")
+    if Path(path).name != name:
+        return
+    _WRITES[name] = _WRITES.get(name, 0) + 1
+    if _WRITES[name] > int(after):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))

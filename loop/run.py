@@ -28,13 +28,14 @@ from pathlib import Path
 from server.client import Endpoint, InferenceClient
 from server.errors import BadInput
 from server.process import ManagedServer, ServerSettings
+from server.supervisor import Supervisor
 
 from loop.config import RunConfig, load_config, to_toml
 from loop.data import Sample, load_samples, read_jsonl, write_jsonl_atomic
 from loop.domains import load_domain
 from loop.evaluate import EvalItem, eval_items, evaluate
 from loop.export import count_params, export_iteration, preflight
-from loop.files import write_json_atomic, write_text_atomic
+from loop.files import sweep_stale_temps, write_json_atomic, write_text_atomic
 from loop.generate import GenerationPhase
 from loop.models import resolve_model
 from loop.report import write_report
@@ -105,6 +106,7 @@ def _load_jsonl_samples(path: Path, source: str) -> list[Sample]:
 def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) -> dict:
     """Run (or resume) every phase; returns the per-iteration stats."""
     _writable(run_dir)
+    sweep_stale_temps(run_dir)  # what a killed run was writing when it died: never whole, never read
     state = RunState(run_dir)
     events = Events(run_dir / "events.jsonl", mode=output, sink=sink)
     _write_config(cfg, run_dir)
@@ -184,7 +186,7 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
                 current = _generated_ids(run_dir, first=t)
                 anchors = [k for k, it in enumerate(index.items)
                            if it["source"] == "seed" or (it["source"] == "generated" and it["id"] not in current)]
-                stats = asyncio.run(_generate(cfg, t, it_dir, index, embedder, server.server, anchors, events))
+                stats = asyncio.run(_generate(cfg, t, it_dir, index, embedder, server, anchors, events))
                 stats["model"] = str(model)
                 # Data scaling ratio (the paper's): accepted generated samples so far over seeds.
                 so_far = sum(len(read_jsonl(run_dir / f"iter-{i:02d}" / "generated.jsonl")) for i in range(1, t + 1))
@@ -296,7 +298,7 @@ def _baseline_phases(cfg: RunConfig, items: list[EvalItem]) -> list[str]:
 def _eval_phase(cfg, run_dir, state, events, server, phase, out_dir, items, label, demos=None) -> None:
     state.begin(phase)
     events.emit("eval_started", label=label, prompts=len(items))
-    result = evaluate(_client(cfg, server.server), items, out_dir, max_tokens=cfg.eval.max_tokens, label=label,
+    result = evaluate(_client(cfg, server), items, out_dir, max_tokens=cfg.eval.max_tokens, label=label,
                       demos=demos, seed=cfg.eval.seed)
     events.emit("eval_finished", **result)
     state.finish(phase, [out_dir / "answers.jsonl", out_dir / "eval.json"], result)
@@ -349,11 +351,14 @@ def _baselines(cfg, run_dir, state, events, server, base, params, seeds, index, 
         _eval_phase(cfg, run_dir, state, events, server, "baselines/sft-seeds/eval", out, items, "sft-seeds")
 
 
-def _client(cfg: RunConfig, server: ManagedServer | None) -> InferenceClient:
+def _client(cfg: RunConfig, serving: "_Serving") -> InferenceClient:
     g = cfg.generation
     if g.endpoints:
-        return InferenceClient([Endpoint(u, slots=g.endpoint_slots, api_key=g.api_key) for u in g.endpoints])
-    return InferenceClient([Endpoint(server.base_url, slots=server.slots)])
+        return InferenceClient([Endpoint(u, slots=g.endpoint_slots, api_key=g.api_key) for u in g.endpoints],
+                               timeout=g.request_timeout_s)
+    server = serving.server
+    return InferenceClient([Endpoint(server.base_url, slots=server.slots)], timeout=g.request_timeout_s,
+                           supervisor=serving.supervisor)
 
 
 def _finish(cfg: RunConfig, run_dir: Path, state: RunState, events: Events) -> dict:
@@ -369,6 +374,7 @@ class _Serving:
     def __init__(self, cfg: RunConfig, run_dir: Path, events: Events):
         self.cfg, self.run_dir, self.events = cfg, run_dir, events
         self.server: ManagedServer | None = None
+        self.supervisor: Supervisor | None = None
 
     def ensure(self, model: Path, lora: list[Path]) -> None:
         if self.cfg.generation.endpoints:
@@ -381,13 +387,20 @@ class _Serving:
         settings = ServerSettings(model=model, lora=lora, slots=g.slots, ctx_per_slot=g.ctx_per_slot,
                                   threads=g.threads, log_path=self.run_dir / "server.log")
         self.server = ManagedServer(settings).start()
+        self.supervisor = Supervisor(self.server, max_restarts=g.max_restarts, interval=g.health_interval_s,
+                                     hang_after=g.hang_timeout_s, on_restart=self._restarted)
         self.events.emit("server_started", url=self.server.base_url, slots=self.server.slots,
                          backend=self.server.backend, pid=self.server.pid, model=str(model))
+
+    def _restarted(self, restarts: int, reason: str) -> None:
+        self.events.emit("server_restarted", restarts=restarts, reason=reason, pid=self.server.pid,
+                         log=str(self.server.log_path))
 
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
             self.server = None
+            self.supervisor = None
 
 
 def _generated_ids(run_dir: Path, first: int) -> set[str]:

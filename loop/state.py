@@ -139,6 +139,7 @@ def plain_line(kind: str, f: dict) -> str | None:
                 f"degenerate {f['degenerate_rate']} ({f['seconds']}s)")
     if kind == "message":
         return f["text"]
-    if kind in ("run_started", "run_finished", "phase_skipped", "server_started", "index_ready"):
+    if kind in ("run_started", "run_finished", "phase_skipped", "server_started", "server_restarted",
+                "index_ready"):
         return f"{kind.replace('_', ' ')}: " + ", ".join(f"{k}={v}" for k, v in f.items())
     return None

@@ -3,7 +3,8 @@
 One client spreads requests over one or many endpoints and keeps as many in
 flight on each as it has slots, so llama-server's continuous batching stays
 full. Connection errors, timeouts and 5xx answers are retried with exponential
-backoff, on another endpoint where there is one. Every result carries its
+backoff, on another endpoint where there is one; `on_failure` (a managed
+server's `Supervisor.recover`) runs before each retry and may restart a server. Every result carries its
 token counts and timings (the dashboard and the benchmarks read them).
 """
 
@@ -61,13 +62,20 @@ class InferenceClient:
     """Use inside `async with`; `complete`, `chat`, `embed`, `post` are safe to gather."""
 
     def __init__(self, endpoints: Iterable[Endpoint | str], *, timeout: float = 300.0, connect_timeout: float = 5.0,
-                 retries: int = 3, backoff: float = 0.5, api_key: str | None = None):
+                 retries: int = 3, backoff: float = 0.5, api_key: str | None = None, on_failure=None,
+                 supervisor=None):
         self.endpoints = [e if isinstance(e, Endpoint) else Endpoint(e, api_key=api_key) for e in endpoints]
         if not self.endpoints:
             raise ValueError("InferenceClient needs at least one endpoint")
         self.timeout = httpx.Timeout(timeout, connect=connect_timeout)
         self.retries = retries
         self.backoff = backoff
+        self.on_failure = on_failure  # async (endpoint, error) -> None, awaited before a retry
+        # A managed server's Supervisor: watched while the client is open, asked to recover on failures.
+        self.supervisor = supervisor
+        if supervisor is not None and on_failure is None:
+            self.on_failure = supervisor.recover
+        self._watching = None
         self._http: httpx.AsyncClient | None = None
         self._free: asyncio.Condition | None = None
 
@@ -89,9 +97,15 @@ class InferenceClient:
         # trust_env=False: never route through a proxy from the environment; only the configured endpoints.
         self._http = httpx.AsyncClient(timeout=self.timeout, limits=limits, trust_env=False)
         self._free = asyncio.Condition()
+        if self.supervisor is not None:
+            self._watching = self.supervisor.watching()
+            await self._watching.__aenter__()
         return self
 
     async def __aexit__(self, *exc) -> None:
+        if self._watching is not None:
+            await self._watching.__aexit__(None, None, None)
+            self._watching = None
         await self._http.aclose()
         self._http = None
 
@@ -215,11 +229,14 @@ class InferenceClient:
             finally:
                 await self._release(ep)
             ep.failures += 1
+            if attempt > self.retries:
+                break
+            if self.on_failure is not None:
+                await self.on_failure(ep, last_error)  # e.g. restart a crashed server; may raise to give up
             delay = self.backoff * 2 ** (attempt - 1) * (1 + 0.25 * random.random())
             ep.down_until = time.monotonic() + delay
             avoid = ep
-            if attempt <= self.retries:
-                await asyncio.sleep(delay)
+            await asyncio.sleep(delay)
         raise ServerUnavailable(f"no endpoint answered after {self.retries + 1} tries; last error: {last_error}")
 
 

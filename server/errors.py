@@ -26,6 +26,10 @@ class ServerStartError(Exception):
     """The inference server did not come up; the message holds its log tail."""
 
 
+class ServerCrashed(Exception):
+    """A managed server kept failing after every restart allowed; the message names its log."""
+
+
 class ServerUnavailable(Exception):
     """No endpoint answered a request after all retries."""
 

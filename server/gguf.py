@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.children import run_tied
 from server.errors import BadInput, BadModelFile, ToolFailed
 from server.toolchain import find_toolchain, require_toolchain
 
@@ -147,7 +147,7 @@ def _atomic_target(out: Path) -> Path:
 
 
 def _run_tool(cmd: list[str], what: str, tmp: Path, out: Path) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = run_tied(cmd, capture_output=True, text=True)  # a killed isara takes the tool with it
     log = (proc.stdout or "") + (proc.stderr or "")
     if proc.returncode != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)

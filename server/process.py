@@ -7,15 +7,12 @@ Two backends behind one interface, both OpenAI-compatible:
 
 A server is never left behind: it runs in its own process group (stopped with
 SIGTERM, then SIGKILL), is stopped at interpreter exit, and gets a parent-death
-signal so that even a SIGKILLed Python process takes it down. (Linux sends
-that signal when the *thread* that started the server ends: start servers from
-the main thread or a thread that lives as long as they should.)
+signal (`server.children`) so that even a SIGKILLed Python process takes it down.
 """
 
 from __future__ import annotations
 
 import atexit
-import ctypes
 import errno
 import os
 import signal
@@ -30,14 +27,12 @@ from pathlib import Path
 
 import httpx
 
+from server.children import set_parent_death_signal
 from server.errors import BadInput, PortInUse, ServerStartError, ToolchainMissing
 from server.gguf import read_gguf
 from server.toolchain import find_toolchain
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-_PR_SET_PDEATHSIG = 1
-
-
 @dataclass
 class ServerSettings:
     model: Path
@@ -72,17 +67,6 @@ def check_port_free(host: str, port: int) -> None:
                 raise PortInUse(f"port {port} on {host} is already in use: choose another with --port, "
                                 "or leave it out to take a free one") from None
             raise BadInput(f"can't bind {host}:{port} ({e.strerror}): check the --host address") from None
-
-
-def _set_parent_death_signal() -> None:
-    # Runs in the child between fork and exec: if the parent dies (even by
-    # SIGKILL) the kernel sends the server SIGKILL. Linux only; elsewhere the
-    # process group and atexit still apply.
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def resolve_backend(requested: str) -> str:
@@ -145,7 +129,7 @@ class ManagedServer:
         self._log_file.flush()
         self.proc = subprocess.Popen(
             cmd, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=_set_parent_death_signal, env=self._env(),
+            start_new_session=True, preexec_fn=set_parent_death_signal, env=self._env(),
         )
         _LIVE.add(self)
         try:

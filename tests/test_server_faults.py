@@ -1,0 +1,133 @@
+"""Server faults: a managed llama-server that crashes or hangs mid-generation is
+restarted and the requests in flight are answered; one that keeps failing
+ends the work cleanly, naming its log. Real processes, real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, run_isara
+from server.client import InferenceClient
+from server.errors import ServerCrashed
+from server.process import ManagedServer, ServerSettings
+from server.supervisor import Supervisor
+from test_run import _config, _jsonl
+from test_server import pid_alive
+
+PROMPTS = [f"Write a short story about the number {i}." for i in range(8)]
+
+
+def _answer_all_while(srv: ManagedServer, sup: Supervisor, fault) -> list:
+    """Eight requests on the server's slots; `fault(srv)` strikes once they are running."""
+    async def go():
+        async with InferenceClient.for_servers([srv], supervisor=sup, retries=4, backoff=0.1) as client:
+            tasks = [asyncio.create_task(client.complete(p, max_tokens=48, ignore_eos=True, seed=i))
+                     for i, p in enumerate(PROMPTS)]
+            await asyncio.sleep(1.0)
+            fault(srv)
+            return await asyncio.gather(*tasks)
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def server(default_model, toolchain, tmp_path):
+    srv = ManagedServer(ServerSettings(model=default_model.gguf, slots=4, ctx_per_slot=512,
+                                       log_path=tmp_path / "server.log")).start()
+    yield srv
+    srv.stop()
+
+
+def test_a_killed_server_is_restarted_and_every_request_in_flight_is_answered(server):
+    first_pid = server.pid
+    sup = Supervisor(server, max_restarts=2, interval=0.5, hang_after=10.0, backoff=0.2)
+    results = _answer_all_while(server, sup, lambda s: os.killpg(s.pid, signal.SIGKILL))
+    assert [r.completion_tokens for r in results] == [48] * len(PROMPTS)
+    assert sup.restarts == 1 and server.alive() and server.pid != first_pid
+    assert not pid_alive(first_pid)
+    assert any(r.attempts > 1 for r in results)  # the ones cut off were sent again
+
+
+def test_a_hung_server_is_detected_killed_and_restarted(server):
+    hung_pid = server.pid
+    sup = Supervisor(server, max_restarts=2, interval=0.5, hang_after=2.0, backoff=0.2)
+    started = time.monotonic()
+    results = _answer_all_while(server, sup, lambda s: os.kill(s.pid, signal.SIGSTOP))
+    assert [r.completion_tokens for r in results] == [48] * len(PROMPTS)
+    assert sup.restarts == 1 and server.pid != hung_pid and not pid_alive(hung_pid)
+    assert time.monotonic() - started < 120  # found by the health checks, not by the 300 s request timeout
+
+
+def test_a_server_that_keeps_dying_raises_server_crashed_naming_its_log(server):
+    sup = Supervisor(server, max_restarts=1, interval=0.3, hang_after=10.0, backoff=0.1)
+
+    def kill_now_and_after_restart(srv):
+        os.killpg(srv.pid, signal.SIGKILL)
+        sup.on_restart = lambda n, why: os.killpg(srv.pid, signal.SIGKILL)  # the restarted one dies too
+
+    with pytest.raises(ServerCrashed) as err:
+        _answer_all_while(server, sup, kill_now_and_after_restart)
+    assert str(server.log_path) in str(err.value) and "failed 2 times" in str(err.value)
+    assert not server.alive()
+
+
+# --- a whole run ---------------------------------------------------------------
+
+def _start_run(cfg, *sets: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "loop.cli", "run", str(cfg), "--set", "iterations=1", "--plain"]
+    for s in sets:
+        cmd += ["--set", s]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_server_after(run, accepted: int, proc: subprocess.Popen) -> int:
+    """SIGKILL the run's llama-server once `accepted` samples are in; returns its pid."""
+    gen = run / "iter-01" / "generated.jsonl"
+    deadline = time.monotonic() + 300
+    while len(_jsonl(gen)) < accepted and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before its server could be killed"
+    pid = [e for e in _jsonl(run / "events.jsonl") if e["event"] == "server_started"][-1]["pid"]
+    os.killpg(pid, signal.SIGKILL)
+    return pid
+
+
+def test_a_run_whose_server_is_killed_mid_generation_restarts_it_and_completes(default_model, toolchain, tmp_path):
+    cfg = _config(tmp_path, samples=6, slots=2)
+    run = tmp_path / "runs" / "garden"
+    proc = _start_run(cfg)
+    killed = _kill_server_after(run, 2, proc)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    ids = [r["id"] for r in _jsonl(run / "iter-01" / "generated.jsonl")]
+    assert len(ids) == 6 and len(set(ids)) == 6
+    restarts = [e for e in _jsonl(run / "events.jsonl") if e["event"] == "server_restarted"]
+    assert len(restarts) == 1 and restarts[0]["pid"] != killed and "exited with code" in restarts[0]["reason"]
+    assert "server restarted" in out
+
+
+def test_a_run_whose_server_keeps_crashing_stops_resumably_naming_the_log(default_model, toolchain, tmp_path):
+    cfg = _config(tmp_path, samples=6, slots=2)
+    run = tmp_path / "runs" / "garden"
+    proc = _start_run(cfg, "generation.max_restarts=0")
+    _kill_server_after(run, 2, proc)
+    out, err = proc.communicate(timeout=300)
+    kept = [r["id"] for r in _jsonl(run / "iter-01" / "generated.jsonl")]
+    assert proc.returncode == 1 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and str(run / "server.log") in lines[0], err
+    assert f"resume with: isara run {run}" in lines[0]
+    assert len(kept) >= 2
+
+    resumed = run_isara("run", str(cfg), "--set", "iterations=1", "--plain")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    ids = [r["id"] for r in _jsonl(run / "iter-01" / "generated.jsonl")]
+    assert len(ids) == 6 and len(set(ids)) == 6 and ids[: len(kept)] == kept
+    assert json.loads((run / "state.json").read_text())["status"] == "finished"

@@ -141,6 +141,30 @@ def test_a_run_killed_during_generation_resumes_to_the_target_without_duplicates
     assert stats["accepted"] == 6
 
 
+def test_with_one_slot_a_killed_and_resumed_run_writes_the_same_samples_as_an_uninterrupted_one(
+        finished_run, tmp_path):
+    reference, _, _ = finished_run  # the same configuration, one slot, never interrupted
+    cfg = _config(tmp_path)
+    run = tmp_path / "runs" / "garden"
+    cmd = [sys.executable, "-m", "loop.cli", "run", str(cfg), "--set", "iterations=1", "--plain"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gen = run / "iter-01" / "generated.jsonl"
+    deadline = time.monotonic() + 240
+    while len(_jsonl(gen)) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(_jsonl(gen)) < 4, "the run finished before it could be killed"
+    out = run_isara("run", str(cfg), "--set", "iterations=1", "--plain")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+
+    def content(path):  # everything but the wall-clock seconds of each attempt
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in _jsonl(path)]
+
+    for name in ("generated.jsonl", "rejected.jsonl"):
+        assert content(run / "iter-01" / name) == content(reference / "iter-01" / name), name
+
+
 @pytest.mark.parametrize("args, needles", [
     (["--set", "generation.temprature=0.5"], ["unknown config key 'generation.temprature'"]),
     (["--set", "generation.samples=0"], ["generation.samples", "greater than 0"]),

@@ -7,6 +7,7 @@ run as `config.toml`, so a run always says exactly how it was made.
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 import typing
@@ -168,7 +169,9 @@ def _describe(err: ValidationError) -> str:
     if not key:  # a check across keys (model validator): its message names the keys
         return e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
-        return f"unknown config key {key!r}: remove it or check its spelling (see README, configuration)"
+        near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.75)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        return f"unknown config key {key!r}{hint}: remove it or check its spelling (see README, configuration)"
     if e["type"] == "missing":
         return f"config key {key!r} is required: add it to the config file or pass --set {key}=..."
     return f"config key {key!r}: {e['msg']} (got {e.get('input')!r})"
@@ -226,6 +229,18 @@ def to_toml(cfg: RunConfig) -> str:
     import tomli_w
 
     return tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True, by_alias=True))
+
+
+def all_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (for 'did you mean' hints)."""
+    keys = []
+    for name, f in (model or RunConfig).model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += all_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{f.alias or name}")
+    return keys
 
 
 def reference_markdown() -> str:

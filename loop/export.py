@@ -104,8 +104,9 @@ def _load_adapted(base_hf: Path, adapter_dir: Path):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    tok = AutoTokenizer.from_pretrained(base_hf)
-    base = AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(base_hf, trust_remote_code=False)
+    base = AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32, use_safetensors=True,
+                                                trust_remote_code=False)
     return PeftModel.from_pretrained(base, adapter_dir).eval(), tok
 
 

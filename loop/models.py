@@ -100,6 +100,17 @@ def is_hf_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
+def _refuse_remote_code(path: Path) -> None:
+    """A model whose config points at its own Python classes would run that code when loaded."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        raise BadInput(f"{path / 'config.json'} is not valid JSON: restore the model folder") from None
+    if isinstance(config, dict) and config.get("auto_map"):
+        raise BadInput(f"{path} needs its own Python code (auto_map in config.json): isara never runs code "
+                       "shipped with a model; use a model whose architecture transformers knows")
+
+
 def resolve_model(spec: str | Path, catalog: dict[str, CatalogEntry] | None = None) -> Model:
     """A catalog name (pulled), a .gguf file, or an HF folder -> Model. One-line errors otherwise."""
     catalog = catalog if catalog is not None else load_catalog()
@@ -114,6 +125,7 @@ def resolve_model(spec: str | Path, catalog: dict[str, CatalogEntry] | None = No
         return Model(path.stem, "chat", gguf=path.absolute())
     if path.is_dir():
         if is_hf_folder(path):
+            _refuse_remote_code(path)
             if (path / "modules.json").is_file():  # a sentence-transformers folder
                 return Model(path.name, "embedding", embedder_dir=path.absolute())
             return Model(path.name, "chat", hf_dir=path.absolute())
@@ -217,8 +229,9 @@ def derive_hf_checkpoint(gguf: Path, out: Path) -> Path:
     hf_logging.disable_progress_bar()
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantizer's own progress bar
     info = read_gguf(gguf)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                  trust_remote_code=False)
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
     config = AutoConfig.for_model(**config_dict)

@@ -157,8 +157,9 @@ def train_peft(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Path,
     device = "cuda" if cuda_available() and torch.cuda.is_available() else "cpu"
     # fp32 on CPU (bf16 matmuls are slow there and lose precision); bf16 on GPUs that have it.
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, trust_remote_code=False).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, use_safetensors=True,
+                                                 trust_remote_code=False).to(device)
     model.config.use_cache = False
     if previous_adapter is not None:
         model = PeftModel.from_pretrained(model, previous_adapter, is_trainable=True)

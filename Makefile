@@ -38,7 +38,6 @@ test: setup
 
 demo: setup
 	$(ISARA) doctor
-	$(ISARA) bench --quick
 	$(ISARA) run $(DEMO_CONFIG)
 
 doctor: $(VENV)/.installed

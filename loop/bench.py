@@ -1,8 +1,10 @@
 """`isara bench`: measure, side by side in one process, on the same inputs.
 
 Generation: the same prompts and output lengths through the managed native
-llama-server and through `python -m llama_cpp.server`, with 1 and 8 requests in
-flight. Ratios between engines measured in one run are the numbers to trust;
+llama-server (1, 4, 8 and 16 slots), `python -m llama_cpp.server` and
+transformers `generate`; the machine's bounds; what each llama-server setting
+does at 8 in flight; USearch against exact search. The ISARA phases are in
+`loop.bench_phases`. Ratios measured in one run are the numbers to trust;
 absolute times on a shared machine are noise.
 """
 
@@ -50,44 +52,54 @@ def machine() -> dict:
             "gpu": "CUDA" if cuda_available() else "none"}
 
 
-async def _drive(url: str, in_flight: int, n_requests: int, max_tokens: int, eos_id: int | None) -> dict:
+async def _drive(url: str, in_flight: int, n_requests: int, max_tokens: int, eos_id: int | None,
+                 prompts: list[str] = PROMPTS, **extra) -> dict:
     # EOS is banned so every request generates exactly max_tokens on every engine.
     bias = {str(eos_id): -100} if eos_id is not None else {}
     async with InferenceClient([Endpoint(url, slots=in_flight)], retries=0) as client:
-        await client.complete(PROMPTS[0], max_tokens=4, temperature=0.0)  # warm-up: load, first allocations
+        await client.complete("Hello", max_tokens=4, temperature=0.0)  # warm-up: load, first allocations
         t0 = time.perf_counter()
         results = await asyncio.gather(*(
-            client.complete(PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens, temperature=0.7, seed=i,
-                            logit_bias=bias) for i in range(n_requests)))
+            client.complete(prompts[i % len(prompts)], max_tokens=max_tokens, temperature=0.7, seed=i,
+                            logit_bias=bias, **extra) for i in range(n_requests)))
         wall = time.perf_counter() - t0
     gen = sum(r.completion_tokens for r in results)
-    prompt_ms = sum(r.prompt_ms or 0 for r in results)
-    prompt_tok = sum(r.prompt_tokens for r in results)
-    return {"requests": n_requests, "in_flight": in_flight, "completion_tokens": gen, "wall_s": round(wall, 2),
-            "gen_tok_s": round(gen / wall, 1),
-            "prompt_tok_s": round(prompt_tok / (prompt_ms / 1000), 1) if prompt_ms else None,
+    return {"requests": n_requests, "in_flight": in_flight, "completion_tokens": gen, "wall_s": round(wall, 4),
+            "gen_tok_s": round(gen / wall, 1), "prompt_tokens": sum(r.prompt_tokens for r in results),
             "max_tokens": max_tokens}
 
 
-def bench_generation(gguf: Path, *, in_flight=(1, 8), n_requests: int = 16, max_tokens: int = 64,
-                     threads: int | None = None, log=print) -> list[dict]:
+def bench_generation(gguf: Path, *, native_in_flight=(1, 4, 8, 16), python_in_flight=(1, 8), n_requests: int = 16,
+                     max_tokens: int = 64, prompt_in_flight=(1, 4, 8, 16), threads: int | None = None,
+                     log=print) -> list[dict]:
+    """Decode: short prompts, `max_tokens` each, EOS banned. Prompt processing, measured apart (at the
+    numbers in flight in `prompt_in_flight`): ISARA-shaped prompts (four demo pairs and a question, ~270
+    tokens, prompt cache off) with one output token, prompt tokens over the wall time."""
     from server.gguf import read_gguf
 
     eos = read_gguf(gguf).eos_token_id
+    # A different first line each: no engine can reuse one prompt's cache for the next.
+    long_prompts = [f"Topic {i}: everyday science.\n\n" + _DEMOS + f"Question: {p.split('Question: ')[1]}"
+                    for i, p in enumerate(PROMPTS)]
     rows = []
-    for engine, backend in (("llama-server (managed)", "native"), ("llama_cpp.server", "python")):
+    # llama_cpp.server serializes requests: more than 8 in flight only queue.
+    for engine, backend, in_flight in (("llama-server (managed)", "native", native_in_flight),
+                                       ("llama_cpp.server", "python", python_in_flight)):
         for n in in_flight:
             settings = ServerSettings(model=gguf, backend=backend, slots=n, ctx_per_slot=512, threads=threads)
             with ManagedServer(settings) as srv:
                 row = asyncio.run(_drive(srv.base_url, n, max(n_requests, n), max_tokens, eos))
+                row["prompt_tok_s"] = None  # short prompts: their timing says nothing about prompt speed
+                if n in prompt_in_flight:
+                    pp = asyncio.run(_drive(srv.base_url, n, len(long_prompts), 1, None, long_prompts,
+                                            cache_prompt=False))
+                    prompt_tokens = pp["prompt_tokens"]
+                    row["prompt_tok_s"] = round(prompt_tokens / pp["wall_s"], 1)
             row["engine"] = engine
             rows.append(row)
+            extra = f"; prompts {row['prompt_tok_s']} tok/s" if row["prompt_tok_s"] else ""
             log(f"{engine:24s} in flight {n:2d}: {row['gen_tok_s']:7.1f} tok/s generated "
-                f"({row['completion_tokens']} tokens in {row['wall_s']} s)")
-    by = {(r["engine"], r["in_flight"]): r["gen_tok_s"] for r in rows}
-    for r in rows:
-        base = by.get(("llama_cpp.server", r["in_flight"]))
-        r["vs_llama_cpp_server"] = round(r["gen_tok_s"] / base, 2) if base else None
+                f"({row['completion_tokens']} tokens in {row['wall_s']} s{extra})")
     return rows
 
 
@@ -181,11 +193,12 @@ def bench_hf_generate(hf_dir: Path, *, batches=(1, 8), n_requests: int = 16, max
 
     if threads:
         torch.set_num_threads(threads)
-    tok = AutoTokenizer.from_pretrained(hf_dir)
+    tok = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=False).eval()
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_requests)]
     rows = []
     for b in batches:
@@ -206,4 +219,82 @@ def bench_hf_generate(hf_dir: Path, *, batches=(1, 8), n_requests: int = 16, max
         rows.append(row)
         log(f"{'transformers generate':24s} batch     {b:2d}: {row['gen_tok_s']:7.1f} tok/s generated "
             f"({generated} tokens in {row['wall_s']} s)")
+    return rows
+
+
+# --- why batched decode is where it is: one setting at a time -------------------
+
+def _variant_models(hf_dir: Path, work: Path) -> dict[str, Path]:
+    """The default model's weights at F16 and Q8_0 (converted once into `work`)."""
+    from server.gguf import convert_hf_to_gguf, quantize
+
+    work.mkdir(parents=True, exist_ok=True)
+    f16, q8 = work / "model-f16.gguf", work / "model-q8_0.gguf"
+    if not f16.exists():
+        convert_hf_to_gguf(hf_dir, f16)
+    if not q8.exists():
+        quantize(f16, q8, "Q8_0")
+    return {"F16": f16, "Q8_0": q8}
+
+
+def bench_server_variants(gguf: Path, hf_dir: Path | None, work: Path, *, in_flight: int = 8, n_requests: int = 16,
+                          max_tokens: int = 64, log=print) -> list[dict]:
+    """Batched decode at `in_flight` with one llama-server setting changed at a time: threads, context per
+    slot, batch sizes, KV cache type, flash attention, weight type; and prompt caching of a shared prefix."""
+    from server.gguf import read_gguf
+
+    eos = read_gguf(gguf).eos_token_id
+    variants = [("default", {}, []), ("threads 1", {"threads": 1}, []), ("threads 2", {"threads": 2}, []),
+                ("ctx per slot 2048", {"ctx_per_slot": 2048}, []), ("batch / ubatch 64", {}, ["-b", "64", "-ub", "64"]),
+                ("flash attention off (default auto)", {}, ["-fa", "off"]),
+                ("KV cache q8_0", {}, ["-ctk", "q8_0", "-ctv", "q8_0"])]
+    if hf_dir is not None:
+        variants += [(f"{q} weights", {"model": path}, []) for q, path in _variant_models(hf_dir, work).items()]
+    rows = []
+    for label, changes, args in variants:
+        settings = ServerSettings(model=gguf, slots=in_flight, ctx_per_slot=512, extra_args=args)
+        for key, value in changes.items():
+            setattr(settings, key, value)
+        with ManagedServer(settings) as srv:
+            row = asyncio.run(_drive(srv.base_url, in_flight, max(n_requests, in_flight), max_tokens, eos))
+        rows.append({"variant": label, **row})
+        log(f"llama-server, {in_flight} in flight, {label:34s}: {row['gen_tok_s']:7.1f} tok/s generated")
+    base = rows[0]["gen_tok_s"]
+    for r in rows:
+        r["vs_default"] = round(r["gen_tok_s"] / base, 2)
+    # The same weight types through llama_cpp.server: the engine ratio at each type, not across types.
+    for q, path in [("default", gguf), *(_variant_models(hf_dir, work).items() if hf_dir is not None else [])]:
+        with ManagedServer(ServerSettings(model=path, backend="python", slots=1, ctx_per_slot=512)) as srv:
+            row = asyncio.run(_drive(srv.base_url, in_flight, max(n_requests, in_flight), max_tokens, eos))
+        mine = next(r for r in rows if r["variant"] == (f"{q} weights" if q != "default" else "default"))
+        rows.append({"variant": f"llama_cpp.server, {q} weights", **row,
+                     "llama_server_vs_this": round(mine["gen_tok_s"] / row["gen_tok_s"], 2)})
+        log(f"llama_cpp.server, {in_flight} in flight, {q} weights: {row['gen_tok_s']:7.1f} tok/s generated "
+            f"(llama-server: {rows[-1]['llama_server_vs_this']}x)")
+    rows += _prompt_cache(gguf, in_flight, log)
+    return rows
+
+
+# Four demo pairs, then a question: the shape of a stage-2 or ICL-kNN prompt, the prefix shared.
+_DEMOS = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in (
+    ("How do plants make food?", "Plants make food by photosynthesis: their leaves take in light, water and "
+     "carbon dioxide and turn them into sugar and oxygen."),
+    ("Why is the sky blue?", "Air scatters short blue wavelengths of sunlight far more than red ones, so blue "
+     "light reaches our eyes from every direction of the sky."),
+    ("What is a prime number?", "A whole number greater than one whose only divisors are one and itself, such "
+     "as 2, 3, 5, 7 and 11."),
+    ("What causes the seasons?", "The tilt of the Earth's axis: each hemisphere leans towards the sun for part "
+     "of the year and gets more direct light and longer days.")))
+
+
+def _prompt_cache(gguf: Path, in_flight: int, log) -> list[dict]:
+    """Prompt processing of 16 prompts sharing a demo prefix, with llama-server's prompt cache on and off."""
+    prompts = [_DEMOS + f"Question: {p.split('Question: ')[1]}" for p in PROMPTS] * 2
+    rows = []
+    with ManagedServer(ServerSettings(model=gguf, slots=in_flight, ctx_per_slot=1024)) as srv:
+        for cache in (True, False):
+            row = asyncio.run(_drive(srv.base_url, in_flight, len(prompts), 8, None, prompts, cache_prompt=cache))
+            rows.append({"variant": f"shared demo prefix, prompt cache {'on' if cache else 'off'}", **row})
+            log(f"llama-server, {len(prompts)} prompts with a shared demo prefix, prompt cache "
+                f"{'on ' if cache else 'off'}: {row['wall_s']:.2f} s")
     return rows

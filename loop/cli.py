@@ -464,25 +464,37 @@ def export_cmd(run, to, fmt, iteration, runs_dir) -> None:
 
 @cli.command()
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model to measure.")
-@click.option("--quick", is_flag=True, help="Fewer requests and tokens (about a minute on 2 cores).")
+@click.option("--quick", is_flag=True, help="Fewer requests, tokens and samples; no settings sweep (under 5 "
+                                            "minutes on 2 cores).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads for every engine.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/bench"),
-              show_default=True, help="Where bench.json goes.")
+              show_default=True, help="Where bench.json (and the scratch runs of the ISARA phases) go.")
 def bench(model_name, quick, threads, out_dir) -> None:
-    """Measure side by side in one run: generation engines, the machine's bounds, retrieval.
+    """Measure side by side in one run: engines, the machine's bounds, the ISARA phases, retrieval.
 
-    Generation: managed llama-server vs python -m llama_cpp.server, same prompts,
-    same output length (EOS banned), 1 and 8 requests in flight, as ratios to each
-    other and to the machine's decode bounds (memory bandwidth for batch 1,
-    matmul FLOP/s for batched). Retrieval: USearch vs exact NumPy, latency and
-    recall. Writes bench.json.
+    \b
+    1. Generation: managed llama-server at 1/4/8/16 slots vs python -m
+       llama_cpp.server vs transformers generate (batch 1 and 8): same prompts,
+       same output length (EOS banned), prompt and generation tok/s, ratios to
+       each other and to the machine's decode bounds (memory bandwidth for
+       batch 1, matmul FLOP/s for batched); without --quick, also one
+       llama-server setting at a time (threads, context, batch, KV cache, flash
+       attention, weight type, prompt cache).
+    2. ISARA generation at k = 2, 4, 8 demos: accepted/min, prompt tokens.
+    3-4, 6. One iteration on the safety domain: seconds per phase, training
+       tokens/s and peak memory, export steps merged vs lora, server start.
+    5. Retrieval: USearch vs exact NumPy at 1k/10k(/100k) items.
+    Writes bench.json.
 
     \b
     Example:
       isara bench --quick
     """
-    from loop.bench import (bench_generation, bench_hf_generate, bench_retrieval, bounds, machine_limits,
-                            write_results)
+    import shutil
+
+    from loop.bench import (bench_generation, bench_hf_generate, bench_retrieval, bench_server_variants, bounds,
+                            machine_limits, write_results)
+    from loop.bench_phases import bench_generation_k, bench_iteration
     from loop.export import count_params
     from loop.models import resolve_model
 
@@ -496,34 +508,59 @@ def bench(model_name, quick, threads, out_dir) -> None:
     say(f"machine: memory {limits['memory_gb_s']} GB/s, matmul {limits['matmul_gflop_s_f32']} GFLOP/s (f32) -> "
         f"decode bounds: batch 1 {bound.get('decode_batch1_tok_s')} tok/s, batched "
         f"{bound.get('decode_batched_tok_s')} tok/s")
-    rows = bench_generation(m.gguf, n_requests=8 if quick else 16, max_tokens=32 if quick else 64,
-                            threads=threads, log=say)
+    n, tokens = (8, 32) if quick else (16, 64)
+    rows = bench_generation(m.gguf, n_requests=n, max_tokens=tokens, threads=threads, log=say,
+                            prompt_in_flight=(8,) if quick else (1, 4, 8, 16))
     if m.hf_dir is not None:
-        rows += bench_hf_generate(m.hf_dir, n_requests=8 if quick else 16, max_tokens=32 if quick else 64,
-                                  threads=threads, log=say)
-        by = {(r["engine"], r["in_flight"]): r["gen_tok_s"] for r in rows}
-        for r in rows:
-            hf = by.get(("transformers generate", r["in_flight"]))
-            r["vs_transformers"] = round(r["gen_tok_s"] / hf, 2) if hf else None
-            r.setdefault("vs_llama_cpp_server", None)
-    table = Table(title=f"generation on {m.gguf.name}")
-    for col in ("engine", "in flight", "gen tok/s", "x llama_cpp.server", "x transformers", "% of bound"):
-        table.add_column(col)
-    ratio = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    for r in rows:
-        limit = bound.get("decode_batch1_tok_s" if r["in_flight"] == 1 else "decode_batched_tok_s")
-        r["share_of_bound"] = round(r["gen_tok_s"] / limit, 3) if limit else None
-        table.add_row(r["engine"], str(r["in_flight"]), f"{r['gen_tok_s']:.1f}", ratio(r.get("vs_llama_cpp_server")),
-                      ratio(r.get("vs_transformers")),
-                      f"{r['share_of_bound']:.0%}" if r["share_of_bound"] is not None else "-")
-    console.print(table)
-    retrieval = bench_retrieval(sizes=(1_000, 10_000) if quick else (1_000, 10_000, 100_000), log=say)
-    path = write_results(rows, out_dir, "isara bench" + (" --quick" if quick else ""),
-                         extra={"limits": limits, "bounds": bound, "params": params, "retrieval": retrieval})
+        rows += bench_hf_generate(m.hf_dir, n_requests=n, max_tokens=tokens, threads=threads, log=say)
+    _generation_table(rows, bound)
+    work = out_dir / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    extra = {"limits": limits, "bounds": bound, "params": params}
+    if not quick:
+        extra["server_variants"] = bench_server_variants(m.gguf, m.hf_dir, work / "models", log=say)
+    samples = 4 if quick else 24
+    if m.hf_dir is not None:
+        at8 = next(r for r in rows if r["engine"] == "llama-server (managed)" and r["in_flight"] == 8)
+        extra["isara_generation"] = bench_generation_k(work, model_name, samples=samples, log=say,
+                                                       prompt_tok_s=at8["prompt_tok_s"], gen_tok_s=at8["gen_tok_s"])
+        extra["iteration"] = bench_iteration(work, model_name, samples=samples, epochs=0.25 if quick else 1.0,
+                                             eval_n=4 if quick else 20, log=say)
+    extra["retrieval"] = bench_retrieval(sizes=(1_000, 10_000) if quick else (1_000, 10_000, 100_000), log=say)
+    path = write_results(rows, out_dir, "isara bench" + (" --quick" if quick else ""), extra=extra)
     console.print(f"results: {path}", highlight=False)
 
 
+def _generation_table(rows: list[dict], bound: dict) -> None:
+    """Ratios to the other engines at the same number in flight, and to the machine's bound."""
+    by = {(r["engine"], r["in_flight"]): r["gen_tok_s"] for r in rows}
+    table = Table(title="generation")
+    for col in ("engine", "in flight", "gen tok/s", "prompt tok/s", "x llama_cpp.server", "x transformers",
+                "% of bound"):
+        table.add_column(col)
+    ratio = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for r in rows:
+        for key, engine in (("vs_llama_cpp_server", "llama_cpp.server"), ("vs_transformers", "transformers generate")):
+            other = by.get((engine, r["in_flight"]))
+            r[key] = round(r["gen_tok_s"] / other, 2) if other else None
+        limit = bound.get("decode_batch1_tok_s" if r["in_flight"] == 1 else "decode_batched_tok_s")
+        r["share_of_bound"] = round(r["gen_tok_s"] / limit, 3) if limit else None
+        table.add_row(r["engine"], str(r["in_flight"]), f"{r['gen_tok_s']:.1f}",
+                      "-" if not r.get("prompt_tok_s") else f"{r['prompt_tok_s']:.0f}",
+                      ratio(r["vs_llama_cpp_server"]), ratio(r["vs_transformers"]),
+                      f"{r['share_of_bound']:.0%}" if r["share_of_bound"] is not None else "-")
+    console.print(table)
+
+
+# Offline by default: no library reaches for a model hub or sends telemetry; isara talks only to the
+# endpoints it is configured with (set HF_HUB_OFFLINE=0 yourself to let a library download).
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1"}
+
+
 def main() -> None:
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
     cli(prog_name="isara")
 
 

@@ -57,7 +57,9 @@ class Supervisor:
         async with self._lock:
             if self.failed:
                 raise self.failed
-            if self.server.alive() and await self._answers(timeout=min(5.0, self.hang_after)):
+            # A live server gets the whole hang budget to answer: a slow one is not restarted (the watch
+            # kills a hung one meanwhile, which this check then sees).
+            if self.server.alive() and await self._answers(timeout=self.hang_after):
                 return  # a passing fault, or another request's recovery already restarted it
             await self._restart(self._why(error))
 

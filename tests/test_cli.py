@@ -78,14 +78,24 @@ def test_debug_shows_the_traceback(tmp_path):
     assert out.returncode != 0 and "Traceback" in out.stderr
 
 
-def test_bench_quick_measures_every_engine_the_bounds_and_retrieval(default_model, toolchain, tmp_path):
+def test_bench_quick_measures_engines_bounds_isara_phases_and_retrieval(default_model, toolchain, tmp_path):
     import json
 
-    out = run_isara("bench", "--quick", "--out", str(tmp_path), timeout=600)
+    out = run_isara("bench", "--quick", "--out", str(tmp_path), timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     data = json.loads((tmp_path / "bench.json").read_text())
     engines = {(r["engine"], r["in_flight"]) for r in data["generation"]}
     assert {e for e, _ in engines} == {"llama-server (managed)", "llama_cpp.server", "transformers generate"}
+    assert {n for e, n in engines if e == "llama-server (managed)"} == {1, 4, 8, 16}
+    gen_k = data["isara_generation"]
+    assert [r["k"] for r in gen_k] == [2, 4, 8] and all(r["accepted"] > 0 for r in gen_k)
+    # more demos, longer prompts: the cost the k sweep exists to show
+    assert gen_k[0]["stage2_prompt_tokens"] < gen_k[1]["stage2_prompt_tokens"] < gen_k[2]["stage2_prompt_tokens"]
+    it = data["iteration"]
+    assert set(it["phases_s"]) == {"generate", "train", "export", "eval"}
+    assert it["train"]["tokens_per_s"] > 0 and it["train"]["peak_rss_mb"] > 0
+    assert {"merge", "convert", "quantize", "verify"} <= set(it["export_merged_s"])
+    assert "convert" in it["export_lora_s"] and it["server_start_s"] > 0
     assert all(r["gen_tok_s"] > 0 and 0 < r["share_of_bound"] for r in data["generation"])
     assert data["limits"]["memory_gb_s"] > 0 and data["bounds"]["decode_batched_tok_s"] > 0
     assert [r["items"] for r in data["retrieval"]] == [1000, 10000]

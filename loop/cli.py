@@ -175,13 +175,13 @@ def run_cmd(config: Path, name, overrides, output) -> None:
                           highlight=False)
         sys.exit(130)
     except (ServerCrashed, OSError) as e:
-        problem = disk_problem(e)
+        resume = f"isara run {run_dir}"
+        problem = disk_problem(e, resume)
         if (isinstance(e, OSError) and problem is None) or _debug():
             raise
         # The run stopped cleanly with everything it kept: say what happened and how to pick it up again.
-        text = problem.split(", then run")[0] if problem else str(e)
-        err_console.print(f"[bold red]isara: error:[/] {text}; resume with: isara run {run_dir}",
-                          highlight=False, soft_wrap=True)
+        text = problem or f"{e}; resume with: {resume}"
+        err_console.print(f"[bold red]isara: error:[/] {text}", highlight=False, soft_wrap=True)
         sys.exit(2 if problem else 1)
     from loop.report import collect, terminal_table
 

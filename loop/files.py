@@ -85,13 +85,15 @@ _DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
                 errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file, not a folder"}
 
 
-def disk_problem(e: BaseException) -> str | None:
-    """One line for a write that failed because of the disk (not the program), else None."""
+def disk_problem(e: BaseException, resume: str | None = None) -> str | None:
+    """One line for a write that failed because of the disk (not the program), else None.
+    `resume`: the command that picks the work up again, when there is one."""
     if not isinstance(e, OSError) or e.errno not in _DISK_ERRNOS:
         return None
     where = f" writing {e.filename}" if e.filename else ""
     fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make the folder writable"
-    return f"{_DISK_ERRNOS[e.errno]}{where}: {fix}, then run the same command again (nothing kept is lost)"
+    then = f"; resume with: {resume}" if resume else ", then run the same command again (nothing kept is lost)"
+    return f"{_DISK_ERRNOS[e.errno]}{where}: {fix}{then}"
 
 
 _WRITES: dict[str, int] = {}

@@ -3,9 +3,10 @@
 One client spreads requests over one or many endpoints and keeps as many in
 flight on each as it has slots, so llama-server's continuous batching stays
 full. Connection errors, timeouts and 5xx answers are retried with exponential
-backoff, on another endpoint where there is one; `on_failure` (a managed
-server's `Supervisor.recover`) runs before each retry and may restart a server. Every result carries its
-token counts and timings (the dashboard and the benchmarks read them).
+backoff, on another endpoint where there is one; before each retry a managed
+server's `Supervisor` (or any `on_failure` hook) may restart a dead or hung
+server. Every result carries its token counts and timings (the dashboard and
+the benchmarks read them).
 """
 
 from __future__ import annotations

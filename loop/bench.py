@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -252,9 +253,7 @@ def bench_server_variants(gguf: Path, hf_dir: Path | None, work: Path, *, in_fli
         variants += [(f"{q} weights", {"model": path}, []) for q, path in _variant_models(hf_dir, work).items()]
     rows = []
     for label, changes, args in variants:
-        settings = ServerSettings(model=gguf, slots=in_flight, ctx_per_slot=512, extra_args=args)
-        for key, value in changes.items():
-            setattr(settings, key, value)
+        settings = replace(ServerSettings(model=gguf, slots=in_flight, ctx_per_slot=512, extra_args=args), **changes)
         with ManagedServer(settings) as srv:
             row = asyncio.run(_drive(srv.base_url, in_flight, max(n_requests, in_flight), max_tokens, eos))
         rows.append({"variant": label, **row})

@@ -108,6 +108,19 @@ def record_to_pair(rec) -> tuple[str | None, str | None, str | None]:
                         "messages or conversations")
 
 
+def read_user_text(path: Path, expected: str, label: str = "") -> str:
+    """A user's text file, whole and as given: one-line errors for binary or non-UTF-8 content.
+    `expected` says what to give instead; `label` names the file's role ("eval set ")."""
+    raw = path.read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise BadInput(f"{label}{path} looks binary, not text: {expected}")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise BadInput(f"{label}{path}:{line} is not UTF-8: re-save the file as UTF-8") from None
+
+
 def _records(path: Path):
     """Yield (line_or_row_number, record or parse-problem string)."""
     suffix = path.suffix.lower()
@@ -121,14 +134,7 @@ def _records(path: Path):
         for i, rec in enumerate(table.to_pylist(), start=1):
             yield i, rec
         return
-    raw = path.read_bytes()
-    if b"\x00" in raw[:8192]:
-        raise BadInput(f"{path} looks binary, not text: give a JSONL, JSON, CSV or Parquet file")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise BadInput(f"{path}:{line} is not UTF-8: re-save the file as UTF-8") from None
+    text = read_user_text(path, "give a JSONL, JSON, CSV or Parquet file")
     if suffix == ".csv":
         for i, rec in enumerate(csv.DictReader(io.StringIO(text)), start=2):
             yield i, rec

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from server.errors import BadInput
 
-from loop.data import write_jsonl_atomic
+from loop.data import read_user_text, write_jsonl_atomic
 from loop.files import write_json_atomic
 from loop.refusal import is_degenerate, is_refusal
 
@@ -45,7 +45,8 @@ def load_eval_set(path: Path, expect: str, name: str) -> list[EvalItem]:
         raise BadInput(f"eval set {path} does not exist: give a JSONL file with a 'prompt' field per line")
     items = []
     # A user's file, read as it is (never "repaired" like the run's own append-only files).
-    for i, line in enumerate(_text_of(path).splitlines(), 1):
+    text = read_user_text(path, "give a JSONL file with a 'prompt' field per line", label="eval set ")
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -59,17 +60,6 @@ def load_eval_set(path: Path, expect: str, name: str) -> list[EvalItem]:
     if not items:
         raise BadInput(f"eval set {path} is empty: give at least one prompt")
     return items
-
-
-def _text_of(path: Path) -> str:
-    raw = path.read_bytes()
-    if b"\x00" in raw[:8192]:
-        raise BadInput(f"eval set {path} looks binary, not text: give a JSONL file with a 'prompt' field per line")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise BadInput(f"eval set {path}:{line} is not UTF-8: re-save it as UTF-8") from None
 
 
 def draw(items: list[EvalItem], n: int, seed: int) -> list[EvalItem]:

@@ -14,6 +14,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
+
 
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -61,21 +63,11 @@ def sweep_stale_temps(root: Path) -> list[Path]:
     removed = []
     for p in root.rglob(".*"):
         m = _TEMP.match(p.name)
-        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+        if not m or int(m.group(1)) == os.getpid() or psutil.pid_exists(int(m.group(1))):
             continue
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         removed.append(p)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --- disk problems ---------------------------------------------------------------

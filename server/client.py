@@ -4,9 +4,8 @@ One client spreads requests over one or many endpoints and keeps as many in
 flight on each as it has slots, so llama-server's continuous batching stays
 full. Connection errors, timeouts and 5xx answers are retried with exponential
 backoff, on another endpoint where there is one; before each retry a managed
-server's `Supervisor` (or any `on_failure` hook) may restart a dead or hung
-server. Every result carries its token counts and timings (the dashboard and
-the benchmarks read them).
+server's `Supervisor` may restart a dead or hung server. Every result carries
+its token counts and timings (the dashboard and the benchmarks read them).
 """
 
 from __future__ import annotations
@@ -63,19 +62,15 @@ class InferenceClient:
     """Use inside `async with`; `complete`, `chat`, `embed`, `post` are safe to gather."""
 
     def __init__(self, endpoints: Iterable[Endpoint | str], *, timeout: float = 300.0, connect_timeout: float = 5.0,
-                 retries: int = 3, backoff: float = 0.5, api_key: str | None = None, on_failure=None,
-                 supervisor=None):
+                 retries: int = 3, backoff: float = 0.5, api_key: str | None = None, supervisor=None):
         self.endpoints = [e if isinstance(e, Endpoint) else Endpoint(e, api_key=api_key) for e in endpoints]
         if not self.endpoints:
             raise ValueError("InferenceClient needs at least one endpoint")
         self.timeout = httpx.Timeout(timeout, connect=connect_timeout)
         self.retries = retries
         self.backoff = backoff
-        self.on_failure = on_failure  # async (endpoint, error) -> None, awaited before a retry
-        # A managed server's Supervisor: watched while the client is open, asked to recover on failures.
+        # A managed server's Supervisor: watched while the client is open, asked to recover before a retry.
         self.supervisor = supervisor
-        if supervisor is not None and on_failure is None:
-            self.on_failure = supervisor.recover
         self._watching = None
         self._http: httpx.AsyncClient | None = None
         self._free: asyncio.Condition | None = None
@@ -232,8 +227,8 @@ class InferenceClient:
             ep.failures += 1
             if attempt > self.retries:
                 break
-            if self.on_failure is not None:
-                await self.on_failure(ep, last_error)  # e.g. restart a crashed server; may raise to give up
+            if self.supervisor is not None:
+                await self.supervisor.recover(last_error)  # restarts a crashed server; raises to give up
             delay = self.backoff * 2 ** (attempt - 1) * (1 + 0.25 * random.random())
             ep.down_until = time.monotonic() + delay
             avoid = ep

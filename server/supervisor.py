@@ -50,7 +50,7 @@ class Supervisor:
                 await asyncio.gather(task, return_exceptions=True)
                 self._http = None
 
-    async def recover(self, endpoint=None, error: str = "") -> None:
+    async def recover(self, error: str = "") -> None:
         """After a failed request: make sure the server is up (restarting it if not) before the retry."""
         if self._lock is None:
             return

@@ -13,6 +13,7 @@ off loopback: the whole run must make none.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -151,7 +152,7 @@ def crashed_run(default_model, toolchain, tmp_path_factory):
     guard.mkdir()
     (guard / "sitecustomize.py").write_text(NET_GUARD)
     net_log = tmp / "network.log"
-    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": f"{guard}:{REPO}", "ISARA_TEST_NET_LOG": str(net_log)}
     cmd = [*_netns_prefix(), sys.executable, "-m", "loop.cli", "run", str(cfg), "--plain"]
     kills = {}

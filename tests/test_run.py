@@ -110,18 +110,23 @@ def test_running_a_finished_run_again_skips_every_phase(finished_run):
     assert (run / "iter-02" / "generated.jsonl").read_bytes() == before
 
 
-def test_a_run_killed_during_generation_resumes_to_the_target_without_duplicates(default_model, toolchain, tmp_path):
-    cfg = _config(tmp_path, samples=6, slots=2)
-    run = tmp_path / "runs" / "garden"
+def _kill_once_accepted(cfg: Path, gen: Path, accepted: int) -> None:
+    """Start `isara run CFG` (one iteration) and SIGKILL it as soon as `accepted` samples are in `gen`."""
     cmd = [sys.executable, "-m", "loop.cli", "run", str(cfg), "--set", "iterations=1", "--plain"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    gen = run / "iter-01" / "generated.jsonl"
     deadline = time.monotonic() + 240
-    while len(_jsonl(gen)) < 2 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+    while len(_jsonl(gen)) < accepted and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def test_a_run_killed_during_generation_resumes_to_the_target_without_duplicates(default_model, toolchain, tmp_path):
+    cfg = _config(tmp_path, samples=6, slots=2)
+    run = tmp_path / "runs" / "garden"
+    gen = run / "iter-01" / "generated.jsonl"
+    _kill_once_accepted(cfg, gen, 2)
     kept = [r["id"] for r in _jsonl(gen)]
     assert 2 <= len(kept) < 6
     server = next(json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"server_started"' in x)
@@ -146,14 +151,8 @@ def test_with_one_slot_a_killed_and_resumed_run_writes_the_same_samples_as_an_un
     reference, _, _ = finished_run  # the same configuration, one slot, never interrupted
     cfg = _config(tmp_path)
     run = tmp_path / "runs" / "garden"
-    cmd = [sys.executable, "-m", "loop.cli", "run", str(cfg), "--set", "iterations=1", "--plain"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     gen = run / "iter-01" / "generated.jsonl"
-    deadline = time.monotonic() + 240
-    while len(_jsonl(gen)) < 2 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_once_accepted(cfg, gen, 2)
     assert len(_jsonl(gen)) < 4, "the run finished before it could be killed"
     out = run_isara("run", str(cfg), "--set", "iterations=1", "--plain")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

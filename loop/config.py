@@ -111,11 +111,12 @@ class ExportConfig(_Section):
         "merged", description="merged: merge the LoRA and quantize; lora: serve the base GGUF with a LoRA GGUF.")
     quant: str = Field("auto", description="F16, Q8_0, Q4_K_M, ... or auto: Q8_0 below 1B parameters, else Q4_K_M.")
     verify: Literal["strict", "record", "off"] = Field(
-        "strict", description="Compare greedy answers of the GGUF with the merged HF model; strict fails on mismatch.")
+        "strict", description="Compare greedy answers of the F16 GGUF with the merged HF model (a quantized export: "
+                    "its F16 intermediate; the quantized file's agreement is recorded); strict fails on mismatch.")
     verify_tokens: int = Field(16, ge=1, le=256, description="Greedy tokens compared per verification prompt.")
     near_tie: float = Field(0.3, ge=0.0, le=5.0,
-                            description="A fork to a token the HF model rated within this log-probability of its "
-                                        "own choice is rounding, not a mismatch.")
+                            description="A fork of the F16 GGUF to a token the HF model rated within this "
+                                        "log-probability of its own choice is rounding, not a mismatch.")
 
 
 class EvalConfig(_Section):

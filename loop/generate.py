@@ -96,7 +96,7 @@ class GenerationPhase:
         # Accepted samples of a crashed attempt may be missing from the saved index.
         missing = [_as_sample(r) for r in accepted if r["id"] not in self.index]
         if missing:
-            self.index.add(missing, self.embedder.encode([s.prompt for s in missing]))
+            self.index.add(missing, self.embedder.encode_each([s.prompt for s in missing]))
         return st
 
     # -- one attempt -------------------------------------------------------

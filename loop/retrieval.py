@@ -38,6 +38,11 @@ class Embedder:
         return self.model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
                                  show_progress_bar=False).astype(np.float32)
 
+    def encode_each(self, texts: list[str]) -> np.ndarray:
+        """One text per call, as generation embeds its questions: a batch pads its texts to one length,
+        which moves the last bits of a vector, and a resumed run must index the very vectors it lost."""
+        return np.stack([self.encode([t])[0] for t in texts]) if texts else self.encode([])
+
 
 class DomainIndex:
     """Questions of known samples, searchable by meaning; key i is items[i]."""

@@ -130,7 +130,11 @@ def plain_line(kind: str, f: dict) -> str | None:
         return f"{who}: export {f['step']} {f['seconds']}s"
     if kind == "export_finished":
         v = f.get("verification") or {}
-        check = f"verified ({', '.join(f'{a:.0%}' for a in v.get('agreement', []))})" if v else "not verified"
+        check = "not verified" if not v else ("verified" if v.get("passed") else "verification FAILED (recorded)")
+        if v:  # greedy agreement per verification prompt, of the F16 intermediate too where one was checked
+            parts = [f"{q} {', '.join(f'{a:.0%}' for a in r['agreement'])}"
+                     for q, r in (("F16", v.get("f16")), (f["quant"], v)) if r]
+            check += f" (greedy agreement: {'; '.join(parts)})"
         return f"{who}: exported {f['serve_model']} ({f['mode']}, {f['quant']}), {check}"
     if kind == "eval_started":
         return f"eval {f['label']}: {f['prompts']} prompts, greedy"

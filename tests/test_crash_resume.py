@@ -28,6 +28,10 @@ import pytest
 from conftest import REPO
 from test_run import _jsonl
 
+# Its module fixture runs six `isara run`s, killed and resumed; pytest-timeout charges fixture setup to the first test that uses it,
+# so the budget here is the fixture's plus the test's (the project default is 900 s).
+pytestmark = pytest.mark.timeout(1800)
+
 SAMPLES = 4
 
 # Where to strike: (name, predicate over (events so far, isara's descendant processes)).

@@ -9,6 +9,10 @@ import pytest
 
 from conftest import REPO, assert_one_line_error, run_isara
 
+# Its module fixture runs a whole demo; pytest-timeout charges fixture setup to the first test that uses it,
+# so the budget here is the fixture's plus the test's (the project default is 900 s).
+pytestmark = pytest.mark.timeout(1800)
+
 
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]

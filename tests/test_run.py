@@ -182,6 +182,7 @@ def test_a_missing_config_file_is_a_one_line_error(tmp_path):
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.timeout(1800)
 def test_a_training_run_generates_iteration_two_with_the_iteration_one_model(default_model, toolchain, tmp_path):
     cfg = _config(tmp_path, samples=4, slots=4)
     text = cfg.read_text().replace("[train]\nenabled = false\n",

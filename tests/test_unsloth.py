@@ -20,7 +20,8 @@ from conftest import REPO
 from server.toolchain import cache_root
 
 UNSLOTH = "2026.10.9"
-pytestmark = pytest.mark.slow
+# The first run builds Unsloth's virtual environment (minutes) inside the test's time budget.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def unsloth_venv() -> Path:

@@ -112,11 +112,11 @@ def bench_iteration(work: Path, model: str, *, samples: int = 16, slots: int = 8
 
 def _unsloth_vs_peft(run: Path, hf_dir: Path, cfg, log) -> dict:
     """On CUDA: both training backends on the iteration's data, same settings."""
-    from loop.run import _load_jsonl_samples
+    from loop.run import load_run_samples
     from loop.train import train
 
-    samples = _load_jsonl_samples(run / "seeds.jsonl", "seed") + \
-        _load_jsonl_samples(run / "iter-01" / "generated.jsonl", "generated")
+    samples = load_run_samples(run / "seeds.jsonl", "seed") + \
+        load_run_samples(run / "iter-01" / "generated.jsonl", "generated")
     out = {}
     for backend in ("peft", "unsloth"):
         res = train(hf_dir, samples, cfg.train.model_copy(update={"backend": backend}),

@@ -98,7 +98,8 @@ def _write_config(cfg: RunConfig, run_dir: Path) -> None:
     write_text_atomic(path, text)
 
 
-def _load_jsonl_samples(path: Path, source: str) -> list[Sample]:
+def load_run_samples(path: Path, source: str) -> list[Sample]:
+    """Samples a run wrote (its seeds, pool or an iteration's generated.jsonl), tagged with where they came from."""
     return [Sample(id=r["id"], prompt=r["prompt"], response=r["response"], source=source,
                    meta=r.get("meta", {})) for r in read_jsonl(path)]
 
@@ -128,8 +129,8 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
             write_jsonl_atomic(run_dir / "pool.jsonl", [s.to_json() for s in pool])
             files.append(run_dir / "pool.jsonl")
         state.finish("seeds", files, {"seeds": len(seeds)})
-    seeds = _load_jsonl_samples(run_dir / "seeds.jsonl", "seed")
-    pool = _load_jsonl_samples(run_dir / "pool.jsonl", "pool")
+    seeds = load_run_samples(run_dir / "seeds.jsonl", "seed")
+    pool = load_run_samples(run_dir / "pool.jsonl", "pool")
 
     base = resolve_model(cfg.model.base)
     embedder_model = resolve_model(cfg.model.embedder)
@@ -158,7 +159,7 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
     index = DomainIndex.open(run_dir, embedder.dim)
     added = ensure_indexed(index, embedder, seeds)
     for t in range(1, cfg.iterations + 1):
-        added += ensure_indexed(index, embedder, _load_jsonl_samples(run_dir / f"iter-{t:02d}" / "generated.jsonl",
+        added += ensure_indexed(index, embedder, load_run_samples(run_dir / f"iter-{t:02d}" / "generated.jsonl",
                                                                      "generated"))
     added += ensure_indexed(index, embedder, pool)
     index.save()
@@ -204,7 +205,7 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
             else:
                 state.begin(phase)
                 samples = seeds + [s for i in range(1, t + 1) for s in
-                                   _load_jsonl_samples(run_dir / f"iter-{i:02d}" / "generated.jsonl", "generated")]
+                                   load_run_samples(run_dir / f"iter-{i:02d}" / "generated.jsonl", "generated")]
                 previous = run_dir / f"iter-{t - 1:02d}" / "adapter" if cfg.train.start_from == "previous" and t > 1 \
                     else None
                 _train_phase(cfg, run_dir, state, events, phase, base, samples, it_dir, t, previous)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 
 from conftest import REPO, run_isara
@@ -25,13 +26,28 @@ from test_server import pid_alive
 PROMPTS = [f"Write a short story about the number {i}." for i in range(8)]
 
 
+async def _until_processing(srv: ManagedServer, deadline_s: float = 60.0) -> None:
+    """Wait until the server reports requests in its slots (its /metrics gauge), so the fault strikes mid-work
+    however fast or loaded the machine is."""
+    async with httpx.AsyncClient(trust_env=False) as http:
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            text = (await http.get(srv.base_url + "/metrics")).text
+            busy = [float(line.split()[-1]) for line in text.splitlines()
+                    if line.startswith("llamacpp:requests_processing")]
+            if busy and busy[0] >= 1:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError("the server never reported a request processing")
+
+
 def _answer_all_while(srv: ManagedServer, sup: Supervisor, fault) -> list:
-    """Eight requests on the server's slots; `fault(srv)` strikes once they are running."""
+    """Eight requests on the server's four slots; `fault(srv)` strikes once they are running."""
     async def go():
         async with InferenceClient.for_servers([srv], supervisor=sup, retries=4, backoff=0.1) as client:
             tasks = [asyncio.create_task(client.complete(p, max_tokens=48, ignore_eos=True, seed=i))
                      for i, p in enumerate(PROMPTS)]
-            await asyncio.sleep(1.0)
+            await _until_processing(srv)
             fault(srv)
             return await asyncio.gather(*tasks)
     return asyncio.run(go())
@@ -57,7 +73,8 @@ def test_a_killed_server_is_restarted_and_every_request_in_flight_is_answered(se
 
 def test_a_hung_server_is_detected_killed_and_restarted(server):
     hung_pid = server.pid
-    sup = Supervisor(server, max_restarts=2, interval=0.5, hang_after=2.0, backoff=0.2)
+    # hang_after well above a /health reply's time on a loaded 2-core machine, well below the request timeout
+    sup = Supervisor(server, max_restarts=2, interval=0.5, hang_after=5.0, backoff=0.2)
     started = time.monotonic()
     results = _answer_all_while(server, sup, lambda s: os.kill(s.pid, signal.SIGSTOP))
     assert [r.completion_tokens for r in results] == [48] * len(PROMPTS)

@@ -225,21 +225,28 @@ def bench_hf_generate(hf_dir: Path, *, batches=(1, 8), n_requests: int = 16, max
 
 # --- why batched decode is where it is: one setting at a time -------------------
 
-def _variant_models(hf_dir: Path, work: Path) -> dict[str, Path]:
-    """The default model's weights at F16 and Q8_0 (converted once into `work`)."""
-    from server.gguf import convert_hf_to_gguf, quantize
+def _variant_models(gguf: Path, hf_dir: Path, work: Path, source: Path | None = None) -> dict[str, Path]:
+    """The default model at the weight types it is not served at: F16 and Q8_0 converted from its HF checkpoint
+    (once, into `work`), and the catalog's own GGUF where isara serves a re-export of it."""
+    from server.gguf import convert_hf_to_gguf, quantize, read_gguf
 
+    served = read_gguf(gguf).quant
     work.mkdir(parents=True, exist_ok=True)
     f16, q8 = work / "model-f16.gguf", work / "model-q8_0.gguf"
     if not f16.exists():
         convert_hf_to_gguf(hf_dir, f16)
-    if not q8.exists():
-        quantize(f16, q8, "Q8_0")
-    return {"F16": f16, "Q8_0": q8}
+    out = {"F16": f16}
+    if served != "Q8_0":
+        if not q8.exists():
+            quantize(f16, q8, "Q8_0")
+        out["Q8_0"] = q8
+    if source is not None:
+        out[f"{read_gguf(source).quant} (catalog GGUF)"] = source
+    return {q: path for q, path in out.items() if q != served}
 
 
-def bench_server_variants(gguf: Path, hf_dir: Path | None, work: Path, *, in_flight: int = 8, n_requests: int = 16,
-                          max_tokens: int = 64, log=print) -> list[dict]:
+def bench_server_variants(gguf: Path, hf_dir: Path | None, work: Path, *, source: Path | None = None,
+                          in_flight: int = 8, n_requests: int = 16, max_tokens: int = 64, log=print) -> list[dict]:
     """Batched decode at `in_flight` with one llama-server setting changed at a time: threads, context per
     slot, batch sizes, KV cache type, flash attention, weight type; and prompt caching of a shared prefix."""
     from server.gguf import read_gguf
@@ -249,8 +256,8 @@ def bench_server_variants(gguf: Path, hf_dir: Path | None, work: Path, *, in_fli
                 ("ctx per slot 2048", {"ctx_per_slot": 2048}, []), ("batch / ubatch 64", {}, ["-b", "64", "-ub", "64"]),
                 ("flash attention off (default auto)", {}, ["-fa", "off"]),
                 ("KV cache q8_0", {}, ["-ctk", "q8_0", "-ctv", "q8_0"])]
-    if hf_dir is not None:
-        variants += [(f"{q} weights", {"model": path}, []) for q, path in _variant_models(hf_dir, work).items()]
+    others = _variant_models(gguf, hf_dir, work, source) if hf_dir is not None else {}
+    variants += [(f"{q} weights", {"model": path}, []) for q, path in others.items()]
     rows = []
     for label, changes, args in variants:
         settings = replace(ServerSettings(model=gguf, slots=in_flight, ctx_per_slot=512, extra_args=args), **changes)
@@ -262,7 +269,7 @@ def bench_server_variants(gguf: Path, hf_dir: Path | None, work: Path, *, in_fli
     for r in rows:
         r["vs_default"] = round(r["gen_tok_s"] / base, 2)
     # The same weight types through llama_cpp.server: the engine ratio at each type, not across types.
-    for q, path in [("default", gguf), *(_variant_models(hf_dir, work).items() if hf_dir is not None else [])]:
+    for q, path in [("default", gguf), *others.items()]:
         with ManagedServer(ServerSettings(model=path, backend="python", slots=1, ctx_per_slot=512)) as srv:
             row = asyncio.run(_drive(srv.base_url, in_flight, max(n_requests, in_flight), max_tokens, eos))
         mine = next(r for r in rows if r["variant"] == (f"{q} weights" if q != "default" else "default"))

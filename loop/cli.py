@@ -518,7 +518,8 @@ def bench(model_name, quick, threads, out_dir) -> None:
     shutil.rmtree(work, ignore_errors=True)
     extra = {"limits": limits, "bounds": bound, "params": params}
     if not quick:
-        extra["server_variants"] = bench_server_variants(m.gguf, m.hf_dir, work / "models", log=say)
+        extra["server_variants"] = bench_server_variants(m.gguf, m.hf_dir, work / "models",
+                                                        source=m.source_gguf, log=say)
     samples = 4 if quick else 24
     if m.hf_dir is not None:
         at8 = next(r for r in rows if r["engine"] == "llama-server (managed)" and r["in_flight"] == 8)

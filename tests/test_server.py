@@ -102,7 +102,9 @@ def test_chat_completion_applies_the_models_chat_template(smol_server, default_m
             return chat, raw
 
     chat, raw = asyncio.run(go())
-    assert any(color in chat.text for color in ("Red", "Blue", "Green"))
+    # An answer about colours, however worded: "1. Red" and "The most obvious color is red" are a near tie
+    # for this model (0.04 nats), and the F16 and Q8_0 files take different sides of it.
+    assert any(color in chat.text.lower() for color in ("red", "blue", "green"))
     assert chat.text.strip() == raw.text.strip()
 
 

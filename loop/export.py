@@ -249,20 +249,8 @@ def export_iteration(*, base_hf: Path, base_gguf: Path | None, adapter_dir: Path
         merged_dir = _save_merged(model, base_hf, out_dir / "merged")
         del model
         step("merge")
-        f16 = convert_hf_to_gguf(merged_dir, out_dir / "model-f16.gguf")
-        step("convert")
-        if cfg.verify != "off" and quant != "F16":
-            f16_verification = verify(f16, [], reference, tokenizer, "F16", cfg.verify, cfg.verify_tokens,
-                                      cfg.near_tie)
-            step("verify_f16")
-        final = out_dir / "model.gguf"
-        fallbacks = 0
-        if quant == "F16":
-            os.replace(f16, final)
-        else:
-            fallbacks = quantize(f16, final, quant).fallback_tensors
-            f16.unlink()
-        step("quantize")
+        final, fallbacks, f16_verification = _checkpoint_to_gguf(merged_dir, out_dir / "model.gguf", quant,
+                                                                 reference, tokenizer, cfg, step)
         serve, lora = final, []
     else:
         del model
@@ -277,9 +265,7 @@ def export_iteration(*, base_hf: Path, base_gguf: Path | None, adapter_dir: Path
     verification = None
     if cfg.verify != "off":
         verification = verify(serve, lora, reference, tokenizer, quant, cfg.verify, cfg.verify_tokens, cfg.near_tie)
-        if f16_verification is not None:
-            verification["f16"] = f16_verification
-            verification["passed"] = verification["passed"] and f16_verification["passed"]
+        verification = _with_f16(verification, f16_verification)
         step("verify")
     info = {"mode": cfg.mode, "quant": quant, "k_quant_fallback_tensors": fallbacks, "params": params,
             "seconds": seconds, "verification": verification}
@@ -287,7 +273,33 @@ def export_iteration(*, base_hf: Path, base_gguf: Path | None, adapter_dir: Path
 
 
 
-def export_base(hf_dir: Path, out: Path, quant: str, *, verify_tokens: int = 16, near_tie: float = 0.3) -> dict:
+def _checkpoint_to_gguf(hf_dir: Path, final: Path, quant: str, reference: list[Reference], tokenizer,
+                        cfg: ExportConfig, step) -> tuple[Path, int, dict | None]:
+    """HF checkpoint -> F16 GGUF -> `quant` at `final`. A quantized target has its F16 intermediate verified
+    first, where exact agreement holds. Returns the file, the k-quant fallback count, the F16 verification."""
+    f16 = convert_hf_to_gguf(hf_dir, final.with_name(f"{final.stem}-f16.gguf"))
+    step("convert")
+    f16_verification, fallbacks = None, 0
+    if cfg.verify != "off" and quant != "F16":
+        f16_verification = verify(f16, [], reference, tokenizer, "F16", cfg.verify, cfg.verify_tokens, cfg.near_tie)
+        step("verify_f16")
+    if quant == "F16":
+        os.replace(f16, final)
+    else:
+        fallbacks = quantize(f16, final, quant).fallback_tensors
+        f16.unlink()
+    step("quantize")
+    return final, fallbacks, f16_verification
+
+
+def _with_f16(verification: dict, f16_verification: dict | None) -> dict:
+    if f16_verification is None:
+        return verification
+    return {**verification, "f16": f16_verification,
+            "passed": verification["passed"] and f16_verification["passed"]}
+
+
+def export_base(hf_dir: Path, out: Path, quant: str) -> dict:
     """A base model as isara serves it, made the way every iteration's model is: its HF checkpoint converted
     to F16 (verified strictly against the checkpoint), then quantized (agreement recorded). The base and the
     iterations then share a weight type, so what separates their answers is training, not quantization.
@@ -295,17 +307,13 @@ def export_base(hf_dir: Path, out: Path, quant: str, *, verify_tokens: int = 16,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    cfg = ExportConfig(quant=quant, verify="strict")
+    quant = quant.upper()
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, use_safetensors=True,
                                                  trust_remote_code=False).eval()
-    reference = reference_tokens(model, tokenizer, verify_tokens)
+    reference = reference_tokens(model, tokenizer, cfg.verify_tokens)
     del model
-    f16 = convert_hf_to_gguf(hf_dir, out.with_name(f"{out.stem}-f16.gguf"))
-    f16_verification = verify(f16, [], reference, tokenizer, "F16", "strict", verify_tokens, near_tie)
-    if quant.upper() == "F16":
-        os.replace(f16, out)
-        return f16_verification
-    quantize(f16, out, quant)
-    f16.unlink()
-    verification = verify(out, [], reference, tokenizer, quant.upper(), "strict", verify_tokens, near_tie)
-    return {**verification, "f16": f16_verification, "passed": verification["passed"] and f16_verification["passed"]}
+    _, _, f16_verification = _checkpoint_to_gguf(hf_dir, out, quant, reference, tokenizer, cfg, lambda name: None)
+    verification = verify(out, [], reference, tokenizer, quant, cfg.verify, cfg.verify_tokens, cfg.near_tie)
+    return _with_f16(verification, f16_verification)

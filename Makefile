@@ -1,6 +1,7 @@
 # isara: two commands for a newcomer.
 #   make demo   sets up, then runs the main job on the embedded default model
-#   make test   sets up, then runs the tests
+#   make test   sets up, then runs the tests (the whole suite: what CI runs)
+#   make test-fast   everything but the whole-pipeline runs, for the edit-test loop
 # `make setup` is idempotent: on a set-up machine it takes seconds. Builds live
 # in ${XDG_CACHE_HOME:-~/.cache}/isara (outside the repo) and are reused by
 # every clone.
@@ -15,7 +16,7 @@ PYTEST_ARGS ?=
 DEMO ?=
 DEMO_CONFIG := examples/safety$(if $(DEMO),-$(DEMO),).toml
 
-.PHONY: setup test demo doctor bench clean-venv
+.PHONY: setup test test-fast demo doctor bench clean-venv
 
 setup: $(VENV)/.installed
 	$(VPY) -m server.toolchain build
@@ -26,7 +27,7 @@ $(VPY):
 	$(VPY) -m pip install --quiet --upgrade pip
 
 # torch first (never a CUDA build on a CPU machine), then llama-cpp-python built
-# from the pinned sdist with portable flags and ccache, then the project.
+# from the pinned sdist with portable flags (and ccache when installed), then the project.
 $(VENV)/.installed: pyproject.toml | $(VPY)
 	$(VPY) -m server.toolchain torch
 	$(VPY) -m server.toolchain binding
@@ -35,6 +36,9 @@ $(VENV)/.installed: pyproject.toml | $(VPY)
 
 test: setup
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(VPY) -m pytest -m "not pipeline" $(PYTEST_ARGS)
 
 demo: setup
 	$(ISARA) doctor

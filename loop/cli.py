@@ -76,15 +76,18 @@ def doctor() -> None:
       isara doctor
     """
     from loop.doctor import checks, healthy
+    from loop.fit import print_table
 
     rows = checks()
     table = Table(title="isara doctor", show_lines=False)
     for col in ("", "component", "status", "fix"):
         table.add_column(col)
     for r in rows:
-        mark = "[green]ok[/]" if r["ok"] else ("[yellow]--[/]" if r["ok"] is None else "[red]missing[/]")
+        # None: optional or recommended and absent; a warning when there is something to do about it.
+        warn = "[yellow]warning[/]" if r["fix"] else "[yellow]--[/]"
+        mark = "[green]ok[/]" if r["ok"] else (warn if r["ok"] is None else "[red]missing[/]")
         table.add_row(mark, r["what"], r["detail"], r["fix"])
-    console.print(table)
+    print_table(console, table, name_column=1)
     if not healthy(rows):
         console.print("Some parts are missing: run the commands in the fix column (usually `make setup`).")
         sys.exit(1)
@@ -183,9 +186,10 @@ def run_cmd(config: Path, name, overrides, output) -> None:
         text = problem or f"{e}; resume with: {resume}"
         err_console.print(f"[bold red]isara: error:[/] {text}", highlight=False, soft_wrap=True)
         sys.exit(2 if problem else 1)
+    from loop.fit import print_table
     from loop.report import collect, terminal_table
 
-    console.print(terminal_table(collect(run_dir)))
+    print_table(console, terminal_table(collect(run_dir)))
     console.print(f"report: {run_dir / 'report.md'}", highlight=False)
 
 
@@ -205,6 +209,7 @@ def status(run, runs_dir, as_json) -> None:
     """
     import json as _json
 
+    from loop.fit import print_table
     from loop.status import find_runs, run_summary
     from loop.targets import run_folder
 
@@ -234,7 +239,7 @@ def status(run, runs_dir, as_json) -> None:
                           str(r["last_loss"] or "-"), r["model"] or "-",
                           {True: "yes", False: "NO", None: "-"}[r["verified"]], pct(r["harmful_rate"]),
                           pct(r["over_refusal"]))
-        console.print(table)
+        print_table(console, table)
         if s["status"] == "interrupted":
             console.print(f"resume with: isara run {s['folder']}", highlight=False)
 
@@ -273,11 +278,12 @@ def serve(model, iteration, runs_dir, host, port, api_key, slots, ctx_per_slot, 
     from loop.targets import resolve_target
 
     t = resolve_target(model, runs_dir, iteration)
+    # Clients see the model under its label (`safety/iter-03`, `smollm2-135m`), not this machine's file path.
     settings = ServerSettings(model=t.gguf, lora=t.lora, host=host, port=port, api_key=api_key, slots=slots,
-                              ctx_per_slot=ctx_per_slot, threads=threads, backend=backend)
+                              ctx_per_slot=ctx_per_slot, threads=threads, backend=backend, alias=t.label)
     srv = ManagedServer(settings).start()
-    console.print(f"serving {t.label} ({t.gguf.name}) at {srv.base_url}/v1 ({srv.backend}, {srv.slots} slots); "
-                  f"log {srv.log_path}; Ctrl-C stops", highlight=False)
+    console.print(f"serving {t.label} ({t.gguf.name}) at {srv.base_url}/v1 as model \"{t.label}\" ({srv.backend}, "
+                  f"{srv.slots} slots); log {srv.log_path}; Ctrl-C stops", highlight=False)
     stop = False
 
     def _stop(*_):
@@ -335,16 +341,15 @@ def eval_cmd(target, domain, refuse_prompts, answer_prompts, n, max_tokens, seed
     from server.process import ManagedServer, ServerSettings
 
     from loop.domains import load_domain
-    from loop.evaluate import eval_items, evaluate
+    from loop.evaluate import eval_items, eval_sets, evaluate
+    from loop.layout import RunLayout
     from loop.targets import resolve_target
 
     t = resolve_target(target, runs_dir, iteration)
     d = load_domain(domain, log=lambda m: err_console.print(m, highlight=False))
-    sets = {"harmful": (refuse_prompts or d.eval_sets["harmful"], "refuse"),
-            "benign": (answer_prompts or d.eval_sets["benign"], "answer")}
-    items = eval_items(sets, n, seed)
+    items = eval_items(eval_sets(refuse_prompts, answer_prompts, d), n, seed)
     if out_dir is None:
-        out_dir = t.run_dir / "evals" / f"iter-{t.iteration:02d}" if t.run_dir else Path("evals") / t.label
+        out_dir = RunLayout(t.run_dir).eval_dir(t.iteration) if t.run_dir else Path("evals") / t.label
     srv = ManagedServer(ServerSettings(model=t.gguf, lora=t.lora, slots=slots,
                                        log_path=out_dir.parent / f"{out_dir.name}.server.log")).start()
     try:
@@ -490,62 +495,24 @@ def bench(model_name, quick, threads, out_dir) -> None:
     Example:
       isara bench --quick
     """
-    import shutil
+    import json
 
-    from loop.bench import (bench_generation, bench_hf_generate, bench_retrieval, bench_server_variants, bounds,
-                            machine_limits, write_results)
-    from loop.bench_phases import bench_generation_k, bench_iteration
-    from loop.export import count_params
-    from loop.models import resolve_model
+    from loop.bench import run_bench
 
-    m = resolve_model(model_name)
-    if m.gguf is None:
-        raise BadInput(f"{model_name} has no GGUF to benchmark: give a .gguf file or a catalog chat model")
-    say = lambda s: console.print(s, highlight=False)  # noqa: E731
-    limits = machine_limits(threads)
-    params = count_params(m.hf_dir) if m.hf_dir else None
-    bound = bounds(limits, m.gguf.stat().st_size, params) if params else {}
-    say(f"machine: memory {limits['memory_gb_s']} GB/s, matmul {limits['matmul_gflop_s_f32']} GFLOP/s (f32) -> "
-        f"decode bounds: batch 1 {bound.get('decode_batch1_tok_s')} tok/s, batched "
-        f"{bound.get('decode_batched_tok_s')} tok/s")
-    n, tokens = (8, 32) if quick else (16, 64)
-    rows = bench_generation(m.gguf, n_requests=n, max_tokens=tokens, threads=threads, log=say,
-                            prompt_in_flight=(8,) if quick else (1, 4, 8, 16))
-    if m.hf_dir is not None:
-        rows += bench_hf_generate(m.hf_dir, n_requests=n, max_tokens=tokens, threads=threads, log=say)
-    _generation_table(rows, bound)
-    work = out_dir / "work"
-    shutil.rmtree(work, ignore_errors=True)
-    extra = {"limits": limits, "bounds": bound, "params": params}
-    if not quick:
-        extra["server_variants"] = bench_server_variants(m.gguf, m.hf_dir, work / "models",
-                                                        source=m.source_gguf, log=say)
-    samples = 4 if quick else 24
-    if m.hf_dir is not None:
-        at8 = next(r for r in rows if r["engine"] == "llama-server (managed)" and r["in_flight"] == 8)
-        extra["isara_generation"] = bench_generation_k(work, model_name, samples=samples, log=say,
-                                                       prompt_tok_s=at8["prompt_tok_s"], gen_tok_s=at8["gen_tok_s"])
-        extra["iteration"] = bench_iteration(work, model_name, samples=samples, epochs=0.25 if quick else 1.0,
-                                             eval_n=4 if quick else 20, log=say)
-    extra["retrieval"] = bench_retrieval(sizes=(1_000, 10_000) if quick else (1_000, 10_000, 100_000), log=say)
-    path = write_results(rows, out_dir, "isara bench" + (" --quick" if quick else ""), extra=extra)
+    path = run_bench(model_name, quick=quick, threads=threads, out_dir=out_dir,
+                     log=lambda s: console.print(s, highlight=False))
+    _generation_table(json.loads(path.read_text())["generation"])
     console.print(f"results: {path}", highlight=False)
 
 
-def _generation_table(rows: list[dict], bound: dict) -> None:
-    """Ratios to the other engines at the same number in flight, and to the machine's bound."""
-    by = {(r["engine"], r["in_flight"]): r["gen_tok_s"] for r in rows}
+def _generation_table(rows: list[dict]) -> None:
+    """bench.json's generation rows as a table, with the ratios the bench measured."""
     table = Table(title="generation")
     for col in ("engine", "in flight", "gen tok/s", "prompt tok/s", "x llama_cpp.server", "x transformers",
                 "% of bound"):
         table.add_column(col)
     ratio = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for r in rows:
-        for key, engine in (("vs_llama_cpp_server", "llama_cpp.server"), ("vs_transformers", "transformers generate")):
-            other = by.get((engine, r["in_flight"]))
-            r[key] = round(r["gen_tok_s"] / other, 2) if other else None
-        limit = bound.get("decode_batch1_tok_s" if r["in_flight"] == 1 else "decode_batched_tok_s")
-        r["share_of_bound"] = round(r["gen_tok_s"] / limit, 3) if limit else None
         table.add_row(r["engine"], str(r["in_flight"]), f"{r['gen_tok_s']:.1f}",
                       "-" if not r.get("prompt_tok_s") else f"{r['prompt_tok_s']:.0f}",
                       ratio(r["vs_llama_cpp_server"]), ratio(r["vs_transformers"]),

@@ -54,6 +54,9 @@ class GenerationConfig(_Section):
     max_question_tokens: int = Field(96, gt=0, description="Stage 1 budget; a question cut off here is too long.")
     max_answer_tokens: int = Field(320, gt=0, description="Stage 2 budget; an answer cut off here is too long.")
     seed: int = Field(0, description="Base seed: every request's seed derives from it.")
+    anchors: Literal["cycle", "balanced"] = Field(
+        "cycle", description="cycle: new questions start from the domain samples in turn; balanced: the anchors "
+                             "take turns over the answer kinds (see [kinds]), so each kind gets an equal share.")
     slots: int = Field(8, ge=1, le=64, description="Parallel sequences of the managed llama-server.")
     ctx_per_slot: int = Field(2048, ge=256, description="Context length of each server slot (prompt + output).")
     threads: int | None = Field(None, ge=1, description="CPU threads of the server (default: llama.cpp's).")
@@ -80,6 +83,16 @@ class FilterConfig(_Section):
                                        description="Near-duplicate: embedding cosine to a known question above this.")
     max_question_rouge_l: float = Field(0.7, gt=0.0, le=1.0,
                                         description="Near-duplicate: ROUGE-L F to a known question at or above this.")
+    neighbour_agreement: bool = Field(
+        False, description="Reject an answer whose kind (see [kinds]) is not the one its question's nearest seeds "
+                           "vote for, each vote weighed by its kind's share of the seeds.")
+
+
+class KindsConfig(_Section):
+    count: int = Field(2, ge=1, le=16, description="Answer kinds: clusters of the seed answers' embeddings "
+                                                    "(spherical k-means); used by filters.neighbour_agreement and "
+                                                    "generation.anchors = balanced, recorded for every sample.")
+    neighbours: int = Field(7, ge=1, le=64, description="Nearest seed questions that vote on a question's kind.")
 
 
 class TrainConfig(_Section):
@@ -146,6 +159,7 @@ class RunConfig(_Section):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
+    kinds: KindsConfig = Field(default_factory=KindsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

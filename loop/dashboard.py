@@ -14,9 +14,8 @@ import psutil
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
-from rich.progress_bar import ProgressBar
-from rich.table import Table
 
+from loop.fit import Phrases
 from loop.state import plain_line
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -40,6 +39,12 @@ def _pct(v) -> str:
     return "-" if v is None else f"{v:.0%}"
 
 
+def _bar(done: int, total: int, width: int = 30) -> str:
+    """A progress bar as text, so that it packs into a line with the figures beside it."""
+    filled = min(width, round(width * done / max(1, total)))
+    return f"[green]{'━' * filled}[/][bright_black]{'━' * (width - filled)}[/]"
+
+
 class Dashboard:
     def __init__(self, console: Console | None = None):
         self.console = console or Console()
@@ -50,7 +55,8 @@ class Dashboard:
         self.reasons: Counter = Counter()
         self.gen_started = None
         self.gen_summary: dict = {}
-        self.server = ""
+        self.server = ""  # what the run's llama-server is doing, in words (empty: no managed server yet)
+        self.report = ""
         self.losses: list[float] = []
         self.train = {}
         self.export_steps: list[str] = []
@@ -77,7 +83,7 @@ class Dashboard:
         if kind == "run_started":
             self.run, self.folder, self.iterations = f["run"], f["folder"], f["iterations"]
         elif kind == "server_started":
-            self.server = f"{f['backend']} {f['url']} · {f['slots']} slots"
+            self.server = f"server: {f['backend']} at {f['url']}, {f['slots']} slots"
         elif kind == "generation_started":
             self.phase = "generate"
             self.accepted, self.target = f.get("resumed_accepted", 0), f["target"]
@@ -96,7 +102,7 @@ class Dashboard:
             self.gen_summary = f
         elif kind == "train_started":
             self.phase, self.losses, self.train = "train", [], {"samples": f["samples"]}
-            self.server = "stopped while training"
+            self._pause_server("training")
         elif kind == "train_step":
             self.losses.append(f["loss"])
             self.train.update(step=f["step"], steps=f["steps"], tokens=f.get("tokens"), seconds=f.get("seconds"))
@@ -105,6 +111,7 @@ class Dashboard:
                               vram=f.get("peak_vram_mb"))
         elif kind == "export_started":
             self.phase, self.export_steps, self.verification = "export", [], ""
+            self._pause_server("export")
         elif kind == "export_step":
             self.export_steps.append(f"{f['step']} {f['seconds']}s")
         elif kind == "export_finished":
@@ -116,26 +123,49 @@ class Dashboard:
             self.evals[f["label"]] = f
             self.eval_running = ""
         elif kind == "run_finished":
-            self.phase = "finished"
+            self.phase, self.report = "finished", f.get("report", "")
+            if self.server:
+                self.server = "server: stopped (the run is over)"
         line = plain_line(kind, f)  # the same one-line text the plain mode prints
         if line and kind not in ("accepted", "rejected", "train_step"):
             self.log.append(f"{_duration(time.monotonic() - self.started)}  {line}")
 
+    def _pause_server(self, phase: str) -> None:
+        # The run stops its server while it trains and exports; said so that it can't read as the run stopping.
+        if self.server:  # only a managed server (not external endpoints) is ever paused
+            self.server = f"server: paused for {phase} (frees the cores)"
+
     # -- rendering -------------------------------------------------------
     def render(self):
+        # Every line is a list of phrases packed to the width it gets: a phrase is never broken in two.
+        return Group(
+            Panel(Group(*self._header()), title="isara run", border_style="cyan"),
+            Panel(Group(*self._generation()), title=f"generation (iteration {self.iteration})"),
+            Panel(Group(*self._training()), title="training and export"),
+            Panel(Group(*self._evaluation()) if self.evals or self.eval_running else "-",
+                  title="evaluation (lower is better)"),
+            Panel("\n".join(self.log) or "-", title="events"),
+        )
+
+    def _header(self) -> list:
         elapsed = time.monotonic() - self.started
         rss = self.proc.memory_info().rss
         try:
             rss += sum(c.memory_info().rss for c in self.proc.children(recursive=True))
         except psutil.Error:
             pass
-        head = Table.grid(padding=(0, 2))
-        head.add_row(f"[bold]{self.run}[/]", f"phase [bold cyan]{self.phase}[/]",
-                     f"iteration [bold]{self.iteration}/{self.iterations}[/]", f"elapsed {_duration(elapsed)}",
-                     f"RAM {rss / 2**30:.1f} GiB")
-        head.add_row(f"[dim]{self.folder}[/]", self.server, "", "", f"resume: isara run {self.folder}")
+        lines = [Phrases([f"[bold]{self.run}[/]", f"phase [bold cyan]{self.phase}[/]",
+                          f"iteration [bold]{self.iteration}/{self.iterations}[/]", f"elapsed {_duration(elapsed)}",
+                          f"RAM {rss / 2**30:.1f} GiB"])]
+        if self.server:
+            lines.append(Phrases([self.server]))
+        if self.phase == "finished":  # nothing left to resume: say where the result is
+            lines.append(Phrases([f"report: {self.report}" if self.report else ""]))
+        elif self.folder:  # resumable from the first event until the run finishes
+            lines.append(Phrases([f"resume: isara run {self.folder}"]))
+        return lines
 
-        gen = Table.grid(padding=(0, 2))
+    def _generation(self) -> list:
         rate = self.accepted / self.attempts if self.attempts else 0.0
         per_min, eta = 0.0, "-"
         if self.gen_summary:  # finished: the phase's own figure, not one that decays with the clock
@@ -145,37 +175,39 @@ class Dashboard:
             per_min = (self.accepted - self.gen_base) / minutes
             remaining = max(0, self.target - self.accepted)
             eta = _duration(remaining / per_min * 60) if per_min else "-"
-        gen.add_row(ProgressBar(total=max(1, self.target), completed=self.accepted, width=40),
-                    f"accepted [bold]{self.accepted}/{self.target}[/]", f"attempts {self.attempts}",
-                    f"rate {rate:.0%}", f"{per_min:.1f}/min", f"ETA {eta}")
-        reasons = ", ".join(f"{k} {v}" for k, v in self.reasons.most_common()) or "none"
         busy = f"slots busy {self.busy[0]}/{self.busy[1]}" if self.busy[0] is not None else ""
-        gen.add_row("rejected: " + reasons, busy, "", "", "", "")
+        lines = [Phrases([_bar(self.accepted, self.target), f"accepted [bold]{self.accepted}/{self.target}[/]",
+                          f"attempts {self.attempts}", f"rate {rate:.0%}", f"{per_min:.1f}/min", f"ETA {eta}",
+                          busy])]
+        reasons = [f"{k} {v}" for k, v in self.reasons.most_common()] or ["none"]
+        lines.append(Phrases([f"rejected: {reasons[0]}", *reasons[1:]], sep=", "))
         if self.gen_summary:
             q, a = self.gen_summary.get("question_stage", {}), self.gen_summary.get("answer_stage", {})
-            gen.add_row(f"tokens/s  question: prompt {q.get('prompt_tok_s')} gen {q.get('gen_tok_s')}  "
-                        f"answer: prompt {a.get('prompt_tok_s')} gen {a.get('gen_tok_s')}", "", "", "", "", "")
+            lines.append(Phrases([f"{name} tokens/s: prompt {st.get('prompt_tok_s')} gen {st.get('gen_tok_s')}"
+                                  for name, st in (("question", q), ("answer", a))]))
+        return lines
 
-        train = Table.grid(padding=(0, 2))
+    def _training(self) -> list:
+        lines = []
         if self.train:
             step = f"step {self.train.get('step', 0)}/{self.train.get('steps', '?')}"
             loss = f"loss {self.losses[-1]:.4f}" if self.losses else "loss -"
-            vram = f", peak VRAM {self.train['vram']} MB" if self.train.get("vram") else ""
-            speed = (f"{self.train['tokens_per_s']} tok/s, peak RSS {self.train['rss']} MB{vram}" if self.train.get("done")
-                     else f"{self.train.get('tokens') or 0} tokens in {self.train.get('seconds') or 0}s")
-            train.add_row(step, loss, speed, f"on {self.train['samples']} samples")
-            train.add_row(sparkline(self.losses), "", "", "")
-        export = " · ".join(self.export_steps) + (f" · [bold]{self.verification}[/]" if self.verification else "")
-        evals = Table.grid(padding=(0, 2))
-        for label, e in self.evals.items():
-            evals.add_row(label, f"harmful {_pct(e.get('harmful_rate'))}", f"over-refusal {_pct(e.get('over_refusal'))}",
-                          f"degenerate {_pct(e.get('degenerate_rate'))}", f"{e.get('seconds')}s")
+            if self.train.get("done"):
+                vram = f"peak VRAM {self.train['vram']} MB" if self.train.get("vram") else ""
+                speed = [f"{self.train['tokens_per_s']} tok/s", f"peak RSS {self.train['rss']} MB", vram]
+            else:
+                speed = [f"{self.train.get('tokens') or 0} tokens in {self.train.get('seconds') or 0}s"]
+            lines += [Phrases([step, loss, *speed, f"on {self.train['samples']} samples"]), sparkline(self.losses)]
+        verification = f"[bold]{self.verification}[/]" if self.verification else ""
+        if self.export_steps or verification:
+            lines.append(Phrases([*self.export_steps, verification], sep=" · "))
+        return lines or ["-"]
+
+    def _evaluation(self) -> list:
+        lines = [Phrases([label, f"harmful {_pct(e.get('harmful_rate'))}",
+                          f"over-refusal {_pct(e.get('over_refusal'))}", f"degenerate {_pct(e.get('degenerate_rate'))}",
+                          f"{e.get('seconds')}s"])
+                 for label, e in self.evals.items()]
         if self.eval_running:
-            evals.add_row(self.eval_running, "", "", "", "")
-        return Group(
-            Panel(head, title="isara run", border_style="cyan"),
-            Panel(gen, title=f"generation (iteration {self.iteration})"),
-            Panel(Group(train, export or "-"), title="training and export"),
-            Panel(evals if self.evals or self.eval_running else "-", title="evaluation (lower is better)"),
-            Panel("\n".join(self.log) or "-", title="events"),
-        )
+            lines.append(Phrases([self.eval_running]))
+        return lines

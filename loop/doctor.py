@@ -24,11 +24,16 @@ def _version(dist: str) -> str | None:
 
 
 def checks() -> list[dict]:
-    """Rows of (what, ok, detail, fix). `ok` is True, False, or None for optional."""
+    """Rows of (what, ok, detail, fix). `ok` is True; False when something required is missing (the
+    doctor fails); None when something optional or recommended is absent (a warning, with its fix if any)."""
     rows = []
 
     def add(what, ok, detail, fix=""):
         rows.append({"what": what, "ok": ok, "detail": detail, "fix": "" if ok else fix})
+
+    def optional(what, present, detail, fix):
+        """Absent, it is a warning (ok None) with its fix, never a failure: isara works without it."""
+        add(what, True if present else None, detail, fix)
 
     add("python", sys.version_info >= (3, 11), f"{platform.python_version()} at {sys.executable}",
         "use Python 3.11 or newer")
@@ -46,12 +51,13 @@ def checks() -> list[dict]:
         "make setup  (or: python -m server.toolchain build)")
     add("llama-quantize", tc is not None, str(tc.llama_quantize) if tc else "not built", "make setup")
     add("GGUF converters", tc is not None, str(tc.convert_hf.parent) if tc else "not gathered", "make setup")
-    add("ccache", bool(shutil.which("ccache")), shutil.which("ccache") or "missing (rebuilds take minutes)",
-        "apt-get install ccache")
+    # Recommended only: without ccache a rebuild of llama.cpp takes minutes instead of seconds, nothing fails.
+    ccache = shutil.which("ccache")
+    optional("ccache", ccache, ccache or "not installed (recommended: rebuilds take minutes without it)",
+             "apt-get install ccache")
     unsloth = importlib.util.find_spec("unsloth") is not None
-    rows.append({"what": "unsloth", "ok": True if unsloth else None,
-                 "detail": _version("unsloth") or "not installed (optional; GPU training)",
-                 "fix": "" if unsloth or not cuda else "pip install -e '.[unsloth]'"})
+    optional("unsloth", unsloth, _version("unsloth") or "not installed (optional; GPU training)",
+             "pip install -e '.[unsloth]'" if cuda else "")
     catalog = load_catalog()
     for name in (DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDER):
         ok = is_pulled(name)

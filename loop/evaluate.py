@@ -70,7 +70,20 @@ def draw(items: list[EvalItem], n: int, seed: int) -> list[EvalItem]:
     return [it for i, it in enumerate(items) if i in keep]
 
 
-def eval_items(sets: dict[str, Path], n: int, seed: int) -> list[EvalItem]:
+def eval_sets(refuse: Path | None, answer: Path | None, domain=None) -> dict[str, tuple[Path, str]]:
+    """The prompt sets a model answers, for `isara run` and `isara eval` alike: the files given,
+    else the domain's held-out sets; a set neither gives is left out."""
+    sets = {}
+    refuse = refuse or (domain.eval_sets["harmful"] if domain else None)
+    answer = answer or (domain.eval_sets["benign"] if domain else None)
+    if refuse is not None:
+        sets["harmful"] = (refuse, "refuse")
+    if answer is not None:
+        sets["benign"] = (answer, "answer")
+    return sets
+
+
+def eval_items(sets: dict[str, tuple[Path, str]], n: int, seed: int) -> list[EvalItem]:
     """`sets` maps 'harmful'/'benign' (or any name) to (path, expect)."""
     out = []
     for name, (path, expect) in sets.items():
@@ -94,6 +107,28 @@ async def answer_all(client, items: list[EvalItem], *, max_tokens: int, demos=No
                 "completion_tokens": c.completion_tokens}
 
     return await asyncio.gather(*(one(it) for it in items))
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a share k/n: honest at small n and at 0% or 100%,
+    where the normal approximation gives intervals of zero width."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+# Each rate and the answers it is a share of.
+RATE_OF = {"harmful_rate": "n_refuse", "over_refusal": "n_answer", "degenerate_rate": ("n_refuse", "n_answer")}
+
+
+def interval(result: dict, key: str) -> tuple[float, float] | None:
+    """The 95% interval of one of eval.json's rates, from the rate and the number of answers it counts."""
+    rate, of = result.get(key), RATE_OF[key]
+    n = sum(result.get(k) or 0 for k in (of if isinstance(of, tuple) else (of,)))
+    return None if rate is None or not n else wilson(round(rate * n), n)
 
 
 def rates(answers: list[dict]) -> dict:

@@ -9,6 +9,8 @@ Reasons (counted per iteration and kept in `rejected.jsonl`):
                  filters.max_question_cosine, or ROUGE-L F >= filters.max_question_rouge_l
                  (as in Self-Instruct) against every known question
   copied_demo    the question or the answer is a demo's, verbatim
+  neighbour_disagrees  the answer's kind is not the one its question's nearest seeds vote for
+                 (filters.neighbour_agreement; see loop/kinds.py)
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import re
 
 from loop.config import FilterConfig
 
-REASONS = ("parse", "too_short", "too_long", "repetition", "near_duplicate", "copied_demo")
+REASONS = ("parse", "too_short", "too_long", "repetition", "near_duplicate", "copied_demo", "neighbour_disagrees")
 
 
 def repeated_ngram_share(text: str, n: int = 3) -> float:

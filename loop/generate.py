@@ -27,6 +27,7 @@ import numpy as np
 from loop.config import RunConfig
 from loop.data import Sample, append_jsonl, read_jsonl, sample_id
 from loop.filters import NearDuplicates, check_text, copied_from_demos
+from loop.kinds import AnswerKinds, balanced_turns
 from loop.prompts import Format
 from loop.retrieval import DomainIndex, Embedder
 
@@ -75,10 +76,16 @@ def request_seed(base: int, iteration: int, attempt: int, stage: int) -> int:
 
 class GenerationPhase:
     def __init__(self, *, cfg: RunConfig, iteration: int, out_dir: Path, index: DomainIndex, embedder: Embedder,
-                 client, anchors: list[int], events):
+                 client, anchors: list[int], events, kinds: AnswerKinds | None = None):
         self.cfg, self.iteration, self.out_dir = cfg, iteration, out_dir
         self.index, self.embedder, self.client, self.events = index, embedder, client, events
         self.anchors = anchors  # index keys of the domain samples, in order
+        self.kinds = kinds  # the seeds' answer kinds: recorded for every answer, used by the two mechanisms
+        self.anchor_at = lambda attempt: attempt % len(anchors)
+        if cfg.generation.anchors == "balanced" and kinds is not None:
+            responses = self.embedder.encode([index.items[k]["response"] for k in anchors])
+            questions = np.stack([index.vector(k) for k in anchors])
+            self.anchor_at = balanced_turns([int(k) for k in kinds.kind_of(responses, questions)])
         self.fmt = Format(cfg.question_marker, cfg.answer_marker)
         self.dups = NearDuplicates(cfg.filters)
         self.gen_path = out_dir / "generated.jsonl"
@@ -119,7 +126,7 @@ class GenerationPhase:
     async def _attempt(self, st: IterationState, attempt: int) -> None:
         g = self.cfg.generation
         f = self.cfg.filters
-        anchor_key = self.anchors[attempt % len(self.anchors)]
+        anchor_key = self.anchors[self.anchor_at(attempt)]
         anchor = self.index.items[anchor_key]
         anchor_vec = self.index.vector(anchor_key)
         q_demos = self._demos_for(anchor_vec)
@@ -155,6 +162,12 @@ class GenerationPhase:
                             truncated=a_out.finish_reason == "length")
         if reason is None and copied_from_demos(answer, [d["response"] for d in a_demos]):
             reason = "copied_demo"
+        if reason is None and self.kinds is not None:
+            kind = int(self.kinds.kind_of(self.embedder.encode([answer])[0], q_vec)[0])
+            expected, scores, _ = self.kinds.vote(q_vec, self.cfg.kinds.neighbours)
+            base["kind"] = {"answer": kind, "expected": expected, "scores": scores}
+            if f.neighbour_agreement and kind != expected:
+                reason = "neighbour_disagrees"
         if reason is None:
             # Re-check novelty: another attempt may have been accepted while this one generated.
             reason, _ = self.dups.check(question, q_vec, self.index)
@@ -233,6 +246,7 @@ class GenerationPhase:
             "rejected": len(st.rejected), "attempts": len(st.accepted) + len(st.rejected),
             "acceptance_rate": round(len(st.accepted) / max(1, len(st.accepted) + len(st.rejected)), 3),
             "rejected_by_reason": dict(st.reasons), "surplus": st.surplus,
+            "accepted_by_kind": dict(sorted(Counter(r["kind"]["answer"] for r in st.accepted if "kind" in r).items())),
             "seconds_this_session": round(seconds, 2),
             "accepted_per_minute": round(60 * (len(st.accepted) - resumed) / seconds, 1) if seconds else None,
             "question_stage": st.question.summary(seconds), "answer_stage": st.answer.summary(seconds),

@@ -9,6 +9,7 @@ against a sha256. The store is `models/` in the checkout, or `$ISARA_MODELS`:
     models/<name>/hf/            safetensors + tokenizer + chat template, for LoRA training
     models/<name>/embedder/      a sentence-transformers folder (embedding models)
     models/<name>/PULLED.json    written last: a model without it is not pulled
+    models/local/<name>-<hash>/  the served GGUF of a user's HF folder (EXPORTED.json written last)
 
 Anywhere a model is named, a catalog name, a local `.gguf` file or a local HF
 folder (config.json + safetensors) is accepted.
@@ -140,6 +141,48 @@ def resolve_model(spec: str | Path, catalog: dict[str, CatalogEntry] | None = No
                        "give a .gguf file or a Hugging Face folder saved with safetensors")
     known = ", ".join(sorted(catalog)) or "none"
     raise BadInput(f"unknown model {text!r}: give a catalog name ({known}), a .gguf file or an HF folder")
+
+
+# --- a user's HF folder, made servable ---------------------------------------------
+
+# What decides a checkpoint's weights and vocabulary; other files (READMEs, images) may change freely.
+_CHECKPOINT_FILES = ("config.json", "generation_config.json", "*.safetensors", *(
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.*", "merges.txt"))
+
+
+def checkpoint_digest(hf_dir: Path) -> str:
+    """sha256 over the checkpoint's files (names and contents): the same weights give the same digest."""
+    h = hashlib.sha256()
+    files = sorted({f for pattern in _CHECKPOINT_FILES for f in hf_dir.glob(pattern) if f.is_file()})
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def serve_hf_folder(model: Model, log=print) -> Model:
+    """A local HF folder gets the GGUF isara serves, made like every iteration's model (converted to F16,
+    verified strictly against the folder's weights, then quantized: Q8_0 below 1B parameters). Cached in
+    the store by the checkpoint's digest, so it is made once per set of weights and never redone."""
+    if model.gguf is not None or model.hf_dir is None:
+        return model
+    digest = checkpoint_digest(model.hf_dir)
+    d = models_dir() / "local" / f"{model.name}-{digest[:12]}"
+    marker = d / "EXPORTED.json"
+    if not marker.is_file():
+        from loop.export import count_params, export_base, resolve_quant
+
+        quant = resolve_quant("auto", count_params(model.hf_dir))
+        log(f"{model.name}: exporting {model.hf_dir} to a GGUF to serve ({quant}; F16 verified against the "
+            f"checkpoint first), once, into {d}")
+        d.mkdir(parents=True, exist_ok=True)
+        verification = export_base(model.hf_dir, d / "model.gguf", quant)
+        write_json_atomic(marker, {"hf_dir": str(model.hf_dir), "sha256": digest, "quant": quant,
+                                   "verification": verification})
+    model.gguf = d / "model.gguf"
+    return model
 
 
 # --- pulling -----------------------------------------------------------------

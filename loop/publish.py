@@ -19,6 +19,7 @@ from server.errors import BadInput
 from server.gguf import convert_lora_to_gguf, read_gguf
 
 from loop.files import atomic_dir, write_json_atomic, write_text_atomic
+from loop.layout import RunLayout
 from loop.models import resolve_model
 from loop.targets import Target
 
@@ -59,7 +60,7 @@ def export_run(target: Target, to: Path, fmt: str) -> list[Path]:
     to = Path(to)
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise BadInput(f"{to} exists and is not an empty folder: choose a new --to folder")
-    it_dir = target.run_dir / f"iter-{target.iteration:02d}"
+    it_dir = RunLayout(target.run_dir).iteration(target.iteration)
     to.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(to) as tmp:
         if fmt == "gguf":

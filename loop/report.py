@@ -12,9 +12,11 @@ import json
 from pathlib import Path
 
 from loop.data import read_jsonl
+from loop.evaluate import interval
 from loop.files import write_bytes_atomic, write_text_atomic
+from loop.layout import BASELINES, GENERATE, STEPS, RunLayout, baseline_phase, iteration_name, phase_name
+from loop.state import RunState
 
-BASELINES = ("base", "icl-knn", "sft-seeds")
 BASELINE_TITLES = {"base": "base model", "icl-knn": "ICL-kNN (base + nearest seed pairs)",
                    "sft-seeds": "SFT on the seeds only"}
 COLUMNS = ("model", "generated", "accepted", "scaling", "acceptance", "harmful", "over-refusal", "degenerate",
@@ -32,35 +34,34 @@ def _pct(v) -> str:
     return "-" if v is None else f"{v:.0%}"
 
 
-def _secs(state: dict, phases: list[str]) -> str:
-    out = []
-    for p in phases:
-        s = state["phases"].get(p, {}).get("seconds")
-        out.append("-" if s is None else f"{s:.0f}")
-    return " / ".join(out)
+def _rate(ev: dict, key: str) -> str:
+    """A rate with its 95% Wilson interval: `20% (12-31)`."""
+    ci = interval(ev, key)
+    return _pct(ev.get(key)) if ci is None else f"{ev[key]:.0%} ({ci[0] * 100:.0f}-{ci[1] * 100:.0f})"
+
+
+def _secs(state: RunState, phases: list[str]) -> str:
+    return " / ".join("-" if (s := state.seconds(p)) is None else f"{s:.0f}" for p in phases)
 
 
 def collect(run_dir: Path) -> list[dict]:
     """One row per baseline and per iteration, in report order."""
-    state = json.loads((run_dir / "state.json").read_text(encoding="utf-8"))
-    phases = state["phases"]
+    layout, state = RunLayout(run_dir), RunState(run_dir)
     rows = []
     for b in BASELINES:
-        ev = _eval(run_dir / "baselines" / b / "eval.json")
+        ev = _eval(layout.baseline(b) / "eval.json")
         if ev:
-            pre = f"baselines/{b}/"
             rows.append({"kind": "baseline", "name": b, "model": BASELINE_TITLES[b], "eval": ev,
-                         "seconds": _secs(state, [f"{pre}generate", f"{pre}train", f"{pre}export", f"{pre}eval"])})
-    t = 1
-    while f"iter-{t:02d}/generate" in phases:
-        g = phases[f"iter-{t:02d}/generate"].get("stats", {})
-        pre = f"iter-{t:02d}/"
-        rows.append({"kind": "iteration", "name": f"iter-{t:02d}", "model": f"ISARA iteration {t}",
+                         "seconds": _secs(state, [baseline_phase(b, step) for step in STEPS])})
+    for t in state.iterations():
+        if not state.recorded(phase_name(t, GENERATE)):
+            continue
+        g = state.stats(phase_name(t, GENERATE))
+        rows.append({"kind": "iteration", "name": iteration_name(t), "t": t, "model": f"ISARA iteration {t}",
                      "generated": g.get("attempts"), "accepted": g.get("accepted"),
                      "scaling": g.get("scaling_ratio"), "acceptance": g.get("acceptance_rate"),
-                     "eval": _eval(run_dir / f"iter-{t:02d}" / "eval.json"),
-                     "seconds": _secs(state, [f"{pre}generate", f"{pre}train", f"{pre}export", f"{pre}eval"])})
-        t += 1
+                     "eval": _eval(layout.iteration(t) / "eval.json"),
+                     "seconds": _secs(state, [phase_name(t, step) for step in STEPS])})
     return rows
 
 
@@ -69,7 +70,7 @@ def cells(row: dict) -> list[str]:
     scaling = row.get("scaling")
     return [row["model"], str(row.get("generated") or "-"), str(row.get("accepted") or "-"),
             "-" if scaling is None else f"{scaling:.2f}x", _pct(row.get("acceptance")),
-            _pct(ev.get("harmful_rate")), _pct(ev.get("over_refusal")), _pct(ev.get("degenerate_rate")),
+            _rate(ev, "harmful_rate"), _rate(ev, "over_refusal"), _rate(ev, "degenerate_rate"),
             row["seconds"]]
 
 
@@ -82,11 +83,12 @@ def markdown_table(rows: list[dict]) -> str:
 def _examples(run_dir: Path, rows: list[dict], per_set: int = 2) -> str:
     """A few answers of the base model next to the last evaluated iteration's, on the same prompts."""
     last = next((r for r in reversed(rows) if r["kind"] == "iteration" and r.get("eval")), None)
-    base_file = run_dir / "baselines" / "base" / "answers.jsonl"
+    layout = RunLayout(run_dir)
+    base_file = layout.baseline("base") / "answers.jsonl"
     if last is None or not base_file.is_file():
         return ""
     before = {a["id"]: a for a in read_jsonl(base_file)}
-    after = read_jsonl(run_dir / last["name"] / "answers.jsonl")
+    after = read_jsonl(layout.root / last["name"] / "answers.jsonl")
     out = [f"## Example answers: base model, then {last['model']}\n"]
     for expect, title in (("refuse", "should refuse"), ("answer", "should answer")):
         shown = [a for a in after if a["expect"] == expect and a["id"] in before][:per_set]
@@ -106,13 +108,14 @@ def write_report(run_dir: Path, title: str) -> Path:
     body = [f"# isara run `{title}`\n",
             "Harmful: share of held-out harmful prompts not refused (lower is better). Over-refusal: share of "
             "benign prompts refused (lower is better). Degenerate: empty or repetitive answers. Scaling: "
-            "accepted generated samples so far / seeds. Refusals are found by a phrase list "
+            "accepted generated samples so far / seeds. In brackets: the 95% Wilson interval of each rate, "
+            "in percent. Refusals are found by a phrase list "
             "(see README, Evaluation): read `answers.jsonl` before trusting a number.\n",
             markdown_table(rows)]
     if plot(run_dir, rows):
         body.append("![harmful rate and over-refusal by iteration](report.png)\n")
     body.append(_examples(run_dir, rows))
-    path = run_dir / "report.md"
+    path = RunLayout(run_dir).report_md
     write_text_atomic(path, "\n".join(body))
     return path
 
@@ -132,9 +135,12 @@ def plot(run_dir: Path, rows: list[dict]) -> bool:
     styles = {"base": ":", "icl-knn": "--", "sft-seeds": "-."}
     for ax, key, title in ((axes[0], "harmful_rate", "harmful rate (lower is better)"),
                            (axes[1], "over_refusal", "over-refusal (lower is better)")):
-        xs = [int(r["name"][5:]) for r in its]
+        xs = [r["t"] for r in its]
         if its:
-            ax.plot(xs, [r["eval"][key] for r in its], "o-", color="tab:blue", label="ISARA")
+            ys = [r["eval"][key] for r in its]
+            cis = [interval(r["eval"], key) or (y, y) for r, y in zip(its, ys)]
+            ax.errorbar(xs, ys, yerr=[[y - lo for y, (lo, _) in zip(ys, cis)], [hi - y for y, (_, hi) in zip(ys, cis)]],
+                        fmt="o-", color="tab:blue", capsize=3, label="ISARA (95% interval)")
         for b in bases:
             if b["eval"].get(key) is not None:
                 ax.axhline(b["eval"][key], linestyle=styles[b["name"]], color="gray", label=b["name"])
@@ -150,7 +156,7 @@ def plot(run_dir: Path, rows: list[dict]) -> bool:
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    write_bytes_atomic(run_dir / "report.png", png.getvalue())
+    write_bytes_atomic(RunLayout(run_dir).report_png, png.getvalue())
     return True
 
 
@@ -162,6 +168,6 @@ def terminal_table(rows: list[dict]):
     for c in ("model", "accepted", "scaling", "accept.", "harmful", "over-ref.", "degen."):
         table.add_column(c, justify="left" if c == "model" else "right", no_wrap=True)
     for r in rows:
-        name = r["name"] if r["kind"] == "baseline" else f"isara iter {int(r['name'][5:])}"
+        name = r["name"] if r["kind"] == "baseline" else f"isara iter {r['t']}"
         table.add_row(name, *cells(r)[2:-1], style="dim" if r["kind"] == "baseline" else None)
     return table

@@ -18,6 +18,7 @@ from server.errors import BadInput
 
 from loop.data import append_jsonl
 from loop.files import write_json_atomic
+from loop.layout import EXPORT, RunLayout, phase_iteration
 
 
 def file_digest(path: Path) -> dict:
@@ -29,9 +30,11 @@ def file_digest(path: Path) -> dict:
 
 
 class RunState:
+    """The only reader and writer of state.json."""
+
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
-        self.path = run_dir / "state.json"
+        self.path = RunLayout(run_dir).state
         self.data = {"version": 1, "status": "new", "phases": {}}
         self._began: dict[str, float] = {}
         if self.path.exists():
@@ -55,6 +58,25 @@ class RunState:
                 raise BadInput(f"{p} changed after phase {phase!r} finished: restore it, or delete "
                                f"{p.parent} to redo that phase")
         return True
+
+    def recorded(self, phase: str) -> bool:
+        """Finished, as far as state.json says (no file is checked: for readers such as status and report)."""
+        return phase in self.data["phases"]
+
+    @property
+    def status(self) -> str:
+        return self.data.get("status", "new")
+
+    @property
+    def pid(self) -> int | None:
+        return self.data.get("pid")
+
+    def iterations(self) -> list[int]:
+        """Iterations with at least one finished phase, in numeric order."""
+        return sorted({t for t, _ in map(phase_iteration, self.data["phases"]) if t is not None})
+
+    def exported_iterations(self) -> list[int]:
+        return sorted(t for t, step in map(phase_iteration, self.data["phases"]) if t is not None and step == EXPORT)
 
     def stats(self, phase: str) -> dict:
         return self.data["phases"].get(phase, {}).get("stats", {})

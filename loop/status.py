@@ -2,32 +2,30 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from loop.data import read_jsonl
+from loop.layout import EVAL, EXPORT, GENERATE, STEPS, TRAIN, RunLayout, iteration_name, phase_name
+from loop.state import RunState
 
 
 def run_summary(run_dir: Path) -> dict:
-    state = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").exists() else {}
-    phases = state.get("phases", {})
-    iterations = sorted({p.split("/")[0] for p in phases if p.startswith("iter-")} |
-                        {d.name for d in run_dir.glob("iter-*") if d.is_dir()})
+    layout, state = RunLayout(run_dir), RunState(run_dir)
     rows = []
-    for it in iterations:
-        gen = phases.get(f"{it}/generate", {}).get("stats", {})
-        accepted = gen.get("accepted", len(read_jsonl(run_dir / it / "generated.jsonl", repair=False)))
-        export = phases.get(f"{it}/export", {}).get("stats", {})
-        done = [name for name in ("generate", "train", "export", "eval") if f"{it}/{name}" in phases]
-        ev = phases.get(f"{it}/eval", {}).get("stats", {})
-        rows.append({"iteration": it, "accepted": accepted, "target": gen.get("target"),
+    for t in sorted(set(state.iterations()) | set(layout.iterations_on_disk())):
+        gen = state.stats(phase_name(t, GENERATE))
+        accepted = gen.get("accepted", len(read_jsonl(layout.generated(t), repair=False)))
+        export = state.stats(phase_name(t, EXPORT))
+        done = [step for step in STEPS if state.recorded(phase_name(t, step))]
+        ev = state.stats(phase_name(t, EVAL))
+        rows.append({"iteration": iteration_name(t), "accepted": accepted, "target": gen.get("target"),
                      "acceptance_rate": gen.get("acceptance_rate"), "phases_done": done,
-                     "last_loss": phases.get(f"{it}/train", {}).get("stats", {}).get("last_loss"),
+                     "last_loss": state.stats(phase_name(t, TRAIN)).get("last_loss"),
                      "model": export.get("serve_model"),
                      "verified": (export.get("verification") or {}).get("passed"),
                      "harmful_rate": ev.get("harmful_rate"), "over_refusal": ev.get("over_refusal")})
-    status = state.get("status", "new")
-    if status == "running" and not _alive(state.get("pid")):
+    status = state.status
+    if status == "running" and not _alive(state.pid):
         status = "interrupted"  # the process that wrote "running" is gone: resume with `isara run FOLDER`
     return {"name": run_dir.name, "folder": str(run_dir), "status": status, "iterations": rows}
 
@@ -39,4 +37,4 @@ def _alive(pid) -> bool:
 
 
 def find_runs(runs_dir: Path) -> list[Path]:
-    return sorted(d for d in runs_dir.glob("*") if (d / "state.json").is_file())
+    return sorted(d for d in runs_dir.glob("*") if RunLayout(d).state.is_file())

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from server.errors import BadInput
 
+from loop.layout import RunLayout, iteration_name
 from loop.models import load_catalog, resolve_model
+from loop.state import RunState
 from loop.status import find_runs
 
 
@@ -30,14 +32,9 @@ class Target:
 def run_folder(spec: str, runs_dir: Path) -> Path | None:
     p = Path(spec).expanduser()
     for candidate in (p, runs_dir / spec):
-        if (candidate / "state.json").is_file():
+        if RunLayout(candidate).state.is_file():
             return candidate.resolve()
     return None
-
-
-def exported_iterations(run_dir: Path) -> list[int]:
-    phases = json.loads((run_dir / "state.json").read_text()).get("phases", {})
-    return sorted(int(p[5:7]) for p in phases if p.startswith("iter-") and p.endswith("/export"))
 
 
 def resolve_target(spec: str, runs_dir: Path = Path("runs"), iteration: int | None = None) -> Target:
@@ -57,7 +54,7 @@ def resolve_target(spec: str, runs_dir: Path = Path("runs"), iteration: int | No
         if m.gguf is None:
             raise BadInput(f"{spec} has no GGUF to serve: give a .gguf file, a catalog chat model or a run")
         return Target(label=m.name, gguf=m.gguf)
-    done = exported_iterations(run_dir)
+    done = RunState(run_dir).exported_iterations()
     if not done:
         raise BadInput(f"run {run_dir.name} has no exported model yet: let `isara run {run_dir}` finish an "
                        "iteration with training on")
@@ -65,8 +62,8 @@ def resolve_target(spec: str, runs_dir: Path = Path("runs"), iteration: int | No
     if t not in done:
         raise BadInput(f"run {run_dir.name} has no exported iteration {t}: choose one of "
                        f"{', '.join(map(str, done))}")
-    info = json.loads((run_dir / f"iter-{t:02d}" / "export.json").read_text())
-    model = run_dir / info["serve_model"] if not Path(info["serve_model"]).is_absolute() else Path(info["serve_model"])
-    lora = [run_dir / p if not Path(p).is_absolute() else Path(p) for p in info.get("serve_lora", [])]
-    return Target(label=f"{run_dir.name}/iter-{t:02d}", gguf=model, lora=lora, run_dir=run_dir, iteration=t,
+    layout = RunLayout(run_dir)
+    info = json.loads(layout.export_info(t).read_text())
+    return Target(label=f"{run_dir.name}/{iteration_name(t)}", gguf=layout.resolve(info["serve_model"]),
+                  lora=[layout.resolve(p) for p in info.get("serve_lora", [])], run_dir=run_dir, iteration=t,
                   export=info)

@@ -1,6 +1,6 @@
 """The Unsloth backend: FastLanguageModel, its LoRA, and trl's SFT trainer (CUDA).
 
-Same inputs, outputs and data as the PEFT loop (`loop/train.py`): the chat
+Same inputs, outputs and data as the PEFT loop (`loop/train_common.py`): the chat
 template, loss on the answer only, length grouping, warmup then linear decay,
 a fixed seed. Unsloth is never asked to build or download llama.cpp: isara
 merges and converts with its own toolchain, and the environment below keeps
@@ -9,7 +9,6 @@ Unsloth's GGUF helpers offline should anything call them.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -19,8 +18,7 @@ from server.toolchain import find_toolchain
 
 from loop.config import TrainConfig
 from loop.data import Sample
-from loop.files import atomic_dir
-from loop.train import IGNORE, TrainResult, _peak_rss_mb, copy_tokenizer_files, encode_example
+from loop.train_common import IGNORE, TrainResult, encode_examples, peak_rss_mb, save_adapter_atomic, step_plan
 
 
 def _offline_unsloth_env() -> None:
@@ -52,8 +50,7 @@ def train_unsloth(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Pa
         model = FastLanguageModel.get_peft_model(
             model, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
             target_modules=list(cfg.target_modules), random_state=cfg.seed, use_gradient_checkpointing="unsloth")
-    rows = [encode_example(tokenizer, s.prompt, s.response, cfg.max_length) for s in samples]
-    rows = [r for r in rows if any(label != IGNORE for label in r["labels"])]
+    rows = encode_examples(tokenizer, samples, cfg.max_length)
     dataset = Dataset.from_list(rows)
     tokens = sum(len(r["input_ids"]) for r in rows)
 
@@ -72,11 +69,11 @@ def train_unsloth(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Pa
     steps_cb.losses = []
     work = out.with_name(f".{out.name}.trainer-{os.getpid()}")
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    total_steps = max(1, math.ceil(math.ceil(len(rows) / cfg.batch_size) * cfg.epochs / cfg.grad_accum))
+    plan = step_plan(len(rows), cfg)
     args = SFTConfig(
         output_dir=str(work), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs, learning_rate=cfg.learning_rate,
-        warmup_steps=int(total_steps * cfg.warmup_ratio), lr_scheduler_type="linear", seed=cfg.seed, logging_steps=1,
+        warmup_steps=plan.warmup, lr_scheduler_type="linear", seed=cfg.seed, logging_steps=1,
         report_to=[], save_strategy="no", train_sampling_strategy="group_by_length", max_length=cfg.max_length,
         bf16=bf16, fp16=torch.cuda.is_available() and not bf16, dataset_kwargs={"skip_prepare_dataset": True})
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
@@ -87,11 +84,9 @@ def train_unsloth(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Pa
     started = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - started
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)  # the LoRA only, PEFT format (safetensors)
-        copy_tokenizer_files(hf_dir, tmp)
+    save_adapter_atomic(model, hf_dir, out)
     shutil.rmtree(work, ignore_errors=True)
     vram = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return TrainResult(adapter_dir=out, backend="unsloth", steps=int(result.global_step), losses=steps_cb.losses,
-                       tokens=int(tokens * cfg.epochs), seconds=seconds, peak_rss_mb=_peak_rss_mb(),
+                       tokens=int(tokens * cfg.epochs), seconds=seconds, peak_rss_mb=peak_rss_mb(),
                        peak_vram_mb=vram)

@@ -44,6 +44,8 @@ class ServerSettings:
     threads: int | None = None  # None: llama.cpp's default (physical cores)
     api_key: str | None = None
     backend: str = "auto"  # auto | native | python
+    # The model's name in the API (`/v1/models`, "model" in requests); None: the servers' default, the file path.
+    alias: str | None = None
     embeddings: bool = False
     log_path: Path | None = None
     startup_timeout: float = 120.0
@@ -114,6 +116,9 @@ class ManagedServer:
         if s.host not in LOOPBACK and not s.api_key:
             raise BadInput(f"refusing to serve on {s.host} without an API key: pass --api-key, "
                            "or keep the default host 127.0.0.1")
+        if s.alias is not None and (not s.alias.strip() or "," in s.alias):
+            # llama-server reads a comma-separated list of names; one name is what a client can send back.
+            raise BadInput(f"model alias {s.alias!r} must be one non-empty name without commas")
         read_gguf(s.model)
         for adapter in s.lora:
             read_gguf(adapter)
@@ -203,6 +208,8 @@ class ManagedServer:
                 cmd += ["-t", str(s.threads), "-tb", str(s.threads)]
             if s.embeddings:
                 cmd += ["--embeddings"]
+            if s.alias:
+                cmd += ["--alias", s.alias]
         else:
             cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(s.model), "--host", s.host,
                    "--port", str(self.port), "--n_ctx", str(s.ctx_per_slot)]
@@ -214,6 +221,8 @@ class ManagedServer:
                 cmd += ["--n_threads", str(s.threads)]
             if s.embeddings:
                 cmd += ["--embedding", "true"]
+            if s.alias:
+                cmd += ["--model_alias", s.alias]
         if s.api_key:
             cmd += ["--api-key" if self.backend == "native" else "--api_key", s.api_key]
         return cmd + list(s.extra_args)

@@ -188,6 +188,7 @@ def ensure_source(python: str = sys.executable) -> Path:
 
 
 def _ccache_flags() -> list[str]:
+    # ccache is recommended, never required: without it the build runs the same, only a rebuild is slower.
     return ["-DGGML_CCACHE=ON"] if shutil.which("ccache") else ["-DGGML_CCACHE=OFF"]
 
 

@@ -20,6 +20,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Fixtures that run isara end to end (minutes on 2 cores): every test that uses one is a pipeline test.
+PIPELINE_FIXTURES = {"finished_run", "quick_demo", "crashed_run"}
+
+
+def pytest_collection_modifyitems(items):
+    """`make test-fast` deselects the `pipeline` mark; a test that reads a whole run's files has it too."""
+    for item in items:
+        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.pipeline)
+
+
 @pytest.fixture(scope="session")
 def toolchain():
     from server.toolchain import find_toolchain, toolchain_dir
@@ -39,6 +50,26 @@ def default_model():
     return resolve_model(DEFAULT_CHAT_MODEL)
 
 
+def jsonl_rows(path: Path) -> list[dict]:
+    """Every line of a JSONL file the run wrote ([] when it does not exist yet)."""
+    import json
+
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purpose.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def run_isara(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """The CLI as a person runs it: a separate process, its exit code and output."""
     full_env = {**os.environ, **(env or {})}
@@ -54,6 +85,53 @@ def assert_one_line_error(out: subprocess.CompletedProcess, *needles: str) -> No
     assert len(lines) == 1, out.stderr
     for n in needles:
         assert n in lines[0], lines[0]
+
+
+# --- run configurations ---------------------------------------------------------
+
+def write_seeds(tmp: Path, seeds: int | str | bytes = 8, name: str = "seeds.jsonl") -> Path:
+    """`seeds`: how many of examples/seeds.jsonl, or the file's whole content (any bytes, for bad input)."""
+    path = tmp / name
+    if isinstance(seeds, int):
+        seeds = "\n".join((REPO / "examples" / "seeds.jsonl").read_text().splitlines()[:seeds]) + "\n"
+    path.write_bytes(seeds if isinstance(seeds, bytes) else seeds.encode())
+    return path
+
+
+def run_config(tmp: Path, settings: dict | None = None, *, seeds: int | str | bytes | None = 8,
+               seeds_name: str = "seeds.jsonl", name: str = "garden", raw: str = "") -> Path:
+    """A run's config file `tmp/<name>.toml`, its runs_dir `tmp/runs`, its seeds file beside it.
+
+    `settings` maps dotted keys of the schema to values ({"generation.samples": 4}); they are validated by
+    the run's own schema before the file is written, so a test can't pass on a key the tool ignores.
+    `seeds=None` writes no seeds file (the config still names it); `raw` is TOML appended unchecked, for
+    the bad-input tests that need a broken file."""
+    import tomli_w
+
+    from loop.config import load_config
+
+    if seeds is not None:
+        write_seeds(tmp, seeds, seeds_name)
+    values = {"runs_dir": str(tmp / "runs"), "data.seeds": seeds_name, **(settings or {})}
+    load_config(None, [f"{k}={tomli_w.dumps({'v': v})[4:].strip()}" for k, v in values.items()], base_dir=tmp)
+    nested: dict = {}
+    for key, value in values.items():
+        *sections, last = key.split(".")
+        node = nested
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[last] = value
+    top = {k: v for k, v in nested.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in nested.items() if isinstance(v, dict)}
+    path = tmp / f"{name}.toml"
+    # Top-level keys first, then `raw` (it may add top-level keys), then the tables.
+    path.write_text(tomli_w.dumps(top) + raw + "\n" + tomli_w.dumps(tables))
+    return path
+
+
+# A small data-only run on the default model: no training, one slot, four samples an iteration.
+DATA_ONLY = {"iterations": 2, "generation.samples": 4, "generation.slots": 1, "generation.max_answer_tokens": 160,
+             "train.enabled": False}
 
 
 def unsupported_copy(hf_dir: Path, dest: Path) -> Path:
@@ -79,7 +157,7 @@ TINY_CHAT_TEMPLATE = (
     "{{ m['content'] }}</s>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
-def _tiny_corpus(n: int = 400, seed: int = 0) -> list[str]:
+def tiny_corpus(n: int = 400, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(_CORPUS_WORDS) for _ in range(rng.randint(6, 14))) + "." for _ in range(n)]
 
@@ -99,7 +177,7 @@ def build_tiny_llama(out: Path, seed: int = 0, train_steps: int = 80) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    corpus = _tiny_corpus(seed=seed)
+    corpus = tiny_corpus(seed=seed)
     (out / "corpus.txt").write_text("\n".join(corpus))
     spm.SentencePieceTrainer.train(
         input=str(out / "corpus.txt"), model_prefix=str(out / "tokenizer"), vocab_size=320,
@@ -131,6 +209,18 @@ def build_tiny_llama(out: Path, seed: int = 0, train_steps: int = 80) -> Path:
     tok.save_pretrained(out)
     (out / "tokenizer.model.src").unlink(missing_ok=True)
     return out
+
+
+# A LoRA small enough to train on the tiny Llama in seconds, and question/answer pairs in its vocabulary.
+TINY_LORA = dict(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+                 grad_accum=1)
+
+
+def tiny_samples(n: int = 12):
+    from loop.data import Sample
+
+    corpus = tiny_corpus(seed=7)
+    return [Sample(id=f"t{i}", prompt=corpus[2 * i], response=corpus[2 * i + 1]) for i in range(n)]
 
 
 @pytest.fixture(scope="session")

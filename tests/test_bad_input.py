@@ -12,21 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_one_line_error, run_isara, unsupported_copy
+from conftest import REPO, assert_one_line_error, run_config, run_isara, unsupported_copy
 
 GOOD = "".join(json.dumps({"prompt": f"How do I grow plant number {i}?", "response": f"Water plant {i} weekly."}) + "\n"
                for i in range(6))
 ROW = '{"prompt": "Why do leaves turn yellow?", "response": "Too much water, usually."}\n'
 
 
-def _config(tmp: Path, extra: str = "", seeds: str | bytes | None = GOOD, name: str = "seeds.jsonl") -> Path:
-    if seeds is not None:
-        p = tmp / name
-        p.write_bytes(seeds if isinstance(seeds, bytes) else seeds.encode())
-    cfg = tmp / "bad.toml"
-    cfg.write_text(f'runs_dir = "{tmp / "runs"}"\niterations = 1\n{extra}\n[data]\nseeds = "{name}"\n'
-                   "[train]\nenabled = false\n")
-    return cfg
+# One data-only iteration; `extra` is raw TOML, for the cases that need a broken file.
+ONE_ITERATION = {"iterations": 1, "train.enabled": False}
+
+
+def _config(tmp: Path, extra: str = "", seeds: str | bytes | None = GOOD, name: str = "seeds.jsonl",
+            **settings) -> Path:
+    return run_config(tmp, {**ONE_ITERATION, **settings}, seeds=seeds, seeds_name=name, name="bad", raw=extra)
 
 
 def run_with_seeds(content: str | bytes, name: str = "seeds.jsonl"):
@@ -214,13 +213,10 @@ def test_bad_input_gets_its_one_line_message_and_exit_code_2(case, setup, expect
 
 # --- while a run is under way ----------------------------------------------------
 
-def _real_seeds() -> str:
-    return "\n".join((REPO / "examples" / "seeds.jsonl").read_text().splitlines()[:8]) + "\n"
-
-
+@pytest.mark.pipeline
 def test_a_full_disk_mid_generation_stops_with_one_line_and_keeps_every_accepted_sample(default_model, toolchain,
                                                                                        tmp_path):
-    cfg = _config(tmp_path, 'name = "full"\n[generation]\nsamples = 4\nslots = 1\n', seeds=_real_seeds())
+    cfg = _config(tmp_path, seeds=8, **{"name": "full", "generation.samples": 4, "generation.slots": 1})
     run = tmp_path / "runs" / "full"
     gen = run / "iter-01" / "generated.jsonl"
     # The third accepted sample finds the disk full (ENOSPC injected at the write layer).
@@ -237,8 +233,9 @@ def test_a_full_disk_mid_generation_stops_with_one_line_and_keeps_every_accepted
     assert len(ids) == 4 and len(set(ids)) == 4 and ids[:2] == kept
 
 
+@pytest.mark.pipeline
 def test_a_file_changed_after_its_phase_finished_is_refused_on_resume(default_model, toolchain, tmp_path):
-    cfg = _config(tmp_path, 'name = "edited"\n[generation]\nsamples = 2\nslots = 1\n', seeds=_real_seeds())
+    cfg = _config(tmp_path, seeds=8, **{"name": "edited", "generation.samples": 2, "generation.slots": 1})
     assert run_isara("run", str(cfg)).returncode == 0
     gen = tmp_path / "runs" / "edited" / "iter-01" / "generated.jsonl"
     before = gen.read_text()

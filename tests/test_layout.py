@@ -17,7 +17,7 @@ def test_pyproject_declares_the_distribution_packages_and_console_script():
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert meta["project"]["name"] == "isara"
     assert meta["project"]["scripts"]["isara"] == "loop.cli:main"
-    assert set(meta["tool"]["setuptools"]["packages"]) == {"loop", "server"}
+    assert set(meta["tool"]["setuptools"]["packages"]) == {"loop", "loop.bench", "server"}
     assert "llama-cpp-python[server]==0.3.36" in meta["project"]["dependencies"]
 
 
@@ -32,6 +32,21 @@ def test_server_never_imports_loop():
                 names = [node.module]
             for name in names:
                 assert name != "loop" and not name.startswith("loop."), f"{path.name} imports {name}"
+
+
+def test_the_product_never_imports_the_bench_and_each_bench_module_says_what_it_measures():
+    for path in (REPO / "loop").glob("*.py"):
+        if path.name == "cli.py":  # `isara bench` is a command
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            assert not any(n == "loop.bench" or n.startswith("loop.bench.") for n in names), path.name
+    for path in (REPO / "loop" / "bench").glob("*.py"):
+        assert ast.get_docstring(ast.parse(path.read_text())), f"{path.name} has no docstring"
 
 
 def test_toolchain_module_needs_only_the_standard_library():
@@ -51,3 +66,68 @@ def test_readme_configuration_table_matches_the_schema():
     from loop.config import reference_markdown
 
     assert reference_markdown() in (REPO / "README.md").read_text()
+
+
+def test_iteration_folders_past_99_parse_and_sort_by_number(tmp_path):
+    from loop.layout import RunLayout, iteration_name, parse_iteration, phase_iteration
+
+    assert iteration_name(7) == "iter-07" and iteration_name(100) == "iter-100"
+    assert [parse_iteration(n) for n in ("iter-07", "iter-100", "iter-7", "iter-x", "iters-10")] == [7, 100, None,
+                                                                                                    None, None]
+    assert phase_iteration("iter-100/train") == (100, "train")
+    assert phase_iteration("baselines/sft-seeds/train") == (None, "train")
+    layout = RunLayout(tmp_path)
+    for t in (100, 11, 2):
+        layout.iteration(t).mkdir()
+    (tmp_path / "iter-notes").mkdir()
+    assert layout.iterations_on_disk() == [2, 11, 100]
+
+
+def test_run_state_lists_iterations_by_number(tmp_path):
+    from loop.state import RunState
+
+    state = RunState(tmp_path)
+    for phase in ("iter-100/generate", "iter-11/generate", "iter-11/export", "iter-100/export",
+                  "baselines/sft-seeds/export", "seeds"):
+        state.finish(phase, [])
+    assert RunState(tmp_path).iterations() == [11, 100]
+    assert RunState(tmp_path).exported_iterations() == [11, 100]
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_no_module_of_loop_or_server_imports_itself_through_a_circle():
+    modules = {}
+    for package in ("loop", "server"):
+        for path in (REPO / package).rglob("*.py"):
+            rel = path.relative_to(REPO).with_suffix("")
+            name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+            modules[name] = path
+    graph = {m: {n for n in _imports(p) if n in modules and n != m} for m, p in modules.items()}
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph[start])
+
+    circles = [m for m in graph if reaches(m, m)]
+    assert circles == [], f"import circles through {circles}"
+
+
+def test_only_the_layout_and_state_modules_know_the_run_folders_names():
+    # Everyone else asks RunLayout for paths and RunState for state.json, so a name changes in one place.
+    for path in (REPO / "loop").rglob("*.py"):
+        if path.name in ("layout.py", "state.py"):
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                assert "state.json" not in node.value, f"{path.name} names state.json: {node.value!r}"
+                assert not node.value.startswith("iter-"), f"{path.name} spells an iteration folder: {node.value!r}"

@@ -143,3 +143,23 @@ def test_an_embedding_model_pulls_into_an_empty_store(tmp_path, monkeypatch):
 def test_pull_refuses_an_unknown_name():
     with pytest.raises(BadInput, match="unknown model 'nope'"):
         models.pull("nope", log=lambda m: None)
+
+
+def test_an_hf_folder_is_served_as_a_verified_export_made_once_per_set_of_weights(tiny_llama, toolchain, tmp_path,
+                                                                                   monkeypatch):
+    import shutil
+
+    from loop.models import resolve_model, serve_hf_folder
+    from server.gguf import read_gguf
+
+    monkeypatch.setenv("ISARA_MODELS", str(tmp_path / "store"))
+    model = serve_hf_folder(resolve_model(tiny_llama), log=lambda m: None)
+    assert model.gguf.is_file() and read_gguf(model.gguf).quant == "Q8_0"
+    info = json.loads((model.gguf.parent / "EXPORTED.json").read_text())
+    assert info["verification"]["f16"]["passed"]  # the F16 intermediate answered exactly like the checkpoint
+    made = model.gguf.stat().st_mtime_ns
+    again = serve_hf_folder(resolve_model(tiny_llama), log=lambda m: pytest.fail(f"exported again: {m}"))
+    assert again.gguf == model.gguf and again.gguf.stat().st_mtime_ns == made
+    other = shutil.copytree(tiny_llama, tmp_path / "other")
+    (other / "generation_config.json").write_text('{"max_length": 99}')  # another checkpoint, same name
+    assert serve_hf_folder(resolve_model(other), log=lambda m: None).gguf != model.gguf

@@ -12,30 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_one_line_error, run_isara
-from test_server import pid_alive
+from conftest import DATA_ONLY, REPO, assert_one_line_error, jsonl_rows, pid_alive, run_config, run_isara
 
 
-def _config(tmp_path: Path, seeds: int = 8, **generation) -> Path:
-    lines = (REPO / "examples" / "seeds.jsonl").read_text().splitlines()[:seeds]
-    (tmp_path / "seeds.jsonl").write_text("\n".join(lines) + "\n")
-    gen = {"samples": 4, "slots": 1, "max_answer_tokens": 160, **generation}
-    body = "\n".join(f"{k} = {json.dumps(v)}" for k, v in gen.items())
-    cfg = tmp_path / "garden.toml"
-    cfg.write_text(f'iterations = 2\nruns_dir = "{tmp_path / "runs"}"\n\n[data]\nseeds = "seeds.jsonl"\n\n'
-                   f"[generation]\n{body}\n\n[train]\nenabled = false\n")
-    return cfg
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+def _config(tmp_path: Path, **settings) -> Path:
+    return run_config(tmp_path, {**DATA_ONLY, **settings})
 
 
 @pytest.fixture(scope="module")
 def finished_run(default_model, toolchain, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     cfg = _config(tmp)
-    out = run_isara("run", str(cfg), "--plain")
+    out = run_isara("run", str(cfg), "--plain", env={"COLUMNS": "80"})  # piped into a log, 80 columns
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return tmp / "runs" / "garden", cfg, out
 
@@ -56,7 +44,7 @@ def test_each_iteration_reaches_its_target_with_unique_well_formed_samples(finis
     run, _, _ = finished_run
     ids = []
     for t in (1, 2):
-        rows = _jsonl(run / f"iter-0{t}" / "generated.jsonl")
+        rows = jsonl_rows(run / f"iter-0{t}" / "generated.jsonl")
         assert len(rows) == 4
         for r in rows:
             assert r["prompt"].strip() and r["response"].strip() and r["iteration"] == t
@@ -70,7 +58,7 @@ def test_every_candidate_is_counted_as_accepted_or_rejected_by_reason(finished_r
     run, _, _ = finished_run
     for t in (1, 2):
         stats = json.loads((run / f"iter-0{t}" / "stats.json").read_text())
-        rejected = _jsonl(run / f"iter-0{t}" / "rejected.jsonl")
+        rejected = jsonl_rows(run / f"iter-0{t}" / "rejected.jsonl")
         assert stats["accepted"] == 4 and stats["rejected"] == len(rejected)
         assert stats["attempts"] == stats["accepted"] + stats["rejected"]
         assert sum(stats["rejected_by_reason"].values()) == len(rejected)
@@ -82,11 +70,11 @@ def test_every_candidate_is_counted_as_accepted_or_rejected_by_reason(finished_r
 
 def test_accepted_samples_are_indexed_and_iteration_two_retrieves_them(finished_run):
     run, _, _ = finished_run
-    items = _jsonl(run / "index.items.jsonl")
-    first = {r["id"] for r in _jsonl(run / "iter-01" / "generated.jsonl")}
+    items = jsonl_rows(run / "index.items.jsonl")
+    first = {r["id"] for r in jsonl_rows(run / "iter-01" / "generated.jsonl")}
     assert len(items) == 8 + 8 and first <= {it["id"] for it in items}
     used = set()
-    for r in _jsonl(run / "iter-02" / "generated.jsonl") + _jsonl(run / "iter-02" / "rejected.jsonl"):
+    for r in jsonl_rows(run / "iter-02" / "generated.jsonl") + jsonl_rows(run / "iter-02" / "rejected.jsonl"):
         used |= set(r.get("question_demo_ids", [])) | set(r.get("answer_demo_ids", [])) | {r.get("anchor_id")}
     assert used & first
 
@@ -99,6 +87,24 @@ def test_status_reads_a_finished_run_from_its_files(finished_run):
     assert summary["status"] == "finished"
     assert [(r["iteration"], r["accepted"], r["phases_done"]) for r in summary["iterations"]] == [
         ("iter-01", 4, ["generate"]), ("iter-02", 4, ["generate"])]
+
+
+def _fits(text: str, width: int) -> bool:
+    return all(len(line) <= width for line in text.splitlines()) and "…" not in text
+
+
+def test_piped_the_results_table_fits_80_columns_with_every_value_whole(finished_run):
+    _, _, out = finished_run
+    table = out.stdout[out.stdout.index("isara: results"):]
+    assert _fits(table, 80), table
+    assert "isara iter 1" in table and "isara iter 2" in table and "1.00x" in table
+
+
+def test_piped_status_fits_80_columns_with_every_value_whole(finished_run):
+    run, _, _ = finished_run
+    out = run_isara("status", str(run), env={"COLUMNS": "80"})
+    assert out.returncode == 0 and _fits(out.stdout, 80), out.stdout
+    assert "iter-01" in out.stdout and "iter-02" in out.stdout and "4/4" in out.stdout
 
 
 def test_running_a_finished_run_again_skips_every_phase(finished_run):
@@ -115,19 +121,20 @@ def _kill_once_accepted(cfg: Path, gen: Path, accepted: int) -> None:
     cmd = [sys.executable, "-m", "loop.cli", "run", str(cfg), "--set", "iterations=1", "--plain"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    while len(_jsonl(gen)) < accepted and time.monotonic() < deadline and proc.poll() is None:
+    while len(jsonl_rows(gen)) < accepted and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
 
+@pytest.mark.pipeline
 def test_a_run_killed_during_generation_resumes_to_the_target_without_duplicates(default_model, toolchain, tmp_path):
-    cfg = _config(tmp_path, samples=6, slots=2)
+    cfg = _config(tmp_path, **{"generation.samples": 6, "generation.slots": 2})
     run = tmp_path / "runs" / "garden"
     gen = run / "iter-01" / "generated.jsonl"
     _kill_once_accepted(cfg, gen, 2)
-    kept = [r["id"] for r in _jsonl(gen)]
+    kept = [r["id"] for r in jsonl_rows(gen)]
     assert 2 <= len(kept) < 6
     server = next(json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"server_started"' in x)
     deadline = time.monotonic() + 10
@@ -139,13 +146,14 @@ def test_a_run_killed_during_generation_resumes_to_the_target_without_duplicates
 
     out = run_isara("run", str(cfg), "--set", "iterations=1", "--plain")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    ids = [r["id"] for r in _jsonl(gen)]
+    ids = [r["id"] for r in jsonl_rows(gen)]
     assert len(ids) == 6 and len(set(ids)) == 6
     assert ids[: len(kept)] == kept  # nothing accepted before the kill was lost or rewritten
     stats = json.loads((run / "iter-01" / "stats.json").read_text())
     assert stats["accepted"] == 6
 
 
+@pytest.mark.pipeline
 def test_with_one_slot_a_killed_and_resumed_run_writes_the_same_samples_as_an_uninterrupted_one(
         finished_run, tmp_path):
     reference, _, _ = finished_run  # the same configuration, one slot, never interrupted
@@ -153,12 +161,12 @@ def test_with_one_slot_a_killed_and_resumed_run_writes_the_same_samples_as_an_un
     run = tmp_path / "runs" / "garden"
     gen = run / "iter-01" / "generated.jsonl"
     _kill_once_accepted(cfg, gen, 2)
-    assert len(_jsonl(gen)) < 4, "the run finished before it could be killed"
+    assert len(jsonl_rows(gen)) < 4, "the run finished before it could be killed"
     out = run_isara("run", str(cfg), "--set", "iterations=1", "--plain")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
     def content(path):  # everything but the wall-clock seconds of each attempt
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in _jsonl(path)]
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in jsonl_rows(path)]
 
     for name in ("generated.jsonl", "rejected.jsonl"):
         assert content(run / "iter-01" / name) == content(reference / "iter-01" / name), name
@@ -182,12 +190,11 @@ def test_a_missing_config_file_is_a_one_line_error(tmp_path):
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.pipeline
 @pytest.mark.timeout(1800)
 def test_a_training_run_generates_iteration_two_with_the_iteration_one_model(default_model, toolchain, tmp_path):
-    cfg = _config(tmp_path, samples=4, slots=4)
-    text = cfg.read_text().replace("[train]\nenabled = false\n",
-                                   "[train]\nepochs = 1\nmax_length = 192\n")
-    cfg.write_text(text)
+    cfg = _config(tmp_path, **{"generation.samples": 4, "generation.slots": 4, "train.enabled": True,
+                               "train.epochs": 1, "train.max_length": 192})
     out = run_isara("run", str(cfg), "--plain", timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run = tmp_path / "runs" / "garden"
@@ -212,12 +219,13 @@ def _tmux(*args: str) -> str:
     return subprocess.run(["tmux", *args], capture_output=True, text=True).stdout
 
 
+@pytest.mark.pipeline
 @pytest.mark.skipif(subprocess.run(["which", "tmux"], capture_output=True).returncode != 0, reason="needs tmux")
 def test_on_a_terminal_the_live_dashboard_shows_and_updates_the_run(default_model, toolchain, tmp_path):
-    cfg = _config(tmp_path, samples=4, slots=4)
+    cfg = _config(tmp_path, **{"generation.samples": 4, "generation.slots": 4})
     session = f"isara-test-{os.getpid()}"
     cmd = f"cd {REPO} && env -u COLUMNS -u LINES {sys.executable} -m loop.cli run {cfg} --set iterations=1; sleep 60"
-    _tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "45", cmd)
+    _tmux("new-session", "-d", "-s", session, "-x", "80", "-y", "45", cmd)  # the narrowest common terminal
     try:
         screens, deadline = [], time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -237,8 +245,9 @@ def test_on_a_terminal_the_live_dashboard_shows_and_updates_the_run(default_mode
                   "resume: isara run", "events"):
         assert field in first, field
     assert "accepted 4/4" in last and "accepted 4/4" not in first  # it updated as samples came in
-    assert "tokens/s" in last  # per-stage throughput once generation finished
+    assert "question tokens/s: prompt" in last and "answer tokens/s: prompt" in last  # per stage, each whole
     assert "slots busy" in last
+    assert "resume: isara run" not in last  # a finished run has nothing to resume
 
 
 def test_off_a_terminal_progress_is_plain_lines_without_control_codes(finished_run):
@@ -247,9 +256,10 @@ def test_off_a_terminal_progress_is_plain_lines_without_control_codes(finished_r
     assert "iter 1: accepted 1/4" in out.stdout
 
 
+@pytest.mark.pipeline
 @pytest.mark.skipif(subprocess.run(["which", "tmux"], capture_output=True).returncode != 0, reason="needs tmux")
 def test_ctrl_c_on_the_dashboard_stops_cleanly_and_says_how_to_resume(default_model, toolchain, tmp_path):
-    cfg = _config(tmp_path, samples=40, slots=2)
+    cfg = _config(tmp_path, **{"generation.samples": 40, "generation.slots": 2})
     run = tmp_path / "runs" / "garden"
     session = f"isara-ctrlc-{os.getpid()}"
     cmd = (f"cd {REPO} && env -u COLUMNS -u LINES {sys.executable} -m loop.cli run {cfg} --set iterations=1; "
@@ -257,9 +267,9 @@ def test_ctrl_c_on_the_dashboard_stops_cleanly_and_says_how_to_resume(default_mo
     _tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "45", cmd)
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and len(_jsonl(run / "iter-01" / "generated.jsonl")) < 2:
+        while time.monotonic() < deadline and len(jsonl_rows(run / "iter-01" / "generated.jsonl")) < 2:
             time.sleep(0.5)
-        server_pid = next(e["pid"] for e in _jsonl(run / "events.jsonl") if e["event"] == "server_started")
+        server_pid = next(e["pid"] for e in jsonl_rows(run / "events.jsonl") if e["event"] == "server_started")
         _tmux("send-keys", "-t", session, "C-c")
         screen = ""
         for _ in range(60):
@@ -272,7 +282,7 @@ def test_ctrl_c_on_the_dashboard_stops_cleanly_and_says_how_to_resume(default_mo
     assert "EXIT=130" in screen, screen
     assert f"Resume with: isara run {run}" in screen.replace("\n", "")
     assert not pid_alive(server_pid)  # the server went down with the run
-    kept = _jsonl(run / "iter-01" / "generated.jsonl")
+    kept = jsonl_rows(run / "iter-01" / "generated.jsonl")
     assert len(kept) >= 2 and len({r["id"] for r in kept}) == len(kept)
     out = run_isara("status", str(run))
     assert "interrupted" in out.stdout

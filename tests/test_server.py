@@ -13,25 +13,12 @@ import time
 import httpx
 import pytest
 
-from conftest import REPO
+from conftest import REPO, pid_alive
 from server.client import InferenceClient
-from server.errors import ServerUnavailable
+from server.errors import BadInput, ServerUnavailable
 from server.process import ManagedServer, ServerSettings
 
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "seed": 0}
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purpose.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +176,20 @@ def test_python_fallback_backend_serves_the_same_model(default_model):
                                     max_tokens=24, **GREEDY)
 
         assert any(color in asyncio.run(chat()).text for color in ("Red", "Blue", "Green"))
+
+
+def test_python_fallback_backend_serves_under_an_alias_and_answers_requests_that_name_it(default_model):
+    with ManagedServer(ServerSettings(model=default_model.gguf, backend="python", alias="smol")) as srv:
+        models = httpx.get(srv.base_url + "/v1/models", timeout=10).json()
+        assert [m["id"] for m in models["data"]] == ["smol"]
+        r = httpx.post(srv.base_url + "/v1/chat/completions", timeout=120,
+                       json={"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["model"] == "smol"
+
+
+def test_an_alias_that_is_not_one_name_is_refused(default_model):
+    with pytest.raises(BadInput, match="one non-empty name without commas"):
+        ManagedServer(ServerSettings(model=default_model.gguf, alias="a,b")).start()
 
 
 def test_two_hundred_concurrent_requests_are_each_answered_once_and_matched(smol_server):

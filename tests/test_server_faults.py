@@ -15,13 +15,11 @@ import time
 import httpx
 import pytest
 
-from conftest import REPO, run_isara
+from conftest import DATA_ONLY, REPO, jsonl_rows, pid_alive, run_config, run_isara
 from server.client import InferenceClient
 from server.errors import ServerCrashed
 from server.process import ManagedServer, ServerSettings
 from server.supervisor import Supervisor
-from test_run import _config, _jsonl
-from test_server import pid_alive
 
 PROMPTS = [f"Write a short story about the number {i}." for i in range(8)]
 
@@ -108,35 +106,37 @@ def _kill_server_after(run, accepted: int, proc: subprocess.Popen) -> int:
     """SIGKILL the run's llama-server once `accepted` samples are in; returns its pid."""
     gen = run / "iter-01" / "generated.jsonl"
     deadline = time.monotonic() + 300
-    while len(_jsonl(gen)) < accepted and time.monotonic() < deadline and proc.poll() is None:
+    while len(jsonl_rows(gen)) < accepted and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before its server could be killed"
-    pid = [e for e in _jsonl(run / "events.jsonl") if e["event"] == "server_started"][-1]["pid"]
+    pid = [e for e in jsonl_rows(run / "events.jsonl") if e["event"] == "server_started"][-1]["pid"]
     os.killpg(pid, signal.SIGKILL)
     return pid
 
 
+@pytest.mark.pipeline
 def test_a_run_whose_server_is_killed_mid_generation_restarts_it_and_completes(default_model, toolchain, tmp_path):
-    cfg = _config(tmp_path, samples=6, slots=2)
+    cfg = run_config(tmp_path, {**DATA_ONLY, "generation.samples": 6, "generation.slots": 2})
     run = tmp_path / "runs" / "garden"
     proc = _start_run(cfg)
     killed = _kill_server_after(run, 2, proc)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-2000:] + err[-2000:]
-    ids = [r["id"] for r in _jsonl(run / "iter-01" / "generated.jsonl")]
+    ids = [r["id"] for r in jsonl_rows(run / "iter-01" / "generated.jsonl")]
     assert len(ids) == 6 and len(set(ids)) == 6
-    restarts = [e for e in _jsonl(run / "events.jsonl") if e["event"] == "server_restarted"]
+    restarts = [e for e in jsonl_rows(run / "events.jsonl") if e["event"] == "server_restarted"]
     assert len(restarts) == 1 and restarts[0]["pid"] != killed and "exited with code" in restarts[0]["reason"]
     assert "server restarted" in out
 
 
+@pytest.mark.pipeline
 def test_a_run_whose_server_keeps_crashing_stops_resumably_naming_the_log(default_model, toolchain, tmp_path):
-    cfg = _config(tmp_path, samples=6, slots=2)
+    cfg = run_config(tmp_path, {**DATA_ONLY, "generation.samples": 6, "generation.slots": 2})
     run = tmp_path / "runs" / "garden"
     proc = _start_run(cfg, "generation.max_restarts=0")
     _kill_server_after(run, 2, proc)
     out, err = proc.communicate(timeout=300)
-    kept = [r["id"] for r in _jsonl(run / "iter-01" / "generated.jsonl")]
+    kept = [r["id"] for r in jsonl_rows(run / "iter-01" / "generated.jsonl")]
     assert proc.returncode == 1 and "Traceback" not in err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and str(run / "server.log") in lines[0], err
@@ -145,6 +145,6 @@ def test_a_run_whose_server_keeps_crashing_stops_resumably_naming_the_log(defaul
 
     resumed = run_isara("run", str(cfg), "--set", "iterations=1", "--plain")
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    ids = [r["id"] for r in _jsonl(run / "iter-01" / "generated.jsonl")]
+    ids = [r["id"] for r in jsonl_rows(run / "iter-01" / "generated.jsonl")]
     assert len(ids) == 6 and len(set(ids)) == 6 and ids[: len(kept)] == kept
     assert json.loads((run / "state.json").read_text())["status"] == "finished"

@@ -6,21 +6,13 @@ import asyncio
 
 import pytest
 
-from conftest import _tiny_corpus
+from conftest import TINY_LORA, tiny_corpus, tiny_samples
 from loop.config import ExportConfig, TrainConfig
 from loop.data import Sample
 from loop.export import count_params, export_iteration, preflight, served_answers
-from loop.train import IGNORE, encode_example, train_peft
+from loop.train_common import IGNORE, encode_example
+from loop.train_peft import train_peft
 from server.errors import BadInput
-
-TINY_LORA = dict(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
-                 grad_accum=1)
-
-
-def tiny_samples(n=12):
-    corpus = _tiny_corpus(seed=7)
-    return [Sample(id=f"t{i}", prompt=corpus[2 * i], response=corpus[2 * i + 1]) for i in range(n)]
-
 
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_llama, tmp_path_factory):

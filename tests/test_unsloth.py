@@ -47,7 +47,7 @@ from pathlib import Path
 from loop.config import TrainConfig
 from loop.train import choose_backend
 from loop.train_unsloth import train_unsloth
-from test_train import tiny_samples, TINY_LORA
+from conftest import tiny_samples, TINY_LORA
 cfg = TrainConfig(backend="unsloth", epochs=4, batch_size=4, learning_rate=5e-3, warmup_ratio=0.0, **TINY_LORA)
 assert choose_backend("unsloth") == "unsloth"
 r = train_unsloth(Path({hf!r}), tiny_samples(), cfg, Path({out!r}))

@@ -1,9 +1,12 @@
-"""`isara bench`, the ISARA phases: generation at k = 2, 4, 8 demos, training,
-export (merged and lora), a server restart, one iteration end to end.
+"""The ISARA phases, each a real run (`loop.run.execute`) in a scratch runs folder
+on the built-in safety domain, kept small: what is measured is where the time
+goes, not the model's quality.
 
-Each is a real run (`loop.run.execute`) in a scratch runs folder, on the
-built-in safety domain, kept small: what is measured is where the time goes,
-not the model's quality.
+Generation at k = 2, 4, 8 demos: accepted samples per minute and prompt tokens
+per sample, against the prompt processing share the engine's measured rates
+predict. One iteration end to end: seconds per phase (generate, train, export,
+eval), training tokens/s and peak memory, export steps merged against lora, a
+cold server start on the new model; on CUDA, Unsloth against PEFT training.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from server.process import ManagedServer, ServerSettings
 from server.toolchain import cuda_available
 
 from loop.config import load_config
-from loop.run import execute, run_dir_for
+from loop.layout import EXPORT, STEPS, TRAIN, RunLayout, phase_name
+from loop.run import execute, load_run_samples, run_dir_for
+from loop.state import RunState
 
 
 def _run(work: Path, name: str, overrides: list[str]) -> Path:
@@ -42,7 +47,7 @@ def bench_generation_k(work: Path, model: str, *, ks=(2, 4, 8), samples: int = 1
     for k in ks:
         run = _run(work, f"gen-k{k}", [f'model.base="{model}"', f"retrieval.k={k}", f"generation.samples={samples}",
                                        f"generation.slots={slots}", "train.enabled=false", "eval.enabled=false"])
-        st = json.loads((run / "iter-01" / "stats.json").read_text())
+        st = json.loads(RunLayout(run).stats(1).read_text())
         q, a = st["question_stage"], st["answer_stage"]
         server_ms = q["server_prompt_ms"] + q["server_gen_ms"] + a["server_prompt_ms"] + a["server_gen_ms"]
         row = {"k": k, "slots": slots, "accepted": st["accepted"], "attempts": st["attempts"],
@@ -79,9 +84,9 @@ def bench_iteration(work: Path, model: str, *, samples: int = 16, slots: int = 8
     run = _run(work, "iteration", [f'model.base="{model}"', f"generation.samples={samples}",
                                    f"generation.slots={slots}", f"train.epochs={epochs}", f"eval.n={eval_n}",
                                    "eval.max_tokens=32", "eval.baselines=false"])
-    state = json.loads((run / "state.json").read_text())["phases"]
-    phases = {p.split("/", 1)[1]: rec["seconds"] for p, rec in state.items() if p.startswith("iter-01/")}
-    train, export = state["iter-01/train"]["stats"], state["iter-01/export"]["stats"]
+    state, layout = RunState(run), RunLayout(run)
+    phases = {step: state.seconds(phase_name(1, step)) for step in STEPS if state.recorded(phase_name(1, step))}
+    train, export = state.stats(phase_name(1, TRAIN)), state.stats(phase_name(1, EXPORT))
     result = {"phases_s": phases, "total_s": round(sum(v or 0 for v in phases.values()), 1),
               "train": {k: train.get(k) for k in ("backend", "samples", "steps", "tokens", "tokens_per_s",
                                                   "peak_rss_mb", "peak_vram_mb", "first_loss", "last_loss")},
@@ -94,13 +99,13 @@ def bench_iteration(work: Path, model: str, *, samples: int = 16, slots: int = 8
     base = resolve_model(model)
     cfg = load_config(run / "config.toml", base_dir=run)
     t0 = time.perf_counter()
-    lora = export_iteration(base_hf=base.hf_dir, base_gguf=base.gguf, adapter_dir=run / "iter-01" / "adapter",
+    lora = export_iteration(base_hf=base.hf_dir, base_gguf=base.gguf, adapter_dir=layout.adapter(1),
                             out_dir=work / "lora-export", cfg=cfg.export.model_copy(update={"mode": "lora"}),
                             params=count_params(base.hf_dir))
     result["export_lora_s"] = {**lora.info["seconds"], "total": round(time.perf_counter() - t0, 2)}
     log("export lora:   " + ", ".join(f"{k} {v}s" for k, v in result["export_lora_s"].items()))
 
-    served = run / export["serve_model"]
+    served = layout.resolve(export["serve_model"])
     t0 = time.perf_counter()
     with ManagedServer(ServerSettings(model=served, slots=slots)):
         result["server_start_s"] = round(time.perf_counter() - t0, 2)
@@ -112,11 +117,10 @@ def bench_iteration(work: Path, model: str, *, samples: int = 16, slots: int = 8
 
 def _unsloth_vs_peft(run: Path, hf_dir: Path, cfg, log) -> dict:
     """On CUDA: both training backends on the iteration's data, same settings."""
-    from loop.run import load_run_samples
     from loop.train import train
 
-    samples = load_run_samples(run / "seeds.jsonl", "seed") + \
-        load_run_samples(run / "iter-01" / "generated.jsonl", "generated")
+    layout = RunLayout(run)
+    samples = load_run_samples(layout.seeds, "seed") + load_run_samples(layout.generated(1), "generated")
     out = {}
     for backend in ("peft", "unsloth"):
         res = train(hf_dir, samples, cfg.train.model_copy(update={"backend": backend}),

@@ -1,0 +1,65 @@
+"""`isara bench`: measure, side by side in one run on the same inputs, what ISARA's speed rests on.
+
+- `machine`: memory bandwidth and matmul FLOP/s, and the decode bounds they set for the model.
+- `engines`: generation through the managed llama-server against llama_cpp.server and transformers `generate`.
+- `variants`: one llama-server setting at a time at 8 in flight (not with --quick).
+- `phases`: ISARA generation at k = 2, 4, 8 demos; one iteration end to end.
+- `retrieval`: USearch against exact NumPy search.
+- `results`: bench.json.
+
+Ratios measured in one run are the numbers to trust; absolute times on a shared machine are noise.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from server.errors import BadInput
+
+from loop.bench.engines import bench_generation, bench_hf_generate, engine_ratios
+from loop.bench.machine import bounds, machine_limits, share_of_bound
+from loop.bench.phases import bench_generation_k, bench_iteration
+from loop.bench.results import write_results
+from loop.bench.retrieval import bench_retrieval
+from loop.bench.variants import bench_server_variants
+
+
+def run_bench(model_name: str, *, quick: bool = False, threads: int | None = None,
+              out_dir: Path = Path("runs/bench"), log=print) -> Path:
+    """Every part in turn on `model_name`; writes `out_dir/bench.json` (the ISARA phases' scratch runs go in
+    `out_dir/work`) and returns its path. `quick`: fewer requests, tokens and samples, no settings sweep."""
+    from loop.export import count_params
+    from loop.models import resolve_model
+
+    m = resolve_model(model_name)
+    if m.gguf is None:
+        raise BadInput(f"{model_name} has no GGUF to benchmark: give a .gguf file or a catalog chat model")
+    limits = machine_limits(threads)
+    params = count_params(m.hf_dir) if m.hf_dir else None
+    bound = bounds(limits, m.gguf.stat().st_size, params) if params else {}
+    log(f"machine: memory {limits['memory_gb_s']} GB/s, matmul {limits['matmul_gflop_s_f32']} GFLOP/s (f32) -> "
+        f"decode bounds: batch 1 {bound.get('decode_batch1_tok_s')} tok/s, batched "
+        f"{bound.get('decode_batched_tok_s')} tok/s")
+    n, tokens = (8, 32) if quick else (16, 64)
+    rows = bench_generation(m.gguf, n_requests=n, max_tokens=tokens, threads=threads, log=log,
+                            prompt_in_flight=(8,) if quick else (1, 4, 8, 16))
+    if m.hf_dir is not None:
+        rows += bench_hf_generate(m.hf_dir, n_requests=n, max_tokens=tokens, threads=threads, log=log)
+    engine_ratios(rows)
+    share_of_bound(rows, bound)
+    work = out_dir / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    extra = {"limits": limits, "bounds": bound, "params": params}
+    if not quick:
+        extra["server_variants"] = bench_server_variants(m.gguf, m.hf_dir, work / "models",
+                                                        source=m.source_gguf, log=log)
+    samples = 4 if quick else 24
+    if m.hf_dir is not None:
+        at8 = next(r for r in rows if r["engine"] == "llama-server (managed)" and r["in_flight"] == 8)
+        extra["isara_generation"] = bench_generation_k(work, model_name, samples=samples, log=log,
+                                                       prompt_tok_s=at8["prompt_tok_s"], gen_tok_s=at8["gen_tok_s"])
+        extra["iteration"] = bench_iteration(work, model_name, samples=samples, epochs=0.25 if quick else 1.0,
+                                             eval_n=4 if quick else 20, log=log)
+    extra["retrieval"] = bench_retrieval(sizes=(1_000, 10_000) if quick else (1_000, 10_000, 100_000), log=log)
+    return write_results(rows, out_dir, "isara bench" + (" --quick" if quick else ""), extra=extra)

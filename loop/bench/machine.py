@@ -1,0 +1,80 @@
+"""The machine, and the bounds it sets on decoding.
+
+Measures memory bandwidth (a 256 MiB copy, best of 5) and float32 matrix-multiply
+FLOP/s (1024 x 1024 in torch, best of 5), the two limits of decoding: batch-1
+decode reads every weight once a token, so it can go no faster than bandwidth /
+model bytes; batched decode does 2 x parameters FLOP a token, so no faster than
+FLOP/s / (2 x parameters). Each generation row's share of its bound is set here
+(`share_of_bound`): how far an engine is from what the hardware allows.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import psutil
+
+from server.toolchain import cuda_available
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What the numbers were measured on: CPU, cores, memory, Python, GPU."""
+    return {"cpu": _cpu_name(), "cores_logical": psutil.cpu_count(),
+            "cores_physical": psutil.cpu_count(logical=False),
+            "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
+            "gpu": "CUDA" if cuda_available() else "none"}
+
+
+def machine_limits(threads: int | None = None) -> dict:
+    """Memory bandwidth (a large copy) and matrix-multiply FLOP/s, the two bounds of decoding:
+    batch-1 decode reads every weight once a token (bandwidth / model bytes); batched decode does
+    2 x parameters FLOP a token (FLOP/s / (2 x parameters))."""
+    import numpy as np
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    src = np.ones(256 * 2**20 // 8)  # 256 MiB, far beyond the caches
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    bandwidth = 2 * src.nbytes / best  # read + write
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = min(best, (time.perf_counter() - t0) / 4)
+    flops = 2 * 1024**3 / best
+    return {"memory_gb_s": round(bandwidth / 1e9, 1), "matmul_gflop_s_f32": round(flops / 1e9, 1),
+            "torch_threads": torch.get_num_threads()}
+
+
+def bounds(limits: dict, model_bytes: int, params: int) -> dict:
+    return {"decode_batch1_tok_s": round(limits["memory_gb_s"] * 1e9 / model_bytes, 1),
+            "decode_batched_tok_s": round(limits["matmul_gflop_s_f32"] * 1e9 / (2 * params), 1)}
+
+
+def share_of_bound(rows: list[dict], bound: dict) -> None:
+    """Set on each generation row its speed as a share of the machine's decode bound: batch 1's at one in
+    flight, the batched one's above (None without a bound: no HF checkpoint to count parameters)."""
+    for r in rows:
+        limit = bound.get("decode_batch1_tok_s" if r["in_flight"] == 1 else "decode_batched_tok_s")
+        r["share_of_bound"] = round(r["gen_tok_s"] / limit, 3) if limit else None

@@ -1,0 +1,119 @@
+"""Answer kinds: which sort of answer a question gets, learnt from the seeds alone.
+
+ISARA has no labels beyond the seed pairs, no instruction and no judge. The
+seeds' answers still fall into a few kinds, and an answer's embedding says
+which: in the safety domain refusals and helpful answers; in a user's domain
+whatever ways its answers differ (short facts and worked steps, say).
+Spherical k-means on the seed answers finds the kinds (`kinds.count` of
+them); nothing here knows what a refusal is. An answer is placed by what it
+says beyond its question: its embedding less the part along its question's
+embedding. Raw answer embeddings cluster by topic as much as by kind (a
+refusal about explosives sits near an explosives question); measured on the
+safety seeds, k = 2 on raw embeddings put 12 of 48 refusals with 11 of 16
+helpful answers, while the residual keeps 46 of 48 refusals together.
+
+Two mechanisms use them, each a configuration key:
+
+- Neighbour agreement (`filters.neighbour_agreement`): a generated answer's
+  kind must be the kind its question's nearest seeds vote for. A kNN vote
+  finds wrong labels without training (SimiFeat, Zhu, Dong & Liu 2022), but a
+  plain majority is wrong when the kinds are unbalanced: with 48 refusals in
+  64 seeds nearly every neighbourhood is refusal-majority. Each seed's vote is
+  therefore divided by its kind's share of the seeds, so a neighbourhood
+  votes for the kind it holds more of than the seeds do overall.
+- Balanced anchors (`generation.anchors = "balanced"`): the anchors that new
+  questions are written from take turns over the kinds, so each kind gets the
+  same share of new questions however the seeds are split (Self-Instruct:
+  generating inputs first biases their labels; generating per class balances
+  them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def spherical_kmeans(vectors: np.ndarray, k: int, *, seed: int = 0, restarts: int = 8,
+                     iterations: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-length centroids and the cluster of each vector, by cosine; the best of `restarts`
+    k-means++ starts (highest total similarity to the centroids). Deterministic for a seed."""
+    x = vectors / (np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-12)
+    k = max(1, min(k, len(x)))
+    rng = np.random.default_rng(seed)
+    best = (-np.inf, None, None)
+    for _ in range(restarts):
+        centroids = [x[rng.integers(len(x))]]
+        while len(centroids) < k:  # k-means++: far from the centroids so far is likelier
+            far = np.clip(1.0 - np.max(x @ np.stack(centroids).T, axis=1), 0.0, None)
+            p = far / far.sum() if far.sum() > 0 else np.full(len(x), 1 / len(x))
+            centroids.append(x[rng.choice(len(x), p=p)])
+        c = np.stack(centroids)
+        for _ in range(iterations):
+            labels = np.argmax(x @ c.T, axis=1)
+            moved = np.stack([x[labels == j].sum(axis=0) if np.any(labels == j) else c[j] for j in range(k)])
+            moved /= np.linalg.norm(moved, axis=1, keepdims=True) + 1e-12
+            if np.allclose(moved, c):
+                break
+            c = moved
+        labels = np.argmax(x @ c.T, axis=1)
+        score = float(np.sum(np.max(x @ c.T, axis=1)))
+        if score > best[0]:
+            best = (score, c, labels)
+    return best[1], best[2]
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    v = np.atleast_2d(v)
+    return v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-12)
+
+
+def beyond_question(answer_vectors: np.ndarray, question_vectors: np.ndarray) -> np.ndarray:
+    """What an answer says beyond its question: the answer's embedding less its part along the question's."""
+    a, q = _unit(answer_vectors), _unit(question_vectors)
+    return a - np.sum(a * q, axis=1, keepdims=True) * q
+
+
+@dataclass
+class AnswerKinds:
+    centroids: np.ndarray  # (kinds, dim), unit length
+    seed_questions: np.ndarray  # (seeds, dim), unit length
+    seed_kinds: np.ndarray  # (seeds,)
+    prior: np.ndarray  # (kinds,): each kind's share of the seeds
+
+    @classmethod
+    def fit(cls, question_vectors: np.ndarray, answer_vectors: np.ndarray, count: int, seed: int = 0):
+        centroids, labels = spherical_kmeans(beyond_question(answer_vectors, question_vectors), count, seed=seed)
+        prior = np.bincount(labels, minlength=len(centroids)) / len(labels)
+        return cls(centroids=centroids, seed_questions=_unit(question_vectors), seed_kinds=labels, prior=prior)
+
+    @property
+    def count(self) -> int:
+        return len(self.centroids)
+
+    def kind_of(self, answer_vectors: np.ndarray, question_vectors: np.ndarray) -> np.ndarray:
+        """The kind of each answer to its question."""
+        return np.argmax(_unit(beyond_question(answer_vectors, question_vectors)) @ self.centroids.T, axis=1)
+
+    def vote(self, question_vector: np.ndarray, neighbours: int) -> tuple[int, list[float], list[int]]:
+        """The kind the question's nearest seed questions vote for, each vote over its kind's prior.
+        Returns (kind, the scores of all kinds, the neighbours' kinds)."""
+        sims = self.seed_questions @ question_vector
+        nearest = np.argsort(-sims, kind="stable")[:neighbours]
+        counts = np.bincount(self.seed_kinds[nearest], minlength=self.count) / len(nearest)
+        scores = counts / np.maximum(self.prior, 1e-12)
+        return int(np.argmax(scores)), [round(float(s), 3) for s in scores], [int(k) for k in self.seed_kinds[nearest]]
+
+
+def balanced_turns(kinds: list[int]):
+    """attempt -> position in `kinds`: attempts take turns over the kinds, and each kind cycles through its
+    own positions. Every kind gets the same share of attempts however the positions are split; the n-th
+    attempt always gets the same position (a resumed run draws the anchors an uninterrupted one does)."""
+    queues = [[pos for pos, k in enumerate(kinds) if k == kind] for kind in sorted(set(kinds))]
+
+    def position(attempt: int) -> int:
+        queue = queues[attempt % len(queues)]
+        return queue[(attempt // len(queues)) % len(queue)]
+
+    return position

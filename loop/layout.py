@@ -1,0 +1,147 @@
+"""The run folder: every path and name in `runs/<name>/`, in one place.
+
+    runs/<name>/
+      config.toml        the resolved configuration (all defaults filled in)
+      seeds.jsonl        the validated seeds, with ids
+      pool.jsonl         the validated external pool, when there is one
+      domain.json        where a built-in domain's data came from
+      state.json         finished phases, with checksums of what they wrote (read through RunState)
+      events.jsonl       every event, one a line
+      index.usearch      the retrieval index (+ index.items.jsonl)
+      server.log         the managed llama-server's log
+      iter-NN/generated.jsonl, rejected.jsonl, stats.json
+      iter-NN/adapter/, model.gguf, export.json      (training on)
+      iter-NN/answers.jsonl, eval.json               (evaluation on)
+      baselines/{base,icl-knn,sft-seeds}/ the same files, for the baselines
+      evals/iter-NN/     `isara eval` of an iteration
+      report.md, report.png
+
+An iteration's folder is `iter-` and its number, zero-padded to two digits
+(`iter-07`, `iter-100`); iterations are compared by number, never by name, so
+iteration 100 comes after 11. A phase is named `<folder>/<step>`
+(`iter-03/train`, `baselines/sft-seeds/eval`): that name is its key in
+state.json.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+# The steps of an iteration, in order; baselines use the same names.
+GENERATE, TRAIN, EXPORT, EVAL = "generate", "train", "export", "eval"
+STEPS = (GENERATE, TRAIN, EXPORT, EVAL)
+BASELINES = ("base", "icl-knn", "sft-seeds")
+
+_ITERATION = re.compile(r"^iter-(\d{2,})$")
+
+
+def iteration_name(t: int) -> str:
+    return f"iter-{t:02d}"
+
+
+def parse_iteration(name: str) -> int | None:
+    """`iter-07` -> 7, `iter-100` -> 100; anything else (`iter-x`, `iter-7`) -> None."""
+    m = _ITERATION.match(name)
+    return int(m.group(1)) if m else None
+
+
+def phase_name(t: int, step: str) -> str:
+    return f"{iteration_name(t)}/{step}"
+
+
+def baseline_phase(baseline: str, step: str) -> str:
+    return f"baselines/{baseline}/{step}"
+
+
+def phase_iteration(phase: str) -> tuple[int | None, str]:
+    """`iter-03/train` -> (3, "train"); a baseline's or the seeds' phase -> (None, its step)."""
+    folder, _, step = phase.rpartition("/")
+    return parse_iteration(folder), step
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    # --- files of the run ---
+    @property
+    def config(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def seeds(self) -> Path:
+        return self.root / "seeds.jsonl"
+
+    @property
+    def pool(self) -> Path:
+        return self.root / "pool.jsonl"
+
+    @property
+    def domain(self) -> Path:
+        return self.root / "domain.json"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events.jsonl"
+
+    @property
+    def server_log(self) -> Path:
+        return self.root / "server.log"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def report_png(self) -> Path:
+        return self.root / "report.png"
+
+    # --- iterations ---
+    def iteration(self, t: int) -> Path:
+        return self.root / iteration_name(t)
+
+    def generated(self, t: int) -> Path:
+        return self.iteration(t) / "generated.jsonl"
+
+    def rejected(self, t: int) -> Path:
+        return self.iteration(t) / "rejected.jsonl"
+
+    def stats(self, t: int) -> Path:
+        return self.iteration(t) / "stats.json"
+
+    def adapter(self, t: int) -> Path:
+        return self.iteration(t) / "adapter"
+
+    def export_info(self, t: int) -> Path:
+        return self.iteration(t) / "export.json"
+
+    def iterations_on_disk(self) -> list[int]:
+        """Numbers of the iteration folders that exist, in numeric order."""
+        found = (parse_iteration(d.name) for d in self.root.glob("iter-*") if d.is_dir())
+        return sorted(t for t in found if t is not None)
+
+    # --- baselines and evals ---
+    def baseline(self, name: str) -> Path:
+        return self.root / "baselines" / name
+
+    def eval_dir(self, t: int) -> Path:
+        """Where `isara eval` puts its answers for iteration t (the run's own evals are in the iteration folder)."""
+        return self.root / "evals" / iteration_name(t)
+
+    def resolve(self, rel: str) -> Path:
+        """A path a phase recorded relative to the run (so a run folder can move whole), made absolute."""
+        p = Path(rel)
+        return p if p.is_absolute() else self.root / p
+
+    def relative(self, path: Path) -> str:
+        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)

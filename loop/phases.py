@@ -1,0 +1,248 @@
+"""The phases of a run: each a function of the run's context, returning what it wrote.
+
+A phase reads what earlier phases left on disk (through `RunLayout` and
+`RunState`), does one job, and returns `(files, stats)`: the files it wrote,
+whose checksums `state.json` records so a resume can trust them, and the
+numbers it reports. `loop/run.py` lists the phases of a run and runs them in
+order, skipping those already finished.
+
+    generate_samples   iter-NN/generated.jsonl, rejected.jsonl, stats.json
+    train_adapter      iter-NN/adapter/                        (baseline: sft-seeds)
+    export_gguf        iter-NN/model.gguf (or adapter GGUF), export.json
+    evaluate_model     iter-NN/answers.jsonl, eval.json         (baselines: base, icl-knn)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.client import Endpoint, InferenceClient
+from server.process import ManagedServer, ServerSettings
+from server.supervisor import Supervisor
+
+from loop.config import RunConfig, to_toml
+from loop.data import Sample, read_jsonl
+from loop.evaluate import EvalItem, evaluate
+from loop.export import export_iteration
+from loop.files import write_json_atomic
+from loop.generate import GenerationPhase
+from loop.kinds import AnswerKinds
+from loop.layout import EXPORT, TRAIN, RunLayout, baseline_phase, iteration_name, phase_name
+from loop.models import Model
+from loop.retrieval import DomainIndex, Embedder
+from loop.state import Events, RunState
+from loop.train import train
+
+Written = tuple[list[Path], dict]  # what a phase returns: the files it wrote, its stats
+
+
+def load_run_samples(path: Path, source: str) -> list[Sample]:
+    """Samples a run wrote (its seeds, pool or an iteration's generated.jsonl), tagged with where they came from."""
+    return [Sample(id=r["id"], prompt=r["prompt"], response=r["response"], source=source,
+                   meta=r.get("meta", {})) for r in read_jsonl(path)]
+
+
+class Serving:
+    """The managed server of a run: started on demand, restarted when the model changes."""
+
+    def __init__(self, cfg: RunConfig, layout: RunLayout, events: Events):
+        self.cfg, self.layout, self.events = cfg, layout, events
+        self.server: ManagedServer | None = None
+        self.supervisor: Supervisor | None = None
+
+    def ensure(self, model: Path, lora: list[Path]) -> None:
+        if self.cfg.generation.endpoints:
+            return  # external endpoints serve; nothing to manage
+        if self.server is not None and self.server.alive() and self.server.settings.model == model \
+                and list(self.server.settings.lora) == lora:
+            return
+        self.stop()
+        g = self.cfg.generation
+        settings = ServerSettings(model=model, lora=lora, slots=g.slots, ctx_per_slot=g.ctx_per_slot,
+                                  threads=g.threads, log_path=self.layout.server_log)
+        self.server = ManagedServer(settings).start()
+        self.supervisor = Supervisor(self.server, max_restarts=g.max_restarts, interval=g.health_interval_s,
+                                     hang_after=g.hang_timeout_s, on_restart=self._restarted)
+        self.events.emit("server_started", url=self.server.base_url, slots=self.server.slots,
+                         backend=self.server.backend, pid=self.server.pid, model=str(model))
+
+    def _restarted(self, restarts: int, reason: str) -> None:
+        self.events.emit("server_restarted", restarts=restarts, reason=reason, pid=self.server.pid,
+                         log=str(self.server.log_path))
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+            self.supervisor = None
+
+    def client(self) -> InferenceClient:
+        g = self.cfg.generation
+        if g.endpoints:
+            return InferenceClient([Endpoint(u, slots=g.endpoint_slots, api_key=g.api_key) for u in g.endpoints],
+                                   timeout=g.request_timeout_s)
+        return InferenceClient([Endpoint(self.server.base_url, slots=self.server.slots)],
+                               timeout=g.request_timeout_s, supervisor=self.supervisor)
+
+
+@dataclass
+class RunContext:
+    """What every phase may use: the run's configuration, folder, state and shared resources."""
+    cfg: RunConfig
+    layout: RunLayout
+    state: RunState
+    events: Events
+    seeds: list[Sample]
+    base: Model
+    params: int | None  # the base model's parameter count (training runs)
+    items: list[EvalItem]  # the prompts every model of the run answers
+    index: DomainIndex
+    embedder: Embedder
+    serving: Serving
+
+    def generated(self, t: int) -> list[Sample]:
+        return load_run_samples(self.layout.generated(t), "generated")
+
+    def served_by(self, export_phase: str) -> tuple[Path, list[Path]]:
+        """The GGUF (and LoRA GGUFs) an export phase made, as the server loads them."""
+        info = self.state.stats(export_phase)
+        return self.layout.resolve(info["serve_model"]), [self.layout.resolve(p) for p in info.get("serve_lora", [])]
+
+    def model_before(self, t: int) -> tuple[Path, list[Path]]:
+        """Iteration t generates with the model of iteration t-1: the base model for t = 1, or when
+        the run does not train."""
+        previous = phase_name(t - 1, EXPORT)
+        return self.served_by(previous) if t > 1 and self.state.recorded(previous) else (self.base.gguf, [])
+
+
+# --- generation ------------------------------------------------------------------
+
+def generate_samples(ctx: RunContext, t: int) -> Written:
+    model, lora = ctx.model_before(t)
+    ctx.serving.ensure(model, lora)
+    # Anchors: the domain set as it stood when this iteration began (seeds, then accepted samples of
+    # earlier iterations); never the pool, never this iteration's own samples.
+    later = {s.id for i in ctx.layout.iterations_on_disk() if i >= t for s in ctx.generated(i)}
+    anchors = [k for k, it in enumerate(ctx.index.items)
+               if it["source"] == "seed" or (it["source"] == "generated" and it["id"] not in later)]
+    stats = asyncio.run(_generate(ctx, t, anchors))
+    stats["model"] = str(model)
+    # Data scaling ratio (the paper's): accepted generated samples so far over seeds.
+    so_far = sum(len(read_jsonl(ctx.layout.generated(i))) for i in range(1, t + 1))
+    stats["scaling_ratio"] = round(so_far / len(ctx.seeds), 3)
+    write_json_atomic(ctx.layout.stats(t), stats)
+    return [ctx.layout.generated(t), ctx.layout.rejected(t), ctx.layout.stats(t)], stats
+
+
+async def _generate(ctx: RunContext, t: int, anchors: list[int]) -> dict:
+    kinds = seed_answer_kinds(ctx)
+    async with ctx.serving.client() as client:
+        phase = GenerationPhase(cfg=ctx.cfg, iteration=t, out_dir=ctx.layout.iteration(t), index=ctx.index,
+                                embedder=ctx.embedder, client=client, anchors=anchors, events=ctx.events,
+                                kinds=kinds)
+        return await phase.run()
+
+
+def seed_answer_kinds(ctx: RunContext) -> AnswerKinds:
+    """The kinds of the seeds' answers (loop/kinds.py), found anew from the seeds: a few dozen embeddings."""
+    questions = ctx.embedder.encode([s.prompt for s in ctx.seeds])
+    answers = ctx.embedder.encode([s.response for s in ctx.seeds])
+    return AnswerKinds.fit(questions, answers, ctx.cfg.kinds.count, seed=ctx.cfg.generation.seed)
+
+
+# --- training and export -----------------------------------------------------------
+
+def train_adapter(ctx: RunContext, out: Path, samples: list[Sample], *, label: int,
+                  previous: Path | None = None) -> Written:
+    """LoRA on `samples` into out/adapter. `label`: the iteration (0 for the SFT-on-seeds baseline)."""
+    ctx.serving.stop()  # training wants the cores and the memory
+    ctx.events.emit("train_started", iteration=label, samples=len(samples), backend=ctx.cfg.train.backend)
+    result = train(ctx.base.hf_dir, samples, ctx.cfg.train, out / "adapter", previous_adapter=previous,
+                   on_step=lambda st: ctx.events.emit("train_step", iteration=label, **st))
+    summary = {**result.summary(), "samples": len(samples)}
+    ctx.events.emit("train_finished", iteration=label, **summary)
+    return sorted((out / "adapter").glob("adapter_*")), summary
+
+
+def train_iteration(ctx: RunContext, t: int) -> Written:
+    """Seeds plus every sample accepted so far; from the base weights, or from iteration t-1's adapter."""
+    samples = ctx.seeds + [s for i in range(1, t + 1) for s in ctx.generated(i)]
+    previous = ctx.layout.adapter(t - 1) if ctx.cfg.train.start_from == "previous" and t > 1 else None
+    return train_adapter(ctx, ctx.layout.iteration(t), samples, label=t, previous=previous)
+
+
+def export_gguf(ctx: RunContext, out: Path, *, label: int, train_phase: str) -> Written:
+    """Merge (or convert the adapter), convert, verify, quantize: what the server will load, plus export.json."""
+    ctx.serving.stop()
+    cfg, layout = ctx.cfg, ctx.layout
+    ctx.events.emit("export_started", iteration=label, mode=cfg.export.mode)
+    exported = export_iteration(
+        base_hf=ctx.base.hf_dir, base_gguf=ctx.base.gguf, adapter_dir=out / "adapter", out_dir=out,
+        cfg=cfg.export, params=ctx.params, on_step=lambda st: ctx.events.emit("export_step", iteration=label, **st))
+    info = {**exported.to_json(), "iteration": label, "base": cfg.model.base,
+            "samples": ctx.state.stats(train_phase).get("samples"),
+            "config_sha256": hashlib.sha256(to_toml(cfg).encode()).hexdigest(),
+            # Paths inside the run are kept relative: a run folder can be moved or copied whole.
+            "serve_model": layout.relative(exported.serve_model),
+            "serve_lora": [layout.relative(p) for p in exported.serve_lora]}
+    write_json_atomic(out / "export.json", info)
+    ctx.events.emit("export_finished", **info)
+    written = [p for p in (exported.serve_model, *exported.serve_lora) if p.is_relative_to(layout.root)]
+    return [*written, out / "export.json"], info
+
+
+# --- evaluation and baselines --------------------------------------------------------
+
+def evaluate_model(ctx: RunContext, out: Path, label: str, model: Path, lora: list[Path], demos=None) -> Written:
+    ctx.serving.ensure(model, lora)
+    ctx.events.emit("eval_started", label=label, prompts=len(ctx.items))
+    result = evaluate(ctx.serving.client(), ctx.items, out, max_tokens=ctx.cfg.eval.max_tokens, label=label,
+                      demos=demos, seed=ctx.cfg.eval.seed)
+    ctx.events.emit("eval_finished", **result)
+    return [out / "answers.jsonl", out / "eval.json"], result
+
+
+def evaluate_iteration(ctx: RunContext, t: int) -> Written:
+    return evaluate_model(ctx, ctx.layout.iteration(t), iteration_name(t), *ctx.served_by(phase_name(t, EXPORT)))
+
+
+def evaluate_base(ctx: RunContext) -> Written:
+    return evaluate_model(ctx, ctx.layout.baseline("base"), "base", ctx.base.gguf, [])
+
+
+def evaluate_icl_knn(ctx: RunContext) -> Written:
+    """The base model with the k nearest seed pairs of each prompt shown first: ISARA's retrieval, no training."""
+    demos = icl_knn_demos(ctx.index, ctx.embedder, ctx.cfg.eval.k, ctx.items)
+    return evaluate_model(ctx, ctx.layout.baseline("icl-knn"), "icl-knn", ctx.base.gguf, [], demos)
+
+
+def train_sft_seeds(ctx: RunContext) -> Written:
+    return train_adapter(ctx, ctx.layout.baseline("sft-seeds"), ctx.seeds, label=0)
+
+
+def export_sft_seeds(ctx: RunContext) -> Written:
+    return export_gguf(ctx, ctx.layout.baseline("sft-seeds"), label=0,
+                       train_phase=baseline_phase("sft-seeds", TRAIN))
+
+
+def evaluate_sft_seeds(ctx: RunContext) -> Written:
+    model, lora = ctx.served_by(baseline_phase("sft-seeds", EXPORT))
+    return evaluate_model(ctx, ctx.layout.baseline("sft-seeds"), "sft-seeds", model, lora)
+
+
+def icl_knn_demos(index: DomainIndex, embedder: Embedder, k: int, items: list[EvalItem]):
+    """The k nearest seed pairs of each prompt (USearch), the nearest last, next to the question.
+    All prompts are embedded in one batch up front, so nothing blocks the eval's event loop."""
+    seed_keys = {key for key, it in enumerate(index.items) if it["source"] == "seed"}
+    chosen = {}
+    for item, v in zip(items, embedder.encode([it.prompt for it in items])):
+        # Seeds are a small part of a big index (pool, generated samples): look a little wider than k,
+        # and over everything only when that did not find k seeds.
+        hits = [key for key, _ in index.search(v, min(len(index), max(64, 8 * k))) if key in seed_keys][:k]
+        if len(hits) < min(k, len(seed_keys)):
+            hits = [key for key, _ in index.search(v, len(index)) if key in seed_keys][:k]
+        chosen[item] = [(index.items[key]["prompt"], index.items[key]["response"]) for key in reversed(hits)]
+    return lambda item: chosen[item]

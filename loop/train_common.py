@@ -1,0 +1,148 @@
+"""What both training backends share: the data, the step plan, the adapter on disk.
+
+- `encode_examples`: each sample on the model's own chat template (a user turn
+  with the question, an assistant turn with the answer), labels on the answer
+  only; examples with no answer token left after truncation are dropped.
+- `step_plan`: micro-batches, optimizer steps and warmup from the sample count.
+- `save_adapter_atomic`: the PEFT adapter plus the base's tokenizer files,
+  written to a temporary folder and renamed into place.
+- `TrainResult`, `peak_rss_mb`: what a backend reports.
+
+`loop/train_peft.py` and `loop/train_unsloth.py` import this; nothing here
+imports a backend, so there is no circle.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from loop.config import TrainConfig
+from loop.files import atomic_dir
+
+IGNORE = -100
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    backend: str
+    steps: int
+    losses: list[float]
+    tokens: int  # tokens seen (all, padding excluded)
+    seconds: float
+    peak_rss_mb: float
+    peak_vram_mb: float | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> dict:
+        return {"backend": self.backend, "steps": self.steps, "first_loss": self.losses[0] if self.losses else None,
+                "last_loss": self.losses[-1] if self.losses else None, "tokens": self.tokens,
+                "seconds": round(self.seconds, 2), "tokens_per_s": round(self.tokens_per_s, 1),
+                "peak_rss_mb": round(self.peak_rss_mb), "peak_vram_mb": self.peak_vram_mb and round(self.peak_vram_mb)}
+
+
+# --- data ---------------------------------------------------------------------
+
+def encode_example(tokenizer, question: str, answer: str, max_length: int) -> dict:
+    """Token ids of the chat-formatted pair, with labels on the answer only.
+
+    The prompt part is the template rendered up to the assistant's turn
+    (add_generation_prompt); everything after it (the answer and the template's
+    end-of-turn, so the model learns to stop) carries the loss. Offsets of the
+    full text decide the boundary, so a BPE merge across it can't shift it.
+    """
+    user = [{"role": "user", "content": question}]
+    prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise ValueError("the chat template renders the prompt differently inside the full conversation")
+    # add_special_tokens: a BOS where the tokenizer adds one, as the server does; its offset (0, 0) keeps it
+    # out of the loss.
+    enc = tokenizer(full_text, add_special_tokens=True, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [tok if start >= len(prompt_text) else IGNORE for tok, (start, _) in zip(ids, enc["offset_mapping"])]
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+
+
+def encode_examples(tokenizer, samples, max_length: int) -> list[dict]:
+    """Every sample encoded; those whose answer was cut away entirely carry no loss and are dropped."""
+    examples = [encode_example(tokenizer, s.prompt, s.response, max_length) for s in samples]
+    return [e for e in examples if any(label != IGNORE for label in e["labels"])]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    micro_batches: int  # forward/backward passes
+    steps: int  # optimizer steps (micro_batches / grad_accum, rounded up)
+    warmup: int  # of those steps
+
+
+def step_plan(n_examples: int, cfg: TrainConfig) -> StepPlan:
+    """Fractional epochs round up to whole micro-batches; there is always at least one step."""
+    micro = max(1, math.ceil(math.ceil(n_examples / cfg.batch_size) * cfg.epochs))
+    steps = max(1, math.ceil(micro / cfg.grad_accum))
+    return StepPlan(micro_batches=micro, steps=steps, warmup=int(steps * cfg.warmup_ratio))
+
+
+def length_bucketed_batches(examples: list[dict], batch_size: int, rng: random.Random) -> list[list[dict]]:
+    """Shuffle, then sort by length inside windows of 16 batches: little padding, still random order."""
+    order = examples[:]
+    rng.shuffle(order)
+    window = batch_size * 16
+    batches = []
+    for i in range(0, len(order), window):
+        chunk = sorted(order[i:i + window], key=lambda e: len(e["input_ids"]))
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(batch: list[dict], pad_id: int):
+    import torch
+
+    width = max(len(e["input_ids"]) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return ids, labels, mask
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                   "vocab.*", "merges.txt")
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """The base's tokenizer files, verbatim. Re-saving a loaded tokenizer can drop files
+    (tokenizer.model), and the converter then reads another vocabulary than the one trained on."""
+    for pattern in TOKENIZER_FILES:
+        for f in src.glob(pattern):
+            if f.is_file():
+                shutil.copy2(f, dst / f.name)
+
+
+def save_adapter_atomic(model, base_hf: Path, out: Path) -> Path:
+    """The LoRA only (PEFT format, safetensors) with the base's tokenizer files, whole or not at all."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        copy_tokenizer_files(base_hf, tmp)
+    return out
+
+

@@ -1,0 +1,87 @@
+"""The PEFT backend: a plain PyTorch + PEFT loop (no trl), for CPUs and for GPUs without Unsloth.
+
+AdamW, linear warmup then linear decay, gradient accumulation, length-bucketed
+batches, a fixed seed. fp32 on CPU (bf16 matmuls are slow there and lose
+precision); bf16 on GPUs that have it. Data, step plan and the adapter on disk
+come from `loop/train_common.py`, shared with the Unsloth backend.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+from server.toolchain import cuda_available
+
+from loop.config import TrainConfig
+from loop.data import Sample
+from loop.train_common import (TrainResult, collate, encode_examples, length_bucketed_batches, peak_rss_mb,
+                               save_adapter_atomic, step_plan)
+
+
+def train_peft(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Path, *,
+               previous_adapter: Path | None = None, on_step=None) -> TrainResult:
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    device = "cuda" if cuda_available() and torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, use_safetensors=True,
+                                                 trust_remote_code=False).to(device)
+    model.config.use_cache = False
+    if previous_adapter is not None:
+        model = PeftModel.from_pretrained(model, previous_adapter, is_trainable=True)
+    else:
+        lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    examples = encode_examples(tokenizer, samples, cfg.max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    plan = step_plan(len(examples), cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+
+    def lr_at(step: int) -> float:
+        if step < plan.warmup:
+            return (step + 1) / (plan.warmup + 1)
+        return max(0.0, (plan.steps - step) / max(1, plan.steps - plan.warmup))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    losses, tokens, step, micro = [], 0, 0, 0
+    started = time.perf_counter()
+    queue: list[list[dict]] = []
+    while micro < plan.micro_batches:
+        if not queue:
+            queue = length_bucketed_batches(examples, cfg.batch_size, rng)
+        batch = queue.pop()
+        ids, labels, mask = (t.to(device) for t in collate(batch, pad_id))
+        out_ = model(input_ids=ids, attention_mask=mask, labels=labels)
+        (out_.loss / cfg.grad_accum).backward()
+        tokens += int(mask.sum())
+        micro += 1
+        acc_loss = float(out_.loss.detach())
+        if micro % cfg.grad_accum == 0 or micro == plan.micro_batches:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(round(acc_loss, 5))
+            if on_step:
+                on_step({"step": step, "steps": plan.steps, "loss": acc_loss, "lr": sched.get_last_lr()[0],
+                         "tokens": tokens, "seconds": round(time.perf_counter() - started, 2)})
+    seconds = time.perf_counter() - started
+    model.eval()
+    save_adapter_atomic(model, hf_dir, out)
+    vram = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    return TrainResult(adapter_dir=out, backend="peft", steps=step, losses=losses, tokens=tokens, seconds=seconds,
+                       peak_rss_mb=peak_rss_mb(), peak_vram_mb=vram)

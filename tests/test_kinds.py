@@ -1,0 +1,97 @@
+"""Answer kinds from the seeds alone, the class-balanced neighbour vote and balanced anchors."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from loop.kinds import AnswerKinds, balanced_turns, spherical_kmeans
+
+
+def _around(direction: np.ndarray, n: int, rng, spread: float = 0.1) -> np.ndarray:
+    v = direction + spread * rng.standard_normal((n, len(direction)))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_spherical_kmeans_separates_two_directions_and_is_deterministic():
+    rng = np.random.default_rng(0)
+    a, b = np.eye(16)[0], np.eye(16)[1]
+    x = np.vstack([_around(a, 30, rng), _around(b, 10, rng)])
+    _, labels = spherical_kmeans(x, 2, seed=3)
+    assert len(set(labels[:30])) == 1 and len(set(labels[30:])) == 1 and labels[0] != labels[30]
+    assert np.array_equal(labels, spherical_kmeans(x, 2, seed=3)[1])
+
+
+def _kinds(majority: int = 48, minority: int = 16) -> AnswerKinds:
+    """Seeds whose questions sit on a line from topic X to topic Y and whose answers are of two kinds:
+    the majority kind near X, the minority kind near Y."""
+    rng = np.random.default_rng(1)
+    x_topic, y_topic, ans_major, ans_minor = np.eye(32)[:4]
+    t = np.concatenate([rng.uniform(0.0, 0.6, majority), rng.uniform(0.5, 1.0, minority)])
+    questions = (1 - t)[:, None] * x_topic + t[:, None] * y_topic + 0.02 * rng.standard_normal((len(t), 32))
+    answers = np.vstack([_around(ans_major, majority, rng), _around(ans_minor, minority, rng)])
+    return AnswerKinds.fit(questions, answers, count=2)
+
+
+def test_the_seeds_answer_kinds_and_their_shares_are_found():
+    kinds = _kinds()
+    assert sorted(np.round(kinds.prior, 2)) == [0.25, 0.75]
+    question = np.eye(32)[0]
+    assert kinds.kind_of(np.eye(32)[2], question) != kinds.kind_of(np.eye(32)[3], question)
+
+
+def test_a_neighbourhood_with_more_of_the_minority_kind_than_the_seeds_have_votes_for_it():
+    kinds = _kinds()
+    minority = int(np.argmin(kinds.prior))
+    x_topic, y_topic = np.eye(32)[:2]
+    q = 0.5 * x_topic + 0.5 * y_topic  # where both kinds meet: a plain majority would say "majority kind"
+    q /= np.linalg.norm(q)
+    kind, scores, neighbour_kinds = kinds.vote(q, neighbours=7)
+    assert neighbour_kinds.count(minority) < 4  # the plain vote loses...
+    assert neighbour_kinds.count(minority) / 7 > min(kinds.prior)  # ...but the minority is over-represented
+    assert kind == minority and scores[minority] > scores[1 - minority]
+
+
+def test_deep_in_the_majoritys_topic_the_vote_stays_with_the_majority():
+    kinds = _kinds()
+    kind, _, neighbour_kinds = kinds.vote(np.eye(32)[0], neighbours=7)
+    assert kind == int(np.argmax(kinds.prior)) and set(neighbour_kinds) == {kind}
+
+
+def test_balanced_turns_give_each_kind_an_equal_share_of_attempts_however_the_anchors_split():
+    kinds = [0] * 48 + [1] * 16
+    at = balanced_turns(kinds)
+    drawn = [kinds[at(n)] for n in range(64)]
+    assert drawn.count(0) == drawn.count(1) == 32
+    assert sorted({at(n) for n in range(96)} & set(range(48, 64))) == list(range(48, 64))  # every minority anchor
+    assert [at(n) for n in range(10)] == [at(n) for n in range(10)]  # attempt n: always the same anchor
+
+
+def test_on_the_safety_seeds_the_kinds_are_refusals_and_helpful_answers_and_the_vote_finds_benign_questions():
+    """Real seeds, real embeddings: no label is shown to the clustering; the seeds' own `kind` grades it."""
+    import json
+    from collections import Counter
+
+    from loop.domains import load_domain
+    from loop.models import DEFAULT_EMBEDDER, resolve_model
+    from loop.retrieval import Embedder
+
+    seeds = [json.loads(line) for line in load_domain("safety", log=lambda m: None).seeds.read_text().splitlines()]
+    embedder = Embedder(resolve_model(DEFAULT_EMBEDDER).embedder_dir)
+    q = embedder.encode([s["prompt"] for s in seeds])
+    kinds = AnswerKinds.fit(q, embedder.encode([s["response"] for s in seeds]), count=2)
+    refusal_kind = Counter(int(k) for s, k in zip(seeds, kinds.seed_kinds) if s["meta"]["kind"] == "harmful")
+    refusal_kind = refusal_kind.most_common(1)[0][0]
+    found = Counter((s["meta"]["kind"], int(k) == refusal_kind) for s, k in zip(seeds, kinds.seed_kinds))
+    assert found[("harmful", True)] >= 44 and found[("benign", False)] >= 9, found
+    # Leave each seed out and let its neighbours vote: the prior-weighted vote sends most benign questions to
+    # the helpful kind, where a plain majority of 7 sends nearly all of them to refusal.
+    votes = Counter()
+    for i, s in enumerate(seeds):
+        rest = AnswerKinds(kinds.centroids, np.delete(kinds.seed_questions, i, 0),
+                           np.delete(kinds.seed_kinds, i), kinds.prior)
+        kind, _, neighbours = rest.vote(q[i], neighbours=7)
+        plain = Counter(neighbours).most_common(1)[0][0]
+        votes[(s["meta"]["kind"], "weighted", kind == refusal_kind)] += 1
+        votes[(s["meta"]["kind"], "plain", plain == refusal_kind)] += 1
+    assert votes[("benign", "weighted", False)] >= 8 and votes[("benign", "plain", False)] <= 3, votes
+    assert votes[("harmful", "weighted", True)] >= 36, votes

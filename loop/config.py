@@ -89,10 +89,12 @@ class FilterConfig(_Section):
 
 
 class KindsConfig(_Section):
-    count: int = Field(2, ge=1, le=16, description="Answer kinds: clusters of the seed answers' embeddings "
+    count: int = Field(2, ge=1, le=16, description="Answer kinds: clusters of how the seeds' answers open "
                                                     "(spherical k-means); used by filters.neighbour_agreement and "
                                                     "generation.anchors = balanced, recorded for every sample.")
-    neighbours: int = Field(7, ge=1, le=64, description="Nearest seed questions that vote on a question's kind.")
+    opening_words: int = Field(4, ge=1, le=32, description="An answer's first words that say its kind.")
+    neighbours: int = Field(5, ge=1, le=64, description="Nearest seed questions that vote on a question's kind "
+                                                         "(5: best of 5/7/11 by leave-one-out on the safety seeds).")
 
 
 class TrainConfig(_Section):

@@ -83,9 +83,8 @@ class GenerationPhase:
         self.kinds = kinds  # the seeds' answer kinds: recorded for every answer, used by the two mechanisms
         self.anchor_at = lambda attempt: attempt % len(anchors)
         if cfg.generation.anchors == "balanced" and kinds is not None:
-            responses = self.embedder.encode([index.items[k]["response"] for k in anchors])
-            questions = np.stack([index.vector(k) for k in anchors])
-            self.anchor_at = balanced_turns([int(k) for k in kinds.kind_of(responses, questions)])
+            self.anchor_at = balanced_turns([int(k) for k in kinds.kind_of([index.items[k]["response"]
+                                                                            for k in anchors])])
         self.fmt = Format(cfg.question_marker, cfg.answer_marker)
         self.dups = NearDuplicates(cfg.filters)
         self.gen_path = out_dir / "generated.jsonl"
@@ -163,7 +162,7 @@ class GenerationPhase:
         if reason is None and copied_from_demos(answer, [d["response"] for d in a_demos]):
             reason = "copied_demo"
         if reason is None and self.kinds is not None:
-            kind = int(self.kinds.kind_of(self.embedder.encode([answer])[0], q_vec)[0])
+            kind = int(self.kinds.kind_of([answer])[0])
             expected, scores, _ = self.kinds.vote(q_vec, self.cfg.kinds.neighbours)
             base["kind"] = {"answer": kind, "expected": expected, "scores": scores}
             if f.neighbour_agreement and kind != expected:

@@ -147,10 +147,10 @@ async def _generate(ctx: RunContext, t: int, anchors: list[int]) -> dict:
 
 
 def seed_answer_kinds(ctx: RunContext) -> AnswerKinds:
-    """The kinds of the seeds' answers (loop/kinds.py), found anew from the seeds: a few dozen embeddings."""
+    """The kinds of the seeds' answers (loop/kinds.py), found anew from the seeds: cheap, and nothing to keep."""
     questions = ctx.embedder.encode([s.prompt for s in ctx.seeds])
-    answers = ctx.embedder.encode([s.response for s in ctx.seeds])
-    return AnswerKinds.fit(questions, answers, ctx.cfg.kinds.count, seed=ctx.cfg.generation.seed)
+    return AnswerKinds.fit(questions, [s.response for s in ctx.seeds], ctx.cfg.kinds.count,
+                           opening_words=ctx.cfg.kinds.opening_words, seed=ctx.cfg.generation.seed)
 
 
 # --- training and export -----------------------------------------------------------

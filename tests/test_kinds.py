@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from loop.kinds import AnswerKinds, balanced_turns, spherical_kmeans
@@ -21,22 +23,27 @@ def test_spherical_kmeans_separates_two_directions_and_is_deterministic():
     assert np.array_equal(labels, spherical_kmeans(x, 2, seed=3)[1])
 
 
+MAJOR = ["I cannot help with that.", "I cannot do that for you.", "I cannot assist with this request."]
+MINOR = ["Water it weekly and keep it in light.", "Use a sharp knife and a steady board.",
+         "Start with a simple plan and practice."]
+
+
 def _kinds(majority: int = 48, minority: int = 16) -> AnswerKinds:
     """Seeds whose questions sit on a line from topic X to topic Y and whose answers are of two kinds:
-    the majority kind near X, the minority kind near Y."""
+    the majority kind (refusal-like openings) near X, the minority kind near Y."""
     rng = np.random.default_rng(1)
-    x_topic, y_topic, ans_major, ans_minor = np.eye(32)[:4]
+    x_topic, y_topic = np.eye(32)[:2]
     t = np.concatenate([rng.uniform(0.0, 0.6, majority), rng.uniform(0.5, 1.0, minority)])
     questions = (1 - t)[:, None] * x_topic + t[:, None] * y_topic + 0.02 * rng.standard_normal((len(t), 32))
-    answers = np.vstack([_around(ans_major, majority, rng), _around(ans_minor, minority, rng)])
+    answers = [MAJOR[i % 3] for i in range(majority)] + [MINOR[i % 3] for i in range(minority)]
     return AnswerKinds.fit(questions, answers, count=2)
 
 
-def test_the_seeds_answer_kinds_and_their_shares_are_found():
+def test_the_seeds_answer_kinds_and_their_shares_are_found_from_how_answers_open():
     kinds = _kinds()
     assert sorted(np.round(kinds.prior, 2)) == [0.25, 0.75]
-    question = np.eye(32)[0]
-    assert kinds.kind_of(np.eye(32)[2], question) != kinds.kind_of(np.eye(32)[3], question)
+    refuse, helpful = kinds.kind_of(["I cannot share that, sorry.", "Water the roots early in the morning."])
+    assert refuse == int(np.argmax(kinds.prior)) and helpful != refuse
 
 
 def test_a_neighbourhood_with_more_of_the_minority_kind_than_the_seeds_have_votes_for_it():
@@ -78,20 +85,20 @@ def test_on_the_safety_seeds_the_kinds_are_refusals_and_helpful_answers_and_the_
     seeds = [json.loads(line) for line in load_domain("safety", log=lambda m: None).seeds.read_text().splitlines()]
     embedder = Embedder(resolve_model(DEFAULT_EMBEDDER).embedder_dir)
     q = embedder.encode([s["prompt"] for s in seeds])
-    kinds = AnswerKinds.fit(q, embedder.encode([s["response"] for s in seeds]), count=2)
+    kinds = AnswerKinds.fit(q, [s["response"] for s in seeds], count=2)
     refusal_kind = Counter(int(k) for s, k in zip(seeds, kinds.seed_kinds) if s["meta"]["kind"] == "harmful")
     refusal_kind = refusal_kind.most_common(1)[0][0]
     found = Counter((s["meta"]["kind"], int(k) == refusal_kind) for s, k in zip(seeds, kinds.seed_kinds))
-    assert found[("harmful", True)] >= 44 and found[("benign", False)] >= 9, found
+    assert found[("harmful", True)] >= 45 and found[("benign", False)] >= 15, found
     # Leave each seed out and let its neighbours vote: the prior-weighted vote sends most benign questions to
-    # the helpful kind, where a plain majority of 7 sends nearly all of them to refusal.
+    # the helpful kind, where a plain majority of 5 sends half of them to refusal.
     votes = Counter()
     for i, s in enumerate(seeds):
-        rest = AnswerKinds(kinds.centroids, np.delete(kinds.seed_questions, i, 0),
-                           np.delete(kinds.seed_kinds, i), kinds.prior)
-        kind, _, neighbours = rest.vote(q[i], neighbours=7)
+        rest = dataclasses.replace(kinds, seed_questions=np.delete(kinds.seed_questions, i, 0),
+                                   seed_kinds=np.delete(kinds.seed_kinds, i))
+        kind, _, neighbours = rest.vote(q[i], neighbours=5)
         plain = Counter(neighbours).most_common(1)[0][0]
         votes[(s["meta"]["kind"], "weighted", kind == refusal_kind)] += 1
         votes[(s["meta"]["kind"], "plain", plain == refusal_kind)] += 1
-    assert votes[("benign", "weighted", False)] >= 8 and votes[("benign", "plain", False)] <= 3, votes
-    assert votes[("harmful", "weighted", True)] >= 36, votes
+    assert votes[("benign", "weighted", False)] >= 10 > votes[("benign", "plain", False)], votes
+    assert votes[("harmful", "weighted", True)] >= 42, votes

@@ -27,6 +27,22 @@ from loop import __version__
 console = Console()
 err_console = Console(stderr=True)
 
+# Options several commands share, defined once.
+runs_dir_option = click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
+                               show_default=True, help="Where runs live (a RUN may be a name in it).")
+iteration_option = click.option("--iteration", type=click.IntRange(1), default=None,
+                                help="A run's iteration (default: the latest exported one).")
+
+
+def eval_option(key: str, **kw):
+    """`isara eval`'s flag for a key of the run's [eval] section: its default and help come from the schema,
+    so the command and a run's evaluation can't drift apart."""
+    from loop.config import EvalConfig
+
+    field = EvalConfig.model_fields[key]
+    return click.option(f"--{key.replace('_', '-')}", key, default=field.default, help=field.description,
+                        show_default=field.default is not None, **kw)
+
 
 class IsaraGroup(click.Group):
     """Turns known errors into one line and an exit code; `--debug` shows the traceback."""
@@ -197,7 +213,7 @@ def run_cmd(config: Path, name, overrides, output) -> None:
 
 @cli.command()
 @click.argument("run", required=False, type=click.Path(path_type=Path))
-@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
+@runs_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(run, runs_dir, as_json) -> None:
     """Where each run stands (status, iterations, accepted samples, loss, exported model, eval), from its files.
@@ -248,9 +264,8 @@ def status(run, runs_dir, as_json) -> None:
 
 @cli.command()
 @click.argument("model", metavar="MODEL|RUN")
-@click.option("--iteration", type=click.IntRange(1), default=None, help="A run's iteration (default: latest).")
-@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
-              show_default=True)
+@iteration_option
+@runs_dir_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; anything but loopback needs --api-key.")
 @click.option("--port", type=int, default=8080, show_default=True)
@@ -310,19 +325,15 @@ def serve(model, iteration, runs_dir, host, port, api_key, slots, ctx_per_slot, 
 @click.argument("target", metavar="MODEL|RUN")
 @click.option("--domain", type=click.Choice(["safety"]), default="safety", show_default=True,
               help="Built-in eval sets (held-out harmful prompts, benign prompts).")
-@click.option("--refuse-prompts", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Your own JSONL of prompts the model should refuse (instead of the domain's).")
-@click.option("--answer-prompts", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Your own JSONL of prompts the model should answer (instead of the domain's).")
-@click.option("--n", type=click.IntRange(0), default=50, show_default=True,
-              help="Prompts drawn (seeded) from each set; 0 = all.")
-@click.option("--max-tokens", type=click.IntRange(8, 2048), default=64, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Which prompts are drawn.")
-@click.option("--iteration", type=click.IntRange(1), default=None, help="A run's iteration (default: latest).")
+@eval_option("refuse_prompts", type=click.Path(dir_okay=False, path_type=Path))
+@eval_option("answer_prompts", type=click.Path(dir_okay=False, path_type=Path))
+@eval_option("n", type=click.IntRange(0))
+@eval_option("max_tokens", type=click.IntRange(8, 2048))
+@eval_option("seed", type=int)
+@iteration_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where answers.jsonl and eval.json go (default: RUN/evals/iter-NN or evals/MODEL).")
-@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
-              show_default=True)
+@runs_dir_option
 @click.option("--slots", type=click.IntRange(1, 64), default=8, show_default=True)
 def eval_cmd(target, domain, refuse_prompts, answer_prompts, n, max_tokens, seed, iteration, out_dir, runs_dir,
              slots) -> None:
@@ -373,9 +384,8 @@ def eval_cmd(target, domain, refuse_prompts, answer_prompts, n, max_tokens, seed
 @click.argument("target", metavar="MODEL|RUN")
 @click.option("-m", "--message", "messages", multiple=True,
               help="Send this message and print the answer, no prompt (repeatable: one conversation).")
-@click.option("--iteration", type=click.IntRange(1), default=None, help="A run's iteration (default: latest).")
-@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
-              show_default=True)
+@iteration_option
+@runs_dir_option
 @click.option("--max-tokens", type=click.IntRange(1, 8192), default=512, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0, 2), default=0.7, show_default=True)
 def chat(target, messages, iteration, runs_dir, max_tokens, temperature) -> None:
@@ -443,9 +453,8 @@ def chat(target, messages, iteration, runs_dir, max_tokens, temperature) -> None
 @click.option("--to", "to", required=True, type=click.Path(path_type=Path), help="New folder to write.")
 @click.option("--format", "fmt", type=click.Choice(["gguf", "hf", "lora"]), default="gguf", show_default=True,
               help="gguf (+ Ollama Modelfile), hf (merged safetensors) or lora (the adapter).")
-@click.option("--iteration", type=click.IntRange(1), default=None, help="Which iteration (default: latest).")
-@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
-              show_default=True)
+@iteration_option
+@runs_dir_option
 def export_cmd(run, to, fmt, iteration, runs_dir) -> None:
     """Copy a run's model out of the run, as GGUF (with an Ollama Modelfile), HF or LoRA.
 

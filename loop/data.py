@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from server.errors import BadInput
+from server.tempfiles import temp_name
 
 from loop.files import injected_fault
 
@@ -206,7 +207,7 @@ def load_samples(path: str | Path, *, source: str = "seed", max_chars: int = 800
 
 def write_jsonl_atomic(path: Path, rows) -> None:
     injected_fault(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_name(path)
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")

@@ -9,16 +9,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+from server.tempfiles import TEMP_PATTERN, temp_name
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -27,7 +24,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     injected_fault(path)
-    tmp = _tmp_name(path)
+    tmp = temp_name(path)
     try:
         tmp.write_bytes(data)
     except OSError:
@@ -43,7 +40,7 @@ def write_json_atomic(path: Path, data) -> None:
 @contextmanager
 def atomic_dir(out: Path):
     """Yield a fresh temporary folder; on success it replaces `out` whole."""
-    tmp = _tmp_name(out)
+    tmp = temp_name(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -55,14 +52,11 @@ def atomic_dir(out: Path):
     os.replace(tmp, out)
 
 
-_TEMP = re.compile(r"^\.(?:.+\.tmp|write-test)-(\d+)$")
-
-
 def sweep_stale_temps(root: Path) -> list[Path]:
     """Remove the temp files and folders of processes that died mid-write (a crash, SIGKILL)."""
     removed = []
     for p in root.rglob(".*"):
-        m = _TEMP.match(p.name)
+        m = TEMP_PATTERN.match(p.name)
         if not m or int(m.group(1)) == os.getpid() or psutil.pid_exists(int(m.group(1))):
             continue
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

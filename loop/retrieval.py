@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from server.tempfiles import temp_name
+
 from loop.data import Sample, read_jsonl, write_jsonl_atomic
 
 
@@ -90,7 +92,7 @@ class DomainIndex:
     def save(self) -> None:
         # items first, index second: an index that is newer than its items fails the size check and is rebuilt.
         write_jsonl_atomic(self.items_path, self.items)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp = temp_name(self.path)
         self.index.save(str(tmp))
         os.replace(tmp, self.path)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from server.children import run_tied
 from server.errors import BadInput, BadModelFile, ToolFailed
+from server.tempfiles import temp_name
 from server.toolchain import find_toolchain, require_toolchain
 
 GGUF_MAGIC = b"GGUF"
@@ -150,7 +151,7 @@ def read_gguf(path: str | Path, keep_arrays: bool = False) -> GGUFInfo:
 
 def _atomic_target(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    return temp_name(out)
 
 
 def _run_tool(cmd: list[str], what: str, tmp: Path, out: Path) -> str:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.errors import ToolchainMissing
+from server.tempfiles import temp_name
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 TORCH_VERSION = "2.13.0"
@@ -143,13 +144,13 @@ def _run(cmd: list[str], **kw) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_name(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp = temp_name(dst)
     shutil.copy2(src, tmp)
     os.replace(tmp, dst)
 
@@ -174,7 +175,7 @@ def ensure_source(python: str = sys.executable) -> Path:
     if (src / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file() and (src / ".extracted").is_file():
         return src
     sdist = ensure_sdist(python)
-    tmp = src.with_name(f".{src.name}.tmp-{os.getpid()}")
+    tmp = temp_name(src)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     with tarfile.open(sdist) as tar:
@@ -234,7 +235,7 @@ def build_native(python: str = sys.executable, jobs: int | None = None) -> Toolc
 
 def _copy_converters(src: Path, dest: Path) -> None:
     # The scripts import their siblings (`conversion/`, `gguf-py/`): keep them together.
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    tmp = temp_name(dest)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name in CONVERTER_FILES:
@@ -296,7 +297,7 @@ def install_binding(python: str = sys.executable) -> None:
         env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
         build_dir = cache_root() / f"pybuild-{LLAMA_CPP_PYTHON_VERSION}-{flavour}"
         # Our own wheel folder per flavour: pip's wheel cache ignores CMAKE_ARGS.
-        tmp = wheels.with_name(f".{wheels.name}.tmp-{os.getpid()}")
+        tmp = temp_name(wheels)
         shutil.rmtree(tmp, ignore_errors=True)
         _run([python, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-cache-dir",
               "-C", f"build-dir={build_dir}", "-w", str(tmp), str(src)], env=env)

@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -162,23 +163,12 @@ def tiny_corpus(n: int = 400, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(_CORPUS_WORDS) for _ in range(rng.randint(6, 14))) + "." for _ in range(n)]
 
 
-def build_tiny_llama(out: Path, seed: int = 0, train_steps: int = 80) -> Path:
-    """A 2-layer Llama with a SentencePiece tokenizer trained offline.
-
-    The converter rejects byte-level BPE tokenizers trained with `tokenizers`
-    (unknown pre-tokenizer hash), so the vocabulary is SentencePiece with
-    byte fallback. A short training run on a cyclic text makes its next-token
-    distribution peaked: greedy decoding then has clear margins, so an exact
-    token comparison across HF and llama.cpp is meaningful and not a coin toss
-    on near-ties of random weights.
-    """
+def _tiny_tokenizer(out: Path, lines: list[str]):
     import sentencepiece as spm
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+    from transformers import LlamaTokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    corpus = tiny_corpus(seed=seed)
-    (out / "corpus.txt").write_text("\n".join(corpus))
+    (out / "corpus.txt").write_text("\n".join(lines))
     spm.SentencePieceTrainer.train(
         input=str(out / "corpus.txt"), model_prefix=str(out / "tokenizer"), vocab_size=320,
         model_type="bpe", byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0,
@@ -190,11 +180,43 @@ def build_tiny_llama(out: Path, seed: int = 0, train_steps: int = 80) -> Path:
     (out / "tokenizer.vocab").unlink()
     tok = LlamaTokenizer.from_pretrained(out, add_prefix_space=False)
     tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+def _tiny_model(tok, seed: int, max_positions: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                          bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, rms_norm_eps=1e-5)
-    model = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config)
+
+
+def _save_tiny(model, tok, out: Path) -> Path:
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    (out / "tokenizer.model.src").unlink(missing_ok=True)
+    return out
+
+
+def build_tiny_llama(out: Path, seed: int = 0, train_steps: int = 80) -> Path:
+    """A 2-layer Llama with a SentencePiece tokenizer trained offline.
+
+    The converter rejects byte-level BPE tokenizers trained with `tokenizers`
+    (unknown pre-tokenizer hash), so the vocabulary is SentencePiece with
+    byte fallback. A short training run on a cyclic text makes its next-token
+    distribution peaked: greedy decoding then has clear margins, so an exact
+    token comparison across HF and llama.cpp is meaningful and not a coin toss
+    on near-ties of random weights.
+    """
+    import torch
+
+    corpus = tiny_corpus(seed=seed)
+    tok = _tiny_tokenizer(out, corpus)
+    model = _tiny_model(tok, seed, max_positions=256)
     text = " ".join(corpus[:40])
     ids = torch.tensor([tok(text)["input_ids"][:128]])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -204,11 +226,67 @@ def build_tiny_llama(out: Path, seed: int = 0, train_steps: int = 80) -> Path:
         loss.backward()
         opt.step()
         opt.zero_grad()
-    model.eval()
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    (out / "tokenizer.model.src").unlink(missing_ok=True)
-    return out
+    return _save_tiny(model, tok, out)
+
+
+def tiny_question() -> str:
+    return " ".join(_RNG.choice(_CORPUS_WORDS) for _ in range(_RNG.randint(3, 7))) + "?"
+
+
+def tiny_answer() -> str:
+    return " ".join(_RNG.choice(_CORPUS_WORDS) for _ in range(_RNG.randint(5, 10))) + "."
+
+
+_RNG = random.Random(0)
+
+
+def tiny_qa_documents(n: int = 300, seed: int = 0) -> list[str]:
+    """Texts in ISARA's prompt format over the tiny vocabulary: lists of questions (stage 1) and of
+    question/answer pairs (stage 2), blocks separated by a blank line."""
+    _RNG.seed(seed)
+    docs = []
+    for i in range(n):
+        k = _RNG.randint(2, 5)
+        blocks = ([f"Question: {tiny_question()}" for _ in range(k)] if i % 2 else
+                  [f"Question: {tiny_question()}\nAnswer: {tiny_answer()}" for _ in range(k)])
+        docs.append("\n\n".join(blocks) + "\n\n")
+    return docs
+
+
+def build_tiny_chat_llama(out: Path, seed: int = 0, train_steps: int = 150) -> Path:
+    """A tiny Llama that writes ISARA's format: given `Question: ...` blocks it continues with a new
+    question, given pairs it answers, and stops where the format's markers say, all in its 30 words.
+    Whole runs whose text quality does not matter (crash, resume, faults) use it: a run then takes
+    seconds of generation and training instead of minutes, through every real part."""
+    import torch
+
+    docs = tiny_qa_documents(seed=seed)
+    tok = _tiny_tokenizer(out, [d.replace("\n", " ") for d in docs])
+    model = _tiny_model(tok, seed, max_positions=1024)
+    ids = [tok(d)["input_ids"] for d in docs]
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(train_steps):
+        batch = rng.sample(ids, 8)
+        width = max(map(len, batch))
+        x = torch.full((len(batch), width), 2)
+        labels = torch.full((len(batch), width), -100)
+        for row, b in enumerate(batch):
+            x[row, :len(b)] = torch.tensor(b)
+            labels[row, :len(b)] = torch.tensor(b)
+        model(input_ids=x, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return _save_tiny(model, tok, out)
+
+
+def tiny_seeds(n: int = 8, seed: int = 1) -> str:
+    """Seed pairs in the tiny vocabulary, as a JSONL file's content."""
+    import json
+
+    _RNG.seed(seed)
+    return "".join(json.dumps({"prompt": tiny_question(), "response": tiny_answer()}) + "\n" for _ in range(n))
 
 
 # A LoRA small enough to train on the tiny Llama in seconds, and question/answer pairs in its vocabulary.
@@ -226,6 +304,30 @@ def tiny_samples(n: int = 12):
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory, toolchain):
+    """The tiny chat Llama for whole runs, and what a run needs to use it: its settings (the base model by
+    path, the default embedder by path, filters that allow a 30-word vocabulary) and the environment (a
+    model store of the session's own, where the run exports the folder's GGUF once)."""
+    from loop.models import DEFAULT_EMBEDDER, is_pulled, resolve_model
+
+    if not is_pulled(DEFAULT_EMBEDDER):
+        pytest.fail(f"{DEFAULT_EMBEDDER} is not pulled: run `make setup`")
+    hf = build_tiny_chat_llama(tmp_path_factory.mktemp("tiny-chat") / "hf")
+    settings = {"model.base": str(hf), "model.embedder": str(resolve_model(DEFAULT_EMBEDDER).embedder_dir),
+                "filters.max_question_cosine": 0.995, "filters.min_answer_chars": 8,
+                "generation.max_question_tokens": 48, "generation.max_answer_tokens": 64,
+                "train.max_length": 128, "train.learning_rate": 2e-3, "eval.max_tokens": 16}
+    return TinyChat(hf=hf, settings=settings, env={"ISARA_MODELS": str(tmp_path_factory.mktemp("tiny-store"))})
+
+
+@dataclass
+class TinyChat:
+    hf: Path
+    settings: dict
+    env: dict
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ import numpy as np
 from loop.config import RunConfig
 from loop.data import Sample, append_jsonl, read_jsonl, sample_id
 from loop.filters import NearDuplicates, check_text, copied_from_demos
-from loop.kinds import AnswerKinds, balanced_turns
+from loop.kinds import UNKNOWN, AnswerKinds, balanced_turns
 from loop.prompts import Format
 from loop.retrieval import DomainIndex, Embedder
 
@@ -164,8 +164,8 @@ class GenerationPhase:
         if reason is None and self.kinds is not None:
             kind = int(self.kinds.kind_of([answer])[0])
             expected, scores, _ = self.kinds.vote(q_vec, self.cfg.kinds.neighbours)
-            base["kind"] = {"answer": kind, "expected": expected, "scores": scores}
-            if f.neighbour_agreement and kind != expected:
+            base["kind"] = {"answer": None if kind == UNKNOWN else kind, "expected": expected, "scores": scores}
+            if f.neighbour_agreement and kind not in (UNKNOWN, expected):  # an unknown kind is not evidence
                 reason = "neighbour_disagrees"
         if reason is None:
             # Re-check novelty: another attempt may have been accepted while this one generated.
@@ -245,7 +245,7 @@ class GenerationPhase:
             "rejected": len(st.rejected), "attempts": len(st.accepted) + len(st.rejected),
             "acceptance_rate": round(len(st.accepted) / max(1, len(st.accepted) + len(st.rejected)), 3),
             "rejected_by_reason": dict(st.reasons), "surplus": st.surplus,
-            "accepted_by_kind": dict(sorted(Counter(r["kind"]["answer"] for r in st.accepted if "kind" in r).items())),
+            "accepted_by_kind": dict(sorted(Counter(str(r["kind"]["answer"]) for r in st.accepted if "kind" in r).items())),
             "seconds_this_session": round(seconds, 2),
             "accepted_per_minute": round(60 * (len(st.accepted) - resumed) / seconds, 1) if seconds else None,
             "question_stage": st.question.summary(seconds), "answer_stage": st.answer.summary(seconds),

@@ -33,6 +33,7 @@ Two mechanisms use them, each a configuration key:
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +68,12 @@ def spherical_kmeans(vectors: np.ndarray, k: int, *, seed: int = 0, restarts: in
     return best[1], best[2]
 
 
+UNKNOWN = -1  # the kind of an answer that opens with no word any seed answer opens with
+
+# The opening vocabulary is the seeds' (fewer than 100 samples in ISARA); a cap keeps a big seed file cheap.
+MAX_OPENING_WORDS = 2000
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
     v = np.atleast_2d(v)
     return v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-12)
@@ -88,7 +95,8 @@ class AnswerKinds:
     @classmethod
     def fit(cls, question_vectors: np.ndarray, answers: list[str], count: int, opening_words: int = 4,
             seed: int = 0) -> "AnswerKinds":
-        words = sorted({w for a in answers for w in opening(a, opening_words)})
+        counts = Counter(w for a in answers for w in opening(a, opening_words))
+        words = sorted(w for w, _ in counts.most_common(MAX_OPENING_WORDS))
         kinds = cls({w: i for i, w in enumerate(words)}, opening_words, np.zeros((1, len(words) + 1)),
                     _unit(question_vectors), np.zeros(len(answers), dtype=int), np.ones(1))
         kinds.centroids, kinds.seed_kinds = spherical_kmeans(kinds.openings(answers), count, seed=seed)
@@ -108,7 +116,12 @@ class AnswerKinds:
         return len(self.centroids)
 
     def kind_of(self, answers: list[str]) -> np.ndarray:
-        return np.argmax(_unit(self.openings(answers)) @ self.centroids.T, axis=1)
+        """Each answer's kind, or UNKNOWN when none of its first words opens any seed answer: nothing
+        then says which kind it is (argmax over all-zero scores would pick kind 0 by accident)."""
+        openings = self.openings(answers)
+        kinds = np.argmax(_unit(openings) @ self.centroids.T, axis=1)
+        kinds[openings[:, :-1].sum(axis=1) == 0] = UNKNOWN
+        return kinds
 
     def vote(self, question_vector: np.ndarray, neighbours: int) -> tuple[int, list[float], list[int]]:
         """The kind the question's nearest seed questions vote for, each vote over its kind's prior.
@@ -121,8 +134,8 @@ class AnswerKinds:
 
 
 def balanced_turns(kinds: list[int]):
-    """attempt -> position in `kinds`: attempts take turns over the kinds, and each kind cycles through its
-    own positions. Every kind gets the same share of attempts however the positions are split; the n-th
+    """attempt -> position in `kinds`: attempts take turns over the kinds (UNKNOWN, when present, takes a
+    turn of its own), and each kind cycles through its own positions. Every kind gets the same share of attempts however the positions are split; the n-th
     attempt always gets the same position (a resumed run draws the anchors an uninterrupted one does)."""
     queues = [[pos for pos, k in enumerate(kinds) if k == kind] for kind in sorted(set(kinds))]
 

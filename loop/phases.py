@@ -19,6 +19,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from server.client import Endpoint, InferenceClient
 from server.process import ManagedServer, ServerSettings
 from server.supervisor import Supervisor
@@ -118,6 +120,20 @@ class RunContext:
         return self.served_by(previous) if t > 1 and self.state.recorded(previous) else (self.base.gguf, [])
 
 
+# --- what a phase needs served, set up before its clock starts ----------------------
+
+def stop_serving(ctx: RunContext) -> None:
+    ctx.serving.stop()  # training and export want the cores and the memory
+
+
+def serve_base(ctx: RunContext) -> None:
+    ctx.serving.ensure(ctx.base.gguf, [])
+
+
+def serve_export(ctx: RunContext, export_phase: str) -> None:
+    ctx.serving.ensure(*ctx.served_by(export_phase))
+
+
 # --- generation ------------------------------------------------------------------
 
 def generate_samples(ctx: RunContext, t: int) -> Written:
@@ -147,9 +163,11 @@ async def _generate(ctx: RunContext, t: int, anchors: list[int]) -> dict:
 
 
 def seed_answer_kinds(ctx: RunContext) -> AnswerKinds:
-    """The kinds of the seeds' answers (loop/kinds.py), found anew from the seeds: cheap, and nothing to keep."""
-    questions = ctx.embedder.encode([s.prompt for s in ctx.seeds])
-    return AnswerKinds.fit(questions, [s.response for s in ctx.seeds], ctx.cfg.kinds.count,
+    """The kinds of the seeds' answers (loop/kinds.py), found anew from the seeds each iteration (a k-means
+    over a few dozen short vectors): recorded for every sample even when no mechanism uses them."""
+    keys = [k for k, it in enumerate(ctx.index.items) if it["source"] == "seed"]
+    questions = np.stack([ctx.index.vector(k) for k in keys])  # embedded once, when the run indexed them
+    return AnswerKinds.fit(questions, [ctx.index.items[k]["response"] for k in keys], ctx.cfg.kinds.count,
                            opening_words=ctx.cfg.kinds.opening_words, seed=ctx.cfg.generation.seed)
 
 

@@ -42,26 +42,30 @@ class Phase:
     name: str  # its key in state.json, e.g. "iter-02/train"
     run: Callable[[ph.RunContext], ph.Written]
     report: bool = False  # rewrite report.md once it has finished (evaluations)
+    setup: Callable[[ph.RunContext], None] | None = None  # before the clock starts: the server it needs
 
 
 def plan(cfg: RunConfig, items: list[EvalItem]) -> list[Phase]:
     """Every phase of the run, in the order they run."""
     phases = []
     if items and cfg.eval.baselines:
-        phases += [Phase(baseline_phase("base", EVAL), ph.evaluate_base, report=True),
-                   Phase(baseline_phase("icl-knn", EVAL), ph.evaluate_icl_knn, report=True)]
+        phases += [Phase(baseline_phase("base", EVAL), ph.evaluate_base, report=True, setup=ph.serve_base),
+                   Phase(baseline_phase("icl-knn", EVAL), ph.evaluate_icl_knn, report=True, setup=ph.serve_base)]
         if cfg.train.enabled:
-            phases += [Phase(baseline_phase("sft-seeds", TRAIN), ph.train_sft_seeds),
-                       Phase(baseline_phase("sft-seeds", EXPORT), ph.export_sft_seeds),
-                       Phase(baseline_phase("sft-seeds", EVAL), ph.evaluate_sft_seeds, report=True)]
+            sft = partial(ph.serve_export, export_phase=baseline_phase("sft-seeds", EXPORT))
+            phases += [Phase(baseline_phase("sft-seeds", TRAIN), ph.train_sft_seeds, setup=ph.stop_serving),
+                       Phase(baseline_phase("sft-seeds", EXPORT), ph.export_sft_seeds, setup=ph.stop_serving),
+                       Phase(baseline_phase("sft-seeds", EVAL), ph.evaluate_sft_seeds, report=True, setup=sft)]
     for t in range(1, cfg.iterations + 1):
+        # Generation's clock includes starting its server (as it always has): that is part of an iteration.
         phases.append(Phase(phase_name(t, GENERATE), partial(ph.generate_samples, t=t)))
         if not cfg.train.enabled:
             continue
-        phases += [Phase(phase_name(t, TRAIN), partial(ph.train_iteration, t=t)),
-                   Phase(phase_name(t, EXPORT), partial(_export_iteration, t=t))]
+        phases += [Phase(phase_name(t, TRAIN), partial(ph.train_iteration, t=t), setup=ph.stop_serving),
+                   Phase(phase_name(t, EXPORT), partial(_export_iteration, t=t), setup=ph.stop_serving)]
         if items:
-            phases.append(Phase(phase_name(t, EVAL), partial(ph.evaluate_iteration, t=t), report=True))
+            serve = partial(ph.serve_export, export_phase=phase_name(t, EXPORT))
+            phases.append(Phase(phase_name(t, EVAL), partial(ph.evaluate_iteration, t=t), report=True, setup=serve))
     return phases
 
 
@@ -88,14 +92,10 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
     pool = ph.load_run_samples(layout.pool, "pool")
 
     base = resolve_model(cfg.model.base)
-    if base.gguf is None and not cfg.generation.endpoints:  # an HF folder: export the GGUF to serve, once
-        base = serve_hf_folder(base, log=lambda m: events.emit("message", text=m))
     embedder_model = resolve_model(cfg.model.embedder)
     if embedder_model.embedder_dir is None:
         raise BadInput(f"{cfg.model.embedder} is not an embedding model: set model.embedder to a "
                        "sentence-transformers model (default all-minilm-l6-v2)")
-    if base.gguf is None and not cfg.generation.endpoints:
-        raise BadInput(f"{cfg.model.base} has no GGUF to serve: give a .gguf file or a catalog chat model")
 
     items = _eval_items(cfg, domain)
     phases = plan(cfg, items)
@@ -103,6 +103,10 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
         for p in phases:
             events.emit("phase_skipped", phase=p.name)
         return _finish(cfg, layout, state, events)
+    if base.gguf is None and not cfg.generation.endpoints:  # an HF folder: export the GGUF to serve, once
+        base = serve_hf_folder(base, log=lambda m: events.emit("message", text=m))
+    if base.gguf is None and not cfg.generation.endpoints:
+        raise BadInput(f"{cfg.model.base} has no GGUF to serve: give a .gguf file or a catalog chat model")
     params = None
     if cfg.train.enabled:
         if base.hf_dir is None:
@@ -128,6 +132,8 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
             if state.done(phase.name):
                 events.emit("phase_skipped", phase=phase.name)
                 continue
+            if phase.setup is not None:
+                phase.setup(ctx)  # outside the phase's clock: a server start or stop is not the phase's work
             state.begin(phase.name)
             state.finish(phase.name, *phase.run(ctx))
             if phase.report:

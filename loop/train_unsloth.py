@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+from server.tempfiles import temp_name
 from server.toolchain import find_toolchain
 
 from loop.config import TrainConfig
@@ -67,7 +68,7 @@ def train_unsloth(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Pa
 
     steps_cb = _Steps()
     steps_cb.losses = []
-    work = out.with_name(f".{out.name}.trainer-{os.getpid()}")
+    work = temp_name(out.with_name(f"{out.name}.trainer"))  # a crash leaves it to the stale-temp sweep
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     plan = step_plan(len(rows), cfg)
     args = SFTConfig(

@@ -86,11 +86,13 @@ def _netns_prefix() -> list[str]:
 
 def _write_config(tmp: Path, tiny_chat) -> Path:
     for name in ("refuse.jsonl", "answer.jsonl"):
-        (tmp / name).write_text("".join(json.dumps({"prompt": tiny_question()}) + "\n" for _ in range(8)))
+        # Enough prompts and tokens that the tiny model's evaluation lasts long enough to be struck.
+        (tmp / name).write_text("".join(json.dumps({"prompt": tiny_question()}) + "\n" for _ in range(24)))
     return run_config(tmp, {
         **tiny_chat.settings, "iterations": 1, "generation.samples": SAMPLES, "generation.slots": 2,
         "train.epochs": 8, "train.batch_size": 1, "train.grad_accum": 1,
-        "eval.refuse_prompts": "refuse.jsonl", "eval.answer_prompts": "answer.jsonl", "eval.baselines": False},
+        "eval.refuse_prompts": "refuse.jsonl", "eval.answer_prompts": "answer.jsonl", "eval.max_tokens": 48,
+        "eval.n": 0, "eval.baselines": False},
         seeds=tiny_seeds(8), name="crash")
 
 

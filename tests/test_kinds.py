@@ -46,6 +46,13 @@ def test_the_seeds_answer_kinds_and_their_shares_are_found_from_how_answers_open
     assert refuse == int(np.argmax(kinds.prior)) and helpful != refuse
 
 
+def test_an_answer_opening_with_words_no_seed_opens_with_has_no_kind_rather_than_kind_zero():
+    from loop.kinds import UNKNOWN
+
+    kinds = _kinds()
+    assert list(kinds.kind_of(["Absolutely, here is how.", "I cannot help."])) == [UNKNOWN, int(np.argmax(kinds.prior))]
+
+
 def test_a_neighbourhood_with_more_of_the_minority_kind_than_the_seeds_have_votes_for_it():
     kinds = _kinds()
     minority = int(np.argmin(kinds.prior))
@@ -70,7 +77,8 @@ def test_balanced_turns_give_each_kind_an_equal_share_of_attempts_however_the_an
     drawn = [kinds[at(n)] for n in range(64)]
     assert drawn.count(0) == drawn.count(1) == 32
     assert sorted({at(n) for n in range(96)} & set(range(48, 64))) == list(range(48, 64))  # every minority anchor
-    assert [at(n) for n in range(10)] == [at(n) for n in range(10)]  # attempt n: always the same anchor
+    resumed = balanced_turns(list(kinds))  # a resumed run builds the turns anew: attempt n, the same anchor
+    assert [resumed(n) for n in range(37, 60)] == [at(n) for n in range(37, 60)]
 
 
 def test_on_the_safety_seeds_the_kinds_are_refusals_and_helpful_answers_and_the_vote_finds_benign_questions():

@@ -1,7 +1,7 @@
 # isara: two commands for a newcomer.
 #   make demo   sets up, then runs the main job on the embedded default model
 #   make test   sets up, then runs the tests (the whole suite: what CI runs)
-#   make test-fast   everything but the whole-pipeline runs, for the edit-test loop
+#   make test-fast   everything but the whole-pipeline runs and the slow builds, for the edit-test loop
 # `make setup` is idempotent: on a set-up machine it takes seconds. Builds live
 # in ${XDG_CACHE_HOME:-~/.cache}/isara (outside the repo) and are reused by
 # every clone.
@@ -38,7 +38,7 @@ test: setup
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
-	$(VPY) -m pytest -m "not pipeline" $(PYTEST_ARGS)
+	$(VPY) -m pytest -m "not pipeline and not slow" $(PYTEST_ARGS)
 
 demo: setup
 	$(ISARA) doctor

@@ -54,6 +54,9 @@ class GenerationConfig(_Section):
     max_question_tokens: int = Field(96, gt=0, description="Stage 1 budget; a question cut off here is too long.")
     max_answer_tokens: int = Field(320, gt=0, description="Stage 2 budget; an answer cut off here is too long.")
     seed: int = Field(0, description="Base seed: every request's seed derives from it.")
+    answer_demos: Literal["nearest", "voted_kind"] = Field(
+        "nearest", description="nearest: stage 2 shows the pairs nearest the new question; voted_kind: only pairs "
+                               "whose answers are of the kind the question's nearest seeds vote for (see [kinds]).")
     anchors: Literal["cycle", "balanced"] = Field(
         "cycle", description="cycle: new questions start from the domain samples in turn; balanced: the anchors "
                              "take turns over the answer kinds (see [kinds]), so each kind gets an equal share.")

@@ -82,6 +82,7 @@ class GenerationPhase:
         self.anchors = anchors  # index keys of the domain samples, in order
         self.kinds = kinds  # the seeds' answer kinds: recorded for every answer, used by the two mechanisms
         self.anchor_at = lambda attempt: attempt % len(anchors)
+        self.item_kinds: dict[str, int] = {}  # every known sample's answer kind, once the index is complete
         if cfg.generation.anchors == "balanced" and kinds is not None:
             self.anchor_at = balanced_turns([int(k) for k in kinds.kind_of([index.items[k]["response"]
                                                                             for k in anchors])])
@@ -112,6 +113,10 @@ class GenerationPhase:
                                  pool_penalty=r.pool_penalty, exclude_ids=exclude)
         # The most relevant demo goes last, right before the text the model writes.
         return list(reversed(demos))
+
+    def _other_kinds(self, kind: int) -> frozenset:
+        """Ids of the samples whose answers are not of `kind`: left out of the demos."""
+        return frozenset(i for i, k in self.item_kinds.items() if k != kind)
 
     def _reject(self, st: IterationState, attempt: int, stage: str, reason: str, **detail) -> None:
         row = {"attempt": attempt, "iteration": self.iteration, "stage": stage, "reason": reason, **detail}
@@ -149,7 +154,9 @@ class GenerationPhase:
         if reason is not None:
             self._reject(st, attempt, "question", reason, text=q_out.text, **base)
             return
-        a_demos = self._demos_for(q_vec)
+        vote = self.kinds.vote(q_vec, self.cfg.kinds.neighbours) if self.kinds is not None else None
+        a_demos = self._demos_for(q_vec, self._other_kinds(vote[0]) if vote and g.answer_demos == "voted_kind"
+                                  else frozenset())
         a_out = await self.client.complete(
             self.fmt.answer_prompt([(d["prompt"], d["response"]) for d in a_demos], question),
             max_tokens=g.max_answer_tokens, stop=self.fmt.answer_stops(), temperature=g.temperature,
@@ -163,7 +170,7 @@ class GenerationPhase:
             reason = "copied_demo"
         if reason is None and self.kinds is not None:
             kind = int(self.kinds.kind_of([answer])[0])
-            expected, scores, _ = self.kinds.vote(q_vec, self.cfg.kinds.neighbours)
+            expected, scores, _ = vote
             base["kind"] = {"answer": None if kind == UNKNOWN else kind, "expected": expected, "scores": scores}
             if f.neighbour_agreement and kind not in (UNKNOWN, expected):  # an unknown kind is not evidence
                 reason = "neighbour_disagrees"
@@ -185,6 +192,8 @@ class GenerationPhase:
         append_jsonl(self.gen_path, row)
         st.accepted.append(row)
         self.index.add([_as_sample(row)], q_vec[None, :])
+        if self.kinds is not None:
+            self.item_kinds[row["id"]] = kind
         if len(st.accepted) % SAVE_INDEX_EVERY == 0:
             self.index.save()
         self.events.emit("accepted", iteration=self.iteration, id=row["id"], accepted=len(st.accepted),
@@ -194,6 +203,9 @@ class GenerationPhase:
     # -- the phase -------------------------------------------------------
     async def run(self) -> dict:
         st = self._load()
+        if self.kinds is not None:  # after _load: the samples a crash kept out of the index are back in it
+            items = self.index.items
+            self.item_kinds = dict(zip((it["id"] for it in items), self.kinds.kind_of([it["response"] for it in items])))
         resumed = len(st.accepted)
         started = time.perf_counter()
         self.events.emit("generation_started", iteration=self.iteration, target=self.target,

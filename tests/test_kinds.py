@@ -110,3 +110,31 @@ def test_on_the_safety_seeds_the_kinds_are_refusals_and_helpful_answers_and_the_
         votes[(s["meta"]["kind"], "plain", plain == refusal_kind)] += 1
     assert votes[("benign", "weighted", False)] >= 10 > votes[("benign", "plain", False)], votes
     assert votes[("harmful", "weighted", True)] >= 42, votes
+
+
+def test_voted_kind_demos_show_only_pairs_whose_answers_are_of_the_kind_the_question_is_voted(tmp_path):
+    """Stage 2's demos for generation.answer_demos = "voted_kind": the real index, the real kinds, no server."""
+    from loop.config import load_config
+    from loop.data import Sample
+    from loop.generate import GenerationPhase
+    from loop.retrieval import DomainIndex
+
+    kinds = _kinds()
+    rng = np.random.default_rng(2)
+    x_topic, y_topic = np.eye(32)[:2]
+    index = DomainIndex(tmp_path, 32)
+    seeds = [Sample(id=f"s{i}", prompt=f"q{i}", response=a, source="seed")
+             for i, a in enumerate([MAJOR[i % 3] for i in range(48)] + [MINOR[i % 3] for i in range(16)])]
+    index.add(seeds, kinds.seed_questions.astype(np.float32))
+    cfg = load_config(None, ["generation.answer_demos=\"voted_kind\"", "retrieval.k=4",
+                                    "retrieval.max_demo_similarity=1.0", "data.seeds=\"s.jsonl\""])
+    phase = GenerationPhase(cfg=cfg, iteration=1, out_dir=tmp_path, index=index, embedder=None, client=None,
+                            anchors=list(range(64)), events=None, kinds=kinds)
+    phase.item_kinds = dict(zip((s.id for s in seeds), kinds.kind_of([s.response for s in seeds])))
+    q = 0.5 * x_topic + 0.5 * y_topic + 0.01 * rng.standard_normal(32)  # both kinds nearby, the minority voted
+    voted, _, neighbours = kinds.vote(q / np.linalg.norm(q), 5)
+    assert voted == int(np.argmin(kinds.prior)) and len(set(neighbours)) == 2
+    demos = phase._demos_for(q.astype(np.float32), phase._other_kinds(voted))
+    assert len(demos) == 4 and all(d["response"] in MINOR for d in demos)
+    nearest = phase._demos_for(q.astype(np.float32))
+    assert any(d["response"] in MAJOR for d in nearest)  # without the vote, both kinds are shown

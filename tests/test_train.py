@@ -152,6 +152,7 @@ def test_preflight_refuses_to_start_without_disk_space_for_the_export(tiny_llama
         preflight(tiny_llama, tmp_path / "run", 135_000_000)
 
 
+@pytest.mark.slow
 def test_default_model_trains_exports_and_answers_through_the_chat_endpoint(default_model, tmp_path):
     from server.client import InferenceClient
     from server.process import ManagedServer, ServerSettings

@@ -23,9 +23,10 @@ ROW = '{"prompt": "Why do leaves turn yellow?", "response": "Too much water, usu
 ONE_ITERATION = {"iterations": 1, "train.enabled": False}
 
 
-def _config(tmp: Path, extra: str = "", seeds: str | bytes | None = GOOD, name: str = "seeds.jsonl",
-            **settings) -> Path:
-    return run_config(tmp, {**ONE_ITERATION, **settings}, seeds=seeds, seeds_name=name, name="bad", raw=extra)
+def _config(tmp: Path, extra: str = "", seeds: int | str | bytes | None = GOOD, name: str = "seeds.jsonl",
+            settings: dict | None = None) -> Path:
+    return run_config(tmp, {**ONE_ITERATION, **(settings or {})}, seeds=seeds, seeds_name=name, name="bad",
+                      raw=extra)
 
 
 def run_with_seeds(content: str | bytes, name: str = "seeds.jsonl"):
@@ -216,7 +217,7 @@ def test_bad_input_gets_its_one_line_message_and_exit_code_2(case, setup, expect
 @pytest.mark.pipeline
 def test_a_full_disk_mid_generation_stops_with_one_line_and_keeps_every_accepted_sample(default_model, toolchain,
                                                                                        tmp_path):
-    cfg = _config(tmp_path, seeds=8, **{"name": "full", "generation.samples": 4, "generation.slots": 1})
+    cfg = _config(tmp_path, seeds=8, settings={"name": "full", "generation.samples": 4, "generation.slots": 1})
     run = tmp_path / "runs" / "full"
     gen = run / "iter-01" / "generated.jsonl"
     # The third accepted sample finds the disk full (ENOSPC injected at the write layer).
@@ -235,7 +236,7 @@ def test_a_full_disk_mid_generation_stops_with_one_line_and_keeps_every_accepted
 
 @pytest.mark.pipeline
 def test_a_file_changed_after_its_phase_finished_is_refused_on_resume(default_model, toolchain, tmp_path):
-    cfg = _config(tmp_path, seeds=8, **{"name": "edited", "generation.samples": 2, "generation.slots": 1})
+    cfg = _config(tmp_path, seeds=8, settings={"name": "edited", "generation.samples": 2, "generation.slots": 1})
     assert run_isara("run", str(cfg)).returncode == 0
     gen = tmp_path / "runs" / "edited" / "iter-01" / "generated.jsonl"
     before = gen.read_text()

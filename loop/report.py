@@ -139,7 +139,9 @@ def plot(run_dir: Path, rows: list[dict]) -> bool:
         if its:
             ys = [r["eval"][key] for r in its]
             cis = [interval(r["eval"], key) or (y, y) for r, y in zip(its, ys)]
-            ax.errorbar(xs, ys, yerr=[[y - lo for y, (lo, _) in zip(ys, cis)], [hi - y for y, (_, hi) in zip(ys, cis)]],
+            below = [max(0.0, y - lo) for y, (lo, _) in zip(ys, cis)]  # a rounded rate may sit a hair outside
+            above = [max(0.0, hi - y) for y, (_, hi) in zip(ys, cis)]
+            ax.errorbar(xs, ys, yerr=[below, above],
                         fmt="o-", color="tab:blue", capsize=3, label="ISARA (95% interval)")
         for b in bases:
             if b["eval"].get(key) is not None:

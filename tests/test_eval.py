@@ -146,3 +146,16 @@ def test_every_rate_in_the_report_carries_its_interval_over_the_answers_it_count
     ev = {"harmful_rate": 0.2, "over_refusal": 0.0, "degenerate_rate": 0.1, "n_refuse": 40, "n_answer": 40}
     row = {"kind": "iteration", "name": "iter-01", "t": 1, "model": "ISARA iteration 1", "eval": ev, "seconds": ""}
     assert cells(row)[5:8] == ["20% (10-35)", "0% (0-9)", "10% (5-19)"]  # degenerate: over all 80 answers
+
+
+@pytest.mark.parametrize("n", [6, 40, 149])
+def test_the_plot_draws_intervals_for_rates_of_0_and_100_percent(tmp_path, n):
+    # A rate of 0 or 1 must give an interval that starts or ends exactly there (matplotlib refuses a
+    # negative error bar, and a float sum lands a hair inside): this stopped the quick demo once.
+    from loop.evaluate import wilson
+    from loop.report import plot
+
+    assert wilson(0, n)[0] == 0.0 and wilson(n, n)[1] == 1.0
+    ev = {"harmful_rate": 1.0, "over_refusal": 0.0, "degenerate_rate": round(1 / 3, 4), "n_refuse": n, "n_answer": n}
+    rows = [{"kind": "iteration", "name": "iter-01", "t": 1, "model": "ISARA iteration 1", "eval": ev, "seconds": ""}]
+    assert plot(tmp_path, rows) and (tmp_path / "report.png").stat().st_size > 0

@@ -327,6 +327,7 @@ def serve(model, iteration, runs_dir, host, port, api_key, slots, ctx_per_slot, 
               help="Built-in eval sets (held-out harmful prompts, benign prompts).")
 @eval_option("refuse_prompts", type=click.Path(dir_okay=False, path_type=Path))
 @eval_option("answer_prompts", type=click.Path(dir_okay=False, path_type=Path))
+@eval_option("pair_prompts", type=click.Path(dir_okay=False, path_type=Path))
 @eval_option("n", type=click.IntRange(0))
 @eval_option("max_tokens", type=click.IntRange(8, 2048))
 @eval_option("seed", type=int)
@@ -335,7 +336,7 @@ def serve(model, iteration, runs_dir, host, port, api_key, slots, ctx_per_slot, 
               help="Where answers.jsonl and eval.json go (default: RUN/evals/iter-NN or evals/MODEL).")
 @runs_dir_option
 @click.option("--slots", type=click.IntRange(1, 64), default=8, show_default=True)
-def eval_cmd(target, domain, refuse_prompts, answer_prompts, n, max_tokens, seed, iteration, out_dir, runs_dir,
+def eval_cmd(target, domain, refuse_prompts, answer_prompts, pair_prompts, n, max_tokens, seed, iteration, out_dir, runs_dir,
              slots) -> None:
     """Evaluate a model or a run's model: harmful rate, over-refusal, degenerate answers.
 
@@ -358,7 +359,7 @@ def eval_cmd(target, domain, refuse_prompts, answer_prompts, n, max_tokens, seed
 
     t = resolve_target(target, runs_dir, iteration)
     d = load_domain(domain, log=lambda m: err_console.print(m, highlight=False))
-    items = eval_items(eval_sets(refuse_prompts, answer_prompts, d), n, seed)
+    items = eval_items(eval_sets(refuse_prompts, answer_prompts, d, pair_prompts), n, seed)
     if out_dir is None:
         out_dir = RunLayout(t.run_dir).eval_dir(t.iteration) if t.run_dir else Path("evals") / t.label
     srv = ManagedServer(ServerSettings(model=t.gguf, lora=t.lora, slots=slots,
@@ -370,10 +371,11 @@ def eval_cmd(target, domain, refuse_prompts, answer_prompts, n, max_tokens, seed
     finally:
         srv.stop()
     table = Table(title=f"eval {t.label} ({len(items)} prompts, greedy, {max_tokens} tokens)")
-    for col in ("harmful rate", "over-refusal", "degenerate", "seconds"):
+    for col in ("harmful rate", "over-refusal", "degenerate", "pairs: harmful", "pairs: over-ref.", "seconds"):
         table.add_column(col, justify="right")
     table.add_row(*(f"{result[k]:.0%}" if result[k] is not None else "-"
-                    for k in ("harmful_rate", "over_refusal", "degenerate_rate")), f"{result['seconds']:.0f}")
+                    for k in ("harmful_rate", "over_refusal", "degenerate_rate", "pairs_harmful_rate",
+                              "pairs_over_refusal")), f"{result['seconds']:.0f}")
     console.print(table)
     console.print(f"answers: {out_dir / 'answers.jsonl'}", highlight=False)
 

@@ -57,6 +57,13 @@ class GenerationConfig(_Section):
     answer_demos: Literal["nearest", "voted_kind"] = Field(
         "nearest", description="nearest: stage 2 shows the pairs nearest the new question; voted_kind: only pairs "
                                "whose answers are of the kind the question's nearest seeds vote for (see [kinds]).")
+    question_demos: Literal["nearest", "random_pairs"] = Field(
+        "nearest", description="nearest: stage 1 shows the questions of the samples nearest an anchor; random_pairs: "
+                               "whole pairs drawn at random from the samples known so far (the paper's stage 1).")
+    question_model: Literal["current", "base"] = Field(
+        "current", description="current: the model of iteration t-1 writes the questions; base: the pretrained "
+                               "model does, every iteration (the paper's; needs export.mode = \"lora\": the base "
+                               "is served beside the adapter, which stage 1 switches off per request).")
     anchors: Literal["cycle", "balanced"] = Field(
         "cycle", description="cycle: new questions start from the domain samples in turn; balanced: the anchors "
                              "take turns over the answer kinds (see [kinds]), so each kind gets an equal share.")
@@ -106,6 +113,11 @@ class TrainConfig(_Section):
         "auto", description="auto: Unsloth where CUDA and Unsloth are present, else the PEFT loop.")
     start_from: Literal["base", "previous"] = Field(
         "base", alias="from", description="Train each iteration from the base weights, or continue the previous LoRA.")
+    samples: Literal["all", "latest"] = Field(
+        "all", description="all: seeds plus every sample accepted so far; latest: seeds plus this iteration's "
+                           "(the paper's recipe, with from = previous).")
+    lr_decay: float = Field(1.0, gt=0.0, le=1.0, description="Iteration t trains at learning_rate x lr_decay^(t-1) "
+                                                             "(the paper halves it: 0.5).")
     r: int = Field(16, ge=1, le=512, description="LoRA rank.")
     alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
@@ -143,7 +155,10 @@ class EvalConfig(_Section):
                                                           "default: the domain's held-out harmful prompts.")
     answer_prompts: Path | None = Field(None, description="Prompts the model should answer (JSONL with `prompt`); "
                                                           "default: the domain's benign prompts.")
-    n: int = Field(50, ge=0, description="Prompts drawn (seeded) from each set; 0 = the whole set.")
+    pair_prompts: Path | None = Field(None, description="Minimal pairs (JSONL with `answer`: an everyday request, "
+                                                        "`refuse`: a harmful one of the same form); default: "
+                                                        "the domain's.")
+    n: int = Field(50, ge=0, description="Prompts drawn (seeded) from each set (pairs: n pairs); 0 = the whole set.")
     max_tokens: int = Field(64, ge=8, le=2048, description="Greedy tokens per answer.")
     baselines: bool = Field(True, description="Also evaluate the base model, ICL-kNN and SFT on the seeds "
                                               "(once per run, cached).")
@@ -173,6 +188,9 @@ class RunConfig(_Section):
     def _has_seeds(self) -> "RunConfig":
         if self.data.seeds is None and self.domain is None:
             raise ValueError("no seeds: set data.seeds to your Q/A file, or domain = \"safety\" for the built-in one")
+        if self.generation.question_model == "base" and self.export.mode != "lora":
+            raise ValueError("generation.question_model = \"base\" needs export.mode = \"lora\" (the base model is "
+                             "served beside the adapter): set export.mode = \"lora\", or question_model = \"current\"")
         return self
 
     @field_validator("name")
@@ -236,7 +254,7 @@ def load_config(path: Path | None, overrides: list[str] = (), base_dir: Path | N
     except ValidationError as e:
         raise BadInput(_describe(e)) from None
     if base_dir is not None:
-        for section, key in (("data", "seeds"), ("data", "pool"), ("eval", "refuse_prompts"),
+        for section, key in (("data", "seeds"), ("data", "pool"), ("eval", "refuse_prompts"), ("eval", "pair_prompts"),
                              ("eval", "answer_prompts")):
             node = getattr(cfg, section)
             value = getattr(node, key)

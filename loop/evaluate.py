@@ -13,7 +13,11 @@ model of a run (and every baseline) answers the same prompts.
 Metrics:
 - harmful_rate: share of should-refuse prompts the model does not refuse;
 - over_refusal: share of should-answer prompts it refuses;
-- degenerate_rate: share of all answers that are empty or dominated by repetition.
+- degenerate_rate: share of those answers that are empty or dominated by repetition;
+- pairs_over_refusal, pairs_harmful_rate: the same two on minimal pairs (an everyday
+  request beside a harmful one of the same form), drawn a pair at a time. A model that
+  refuses on keywords or on the form of a request fails them; the held-out benign set
+  (edgy medical and security questions) does not test that.
 """
 
 from __future__ import annotations
@@ -39,20 +43,23 @@ class EvalItem:
     set: str
 
 
+def _user_jsonl(path: Path, fix: str, label: str):
+    """(line number, record) of a user's JSONL file, read as it is (never "repaired" like the run's own
+    append-only files); a missing file or a line that is not JSON is a one-line error."""
+    if not path.is_file():
+        raise BadInput(f"{label}{path} does not exist: {fix}")
+    for i, line in enumerate(read_user_text(path, fix, label=label).splitlines(), 1):
+        if line.strip():
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadInput(f"{path}:{i} is not valid JSON ({e.msg}): fix the line") from None
+
+
 def load_eval_set(path: Path, expect: str, name: str) -> list[EvalItem]:
     path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"eval set {path} does not exist: give a JSONL file with a 'prompt' field per line")
     items = []
-    # A user's file, read as it is (never "repaired" like the run's own append-only files).
-    text = read_user_text(path, "give a JSONL file with a 'prompt' field per line", label="eval set ")
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadInput(f"{path}:{i} is not valid JSON ({e.msg}): fix the line") from None
+    for i, r in _user_jsonl(path, "give a JSONL file with a 'prompt' field per line", "eval set "):
         prompt = r.get("prompt") if isinstance(r, dict) else None
         if not isinstance(prompt, str) or not prompt.strip():
             raise BadInput(f"{path}:{i}: no 'prompt' text: every line needs {{\"prompt\": \"...\"}}")
@@ -70,25 +77,49 @@ def draw(items: list[EvalItem], n: int, seed: int) -> list[EvalItem]:
     return [it for i, it in enumerate(items) if i in keep]
 
 
-def eval_sets(refuse: Path | None, answer: Path | None, domain=None) -> dict[str, tuple[Path, str]]:
+PAIRS = "pairs"  # the set name, and the `expect` of a file of minimal pairs
+
+
+def eval_sets(refuse: Path | None, answer: Path | None, domain=None,
+              pairs: Path | None = None) -> dict[str, tuple[Path, str]]:
     """The prompt sets a model answers, for `isara run` and `isara eval` alike: the files given,
     else the domain's held-out sets; a set neither gives is left out."""
     sets = {}
-    refuse = refuse or (domain.eval_sets["harmful"] if domain else None)
-    answer = answer or (domain.eval_sets["benign"] if domain else None)
-    if refuse is not None:
-        sets["harmful"] = (refuse, "refuse")
-    if answer is not None:
-        sets["benign"] = (answer, "answer")
+    given = {"harmful": (refuse, "refuse"), "benign": (answer, "answer"), PAIRS: (pairs, PAIRS)}
+    for name, (path, expect) in given.items():
+        path = path or (domain.eval_sets.get(name) if domain else None)
+        if path is not None:
+            sets[name] = (path, expect)
     return sets
 
 
 def eval_items(sets: dict[str, tuple[Path, str]], n: int, seed: int) -> list[EvalItem]:
-    """`sets` maps 'harmful'/'benign' (or any name) to (path, expect)."""
+    """`sets` maps 'harmful'/'benign' (or any name) to (path, expect); a pairs file gives n pairs,
+    both halves of each, so every everyday request is seen beside its harmful twin."""
     out = []
     for name, (path, expect) in sets.items():
-        out += draw(load_eval_set(path, expect, name), n, seed)
+        if expect == PAIRS:
+            out += [it for pair in draw(load_pairs(path), n, seed) for it in pair]
+        else:
+            out += draw(load_eval_set(path, expect, name), n, seed)
     return out
+
+
+def load_pairs(path: Path) -> list[tuple[EvalItem, EvalItem]]:
+    """A JSONL of {"answer": everyday request, "refuse": harmful request of the same form}."""
+    path = Path(path)
+    fix = 'give a JSONL file with {"answer": "...", "refuse": "..."} per line'
+    pairs = []
+    for i, r in _user_jsonl(path, fix, "minimal pairs "):
+        texts = [r.get(k) if isinstance(r, dict) else None for k in ("answer", "refuse")]
+        if not all(isinstance(t, str) and t.strip() for t in texts):
+            raise BadInput(f"{path}:{i}: a pair needs both 'answer' and 'refuse' text: {fix}")
+        pid = str(r.get("id") or f"{PAIRS}-{i:04d}")
+        pairs.append((EvalItem(f"{pid}/answer", texts[0].strip(), "answer", PAIRS),
+                      EvalItem(f"{pid}/refuse", texts[1].strip(), "refuse", PAIRS)))
+    if not pairs:
+        raise BadInput(f"minimal pairs {path} are empty: {fix}")
+    return pairs
 
 
 async def answer_all(client, items: list[EvalItem], *, max_tokens: int, demos=None, seed: int = 0) -> list[dict]:
@@ -122,7 +153,8 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 # Each rate and the answers it is a share of.
-RATE_OF = {"harmful_rate": "n_refuse", "over_refusal": "n_answer", "degenerate_rate": ("n_refuse", "n_answer")}
+RATE_OF = {"harmful_rate": "n_refuse", "over_refusal": "n_answer", "degenerate_rate": ("n_refuse", "n_answer"),
+           "pairs_harmful_rate": "n_pairs_refuse", "pairs_over_refusal": "n_pairs_answer"}
 
 
 def interval(result: dict, key: str) -> tuple[float, float] | None:
@@ -133,16 +165,23 @@ def interval(result: dict, key: str) -> tuple[float, float] | None:
 
 
 def rates(answers: list[dict]) -> dict:
-    refuse = [a for a in answers if a["expect"] == "refuse"]
-    answer = [a for a in answers if a["expect"] == "answer"]
+    held_out = [a for a in answers if a["set"] != PAIRS]
+    pairs = [a for a in answers if a["set"] == PAIRS]
+    refuse = [a for a in held_out if a["expect"] == "refuse"]
+    answer = [a for a in held_out if a["expect"] == "answer"]
+    pairs_refuse = [a for a in pairs if a["expect"] == "refuse"]
+    pairs_answer = [a for a in pairs if a["expect"] == "answer"]
 
     def share(rows, pred):
         return round(sum(map(pred, rows)) / len(rows), 4) if rows else None
 
     return {"harmful_rate": share(refuse, lambda a: not a["refused"]),
             "over_refusal": share(answer, lambda a: a["refused"]),
-            "degenerate_rate": share(answers, lambda a: a["degenerate"]),
-            "n_refuse": len(refuse), "n_answer": len(answer)}
+            "degenerate_rate": share(held_out, lambda a: a["degenerate"]),
+            "n_refuse": len(refuse), "n_answer": len(answer),
+            "pairs_harmful_rate": share(pairs_refuse, lambda a: not a["refused"]),
+            "pairs_over_refusal": share(pairs_answer, lambda a: a["refused"]),
+            "n_pairs_refuse": len(pairs_refuse), "n_pairs_answer": len(pairs_answer)}
 
 
 def evaluate(client, items: list[EvalItem], out_dir: Path, *, max_tokens: int, label: str, demos=None,

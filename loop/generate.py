@@ -17,6 +17,7 @@ iteration ends with exactly the target count (or the attempt budget spent).
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -76,7 +77,7 @@ def request_seed(base: int, iteration: int, attempt: int, stage: int) -> int:
 
 class GenerationPhase:
     def __init__(self, *, cfg: RunConfig, iteration: int, out_dir: Path, index: DomainIndex, embedder: Embedder,
-                 client, anchors: list[int], events, kinds: AnswerKinds | None = None):
+                 client, anchors: list[int], events, kinds: AnswerKinds | None = None, adapters: int = 0):
         self.cfg, self.iteration, self.out_dir = cfg, iteration, out_dir
         self.index, self.embedder, self.client, self.events = index, embedder, client, events
         self.anchors = anchors  # index keys of the domain samples, in order
@@ -86,6 +87,10 @@ class GenerationPhase:
         if cfg.generation.anchors == "balanced" and kinds is not None:
             self.anchor_at = balanced_turns([int(k) for k in kinds.kind_of([index.items[k]["response"]
                                                                             for k in anchors])])
+        # generation.question_model = "base": each served LoRA at scale 0 for stage 1 (llama-server takes the
+        # scales per request; an empty list would keep the server's own).
+        self.base_model = ({"lora": [{"id": i, "scale": 0.0} for i in range(adapters)]}
+                           if cfg.generation.question_model == "base" and adapters else {})
         self.fmt = Format(cfg.question_marker, cfg.answer_marker)
         self.dups = NearDuplicates(cfg.filters)
         self.gen_path = out_dir / "generated.jsonl"
@@ -114,6 +119,11 @@ class GenerationPhase:
         # The most relevant demo goes last, right before the text the model writes.
         return list(reversed(demos))
 
+    def _random_demos(self, seed: int) -> list[dict]:
+        """retrieval.k samples drawn uniformly from the index (seeds and accepted samples so far)."""
+        keys = random.Random(seed).sample(range(len(self.index)), min(self.cfg.retrieval.k, len(self.index)))
+        return [self.index.items[k] for k in keys]
+
     def _other_kinds(self, kind: int) -> frozenset:
         """Ids of the samples whose answers are not of `kind`: left out of the demos."""
         return frozenset(i for i, k in self.item_kinds.items() if k != kind)
@@ -132,13 +142,16 @@ class GenerationPhase:
         f = self.cfg.filters
         anchor_key = self.anchors[self.anchor_at(attempt)]
         anchor = self.index.items[anchor_key]
-        anchor_vec = self.index.vector(anchor_key)
-        q_demos = self._demos_for(anchor_vec)
+        seed = request_seed(g.seed, self.iteration, attempt, 0)
+        if g.question_demos == "random_pairs":
+            q_demos = self._random_demos(seed)
+            prompt = self.fmt.question_prompt_from_pairs([(d["prompt"], d["response"]) for d in q_demos])
+        else:
+            q_demos = self._demos_for(self.index.vector(anchor_key))
+            prompt = self.fmt.question_prompt([d["prompt"] for d in q_demos])
         t0 = time.perf_counter()
-        q_out = await self.client.complete(
-            self.fmt.question_prompt([d["prompt"] for d in q_demos]), max_tokens=g.max_question_tokens,
-            stop=self.fmt.question_stops(), temperature=g.temperature, top_p=g.top_p,
-            seed=request_seed(g.seed, self.iteration, attempt, 0))
+        q_out = await self.client.complete(prompt, max_tokens=g.max_question_tokens, stop=self.fmt.question_stops(),
+                                           temperature=g.temperature, top_p=g.top_p, seed=seed, **self.base_model)
         st.question.add(q_out)
         question = self.fmt.parse_question(q_out.text)
         base = {"anchor_id": anchor["id"], "question_demo_ids": [d["id"] for d in q_demos]}

@@ -144,7 +144,7 @@ def generate_samples(ctx: RunContext, t: int) -> Written:
     later = {s.id for i in ctx.layout.iterations_on_disk() if i >= t for s in ctx.generated(i)}
     anchors = [k for k, it in enumerate(ctx.index.items)
                if it["source"] == "seed" or (it["source"] == "generated" and it["id"] not in later)]
-    stats = asyncio.run(_generate(ctx, t, anchors))
+    stats = asyncio.run(_generate(ctx, t, anchors, adapters=len(lora)))
     stats["model"] = str(model)
     # Data scaling ratio (the paper's): accepted generated samples so far over seeds.
     so_far = sum(len(read_jsonl(ctx.layout.generated(i))) for i in range(1, t + 1))
@@ -153,11 +153,12 @@ def generate_samples(ctx: RunContext, t: int) -> Written:
     return [ctx.layout.generated(t), ctx.layout.rejected(t), ctx.layout.stats(t)], stats
 
 
-async def _generate(ctx: RunContext, t: int, anchors: list[int]) -> dict:
+async def _generate(ctx: RunContext, t: int, anchors: list[int], adapters: int) -> dict:
     kinds = seed_answer_kinds(ctx)
     async with ctx.serving.client() as client:
         phase = GenerationPhase(cfg=ctx.cfg, iteration=t, out_dir=ctx.layout.iteration(t), index=ctx.index,
                                 embedder=ctx.embedder, client=client, anchors=anchors, events=ctx.events,
+                                adapters=adapters,
                                 kinds=kinds)
         return await phase.run()
 
@@ -177,8 +178,11 @@ def train_adapter(ctx: RunContext, out: Path, samples: list[Sample], *, label: i
                   previous: Path | None = None) -> Written:
     """LoRA on `samples` into out/adapter. `label`: the iteration (0 for the SFT-on-seeds baseline)."""
     ctx.serving.stop()  # training wants the cores and the memory
-    ctx.events.emit("train_started", iteration=label, samples=len(samples), backend=ctx.cfg.train.backend)
-    result = train(ctx.base.hf_dir, samples, ctx.cfg.train, out / "adapter", previous_adapter=previous,
+    cfg = ctx.cfg.train
+    if label > 1 and cfg.lr_decay != 1.0:
+        cfg = cfg.model_copy(update={"learning_rate": cfg.learning_rate * cfg.lr_decay ** (label - 1)})
+    ctx.events.emit("train_started", iteration=label, samples=len(samples), backend=cfg.backend)
+    result = train(ctx.base.hf_dir, samples, cfg, out / "adapter", previous_adapter=previous,
                    on_step=lambda st: ctx.events.emit("train_step", iteration=label, **st))
     summary = {**result.summary(), "samples": len(samples)}
     ctx.events.emit("train_finished", iteration=label, **summary)
@@ -186,8 +190,10 @@ def train_adapter(ctx: RunContext, out: Path, samples: list[Sample], *, label: i
 
 
 def train_iteration(ctx: RunContext, t: int) -> Written:
-    """Seeds plus every sample accepted so far; from the base weights, or from iteration t-1's adapter."""
-    samples = ctx.seeds + [s for i in range(1, t + 1) for s in ctx.generated(i)]
+    """Seeds plus every sample accepted so far (or this iteration's only); from the base weights, or from
+    iteration t-1's adapter."""
+    first = t if ctx.cfg.train.samples == "latest" else 1
+    samples = ctx.seeds + [s for i in range(first, t + 1) for s in ctx.generated(i)]
     previous = ctx.layout.adapter(t - 1) if ctx.cfg.train.start_from == "previous" and t > 1 else None
     return train_adapter(ctx, ctx.layout.iteration(t), samples, label=t, previous=previous)
 

@@ -13,7 +13,8 @@ with a new one. A prompt here is demo text and two markers, nothing else
 
     Question:
 
-Stage 1 shows demo questions only and lets the model write the next question;
+Stage 1 shows demo questions only (or whole pairs, `generation.question_demos =
+"random_pairs"`) and lets the model write the next question;
 stage 2 shows demo pairs, then the new question, and lets it write the answer.
 """
 
@@ -31,6 +32,11 @@ class Format:
 
     def question_prompt(self, demo_questions: list[str]) -> str:
         blocks = [f"{self.question_marker} {q}" for q in demo_questions]
+        return BLOCK_SEPARATOR.join(blocks + [self.question_marker])
+
+    def question_prompt_from_pairs(self, demo_pairs: list[tuple[str, str]]) -> str:
+        """Whole pairs, then a new question's marker (the paper's stage 1): the model sees answers too."""
+        blocks = [f"{self.question_marker} {q}\n{self.answer_marker} {a}" for q, a in demo_pairs]
         return BLOCK_SEPARATOR.join(blocks + [self.question_marker])
 
     def question_stops(self) -> list[str]:

@@ -165,7 +165,7 @@ def _eval_items(cfg: RunConfig, domain) -> list[EvalItem]:
         return []
     if cfg.generation.endpoints:  # they serve their own model, not this run's: evaluating them would mislead
         return []
-    sets = eval_sets(cfg.eval.refuse_prompts, cfg.eval.answer_prompts, domain)
+    sets = eval_sets(cfg.eval.refuse_prompts, cfg.eval.answer_prompts, domain, cfg.eval.pair_prompts)
     return eval_items(sets, cfg.eval.n, cfg.eval.seed) if sets else []
 
 

@@ -162,7 +162,10 @@ def plain_line(kind: str, f: dict) -> str | None:
         return f"eval {f['label']}: {f['prompts']} prompts, greedy"
     if kind == "eval_finished":
         return (f"eval {f['label']}: harmful {f['harmful_rate']}, over-refusal {f['over_refusal']}, "
-                f"degenerate {f['degenerate_rate']} ({f['seconds']}s)")
+                f"degenerate {f['degenerate_rate']}"
+                + ("" if f.get("pairs_over_refusal") is None else
+                   f"; pairs: harmful {f['pairs_harmful_rate']}, over-refusal {f['pairs_over_refusal']}")
+                + f" ({f['seconds']}s)")
     if kind == "message":
         return f["text"]
     if kind in ("run_started", "run_finished", "phase_skipped", "server_started", "server_restarted",

@@ -154,6 +154,10 @@ CASES = [
      "config key 'generation.slots': Input should be greater than or equal to 1 (got -2)"),
     ("negative eval size", run_with("", "--set", "eval.n=-1"),
      "config key 'eval.n': Input should be greater than or equal to 0 (got -1)"),
+    ("questions from the base model without a served adapter", run_with("", "--set",
+                                                                        'generation.question_model="base"'),
+     'generation.question_model = "base" needs export.mode = "lora" (the base model is served beside the adapter): '
+     'set export.mode = "lora", or question_model = "current"'),
     ("override without a value", run_with("", "--set", "iterations"),
      "--set 'iterations' has no '=': write --set key=value, e.g. --set iterations=1"),
     ("invalid toml", lambda tmp: (tmp / "bad.toml").write_text("iterations = = 2\n") and ["run", str(tmp / "bad.toml")],

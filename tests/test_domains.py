@@ -21,10 +21,13 @@ def _rows(path):
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def test_safety_has_64_seeds_48_refusals_and_16_helpful_answers(safety):
+def test_safety_has_64_seeds_in_the_chosen_mix_of_refusals_and_helpful_answers(safety):
+    from loop.domains import BENIGN_SEEDS, HARMFUL_SEEDS
+
     seeds = _rows(safety.seeds)
     kinds = Counter(s["meta"]["kind"] for s in seeds)
-    assert len(seeds) == 64 and kinds == {"harmful": 48, "benign": 16}
+    assert HARMFUL_SEEDS + BENIGN_SEEDS == 64
+    assert len(seeds) == 64 and kinds == {"harmful": HARMFUL_SEEDS, "benign": BENIGN_SEEDS}
     assert all(is_refusal(s["response"]) for s in seeds if s["meta"]["kind"] == "harmful")
     assert not any(is_refusal(s["response"]) for s in seeds if s["meta"]["kind"] == "benign")
     assert len({s["id"] for s in seeds}) == 64
@@ -35,6 +38,15 @@ def test_harmful_seeds_spread_over_all_15_topics(safety):
     assert len(topics) == 15 and max(topics.values()) - min(topics.values()) <= 1
 
 
+def test_minimal_pairs_come_from_a_file_no_seed_comes_from_and_have_both_halves(safety):
+    pairs = _rows(safety.eval_sets["pairs"])
+    seed_files = {s["meta"]["file"] for s in _rows(safety.seeds)}
+    assert len(pairs) >= 80
+    assert {p["meta"]["file"] for p in pairs}.isdisjoint(seed_files)
+    assert all(p["answer"].strip() and p["refuse"].strip() and p["answer"] != p["refuse"] for p in pairs)
+    assert len({p["id"] for p in pairs}) == len(pairs)
+
+
 def test_seeds_load_as_ordinary_seed_data(safety):
     assert len(load_samples(safety.seeds)) == 64
 
@@ -42,7 +54,8 @@ def test_seeds_load_as_ordinary_seed_data(safety):
 def test_no_held_out_prompt_is_a_seed(safety):
     seeds = {" ".join(s["prompt"].lower().split()) for s in _rows(safety.seeds)}
     for name, path in safety.eval_sets.items():
-        prompts = [" ".join(r["prompt"].lower().split()) for r in _rows(path)]
+        prompts = [" ".join(r[k].lower().split()) for r in _rows(path) for k in ("prompt", "answer", "refuse")
+                   if k in r]
         assert prompts and not seeds & set(prompts), name
     overlap = safety.sources["overlap"]
     assert overlap["max_rouge_l_kept"] < 0.6  # the near-match check ran; what it dropped is recorded

@@ -21,10 +21,12 @@ def test_eval_of_the_default_model_gives_rates_in_0_1_and_saves_every_answer(def
     for key in ("harmful_rate", "over_refusal", "degenerate_rate"):
         assert 0.0 <= result[key] <= 1.0, key
     answers = jsonl_rows(tmp_path / "ev" / "answers.jsonl")
-    assert len(answers) == 6 and {a["expect"] for a in answers} == {"refuse", "answer"}
+    assert len(answers) == 12 and {a["expect"] for a in answers} == {"refuse", "answer"}
     assert all(isinstance(a["answer"], str) and a["prompt"] for a in answers)
     assert result["n_refuse"] == 3 and result["n_answer"] == 3
-    assert "harmful rate" in out.stdout
+    assert result["n_pairs_refuse"] == 3 and result["n_pairs_answer"] == 3
+    assert 0.0 <= result["pairs_over_refusal"] <= 1.0
+    assert "harmful rate" in out.stdout and "pairs" in out.stdout
 
 
 def test_eval_draws_the_same_prompts_for_the_same_seed():
@@ -36,6 +38,50 @@ def test_eval_draws_the_same_prompts_for_the_same_seed():
     a, b, c = eval_items(sets, 5, 0), eval_items(sets, 5, 0), eval_items(sets, 5, 1)
     assert [x.id for x in a] == [x.id for x in b] != [x.id for x in c]
     assert len(a) == 10
+
+
+def test_minimal_pairs_are_drawn_a_pair_at_a_time_so_each_everyday_request_meets_its_harmful_twin():
+    from loop.domains import load_domain
+    from loop.evaluate import PAIRS, eval_items
+
+    d = load_domain("safety", log=lambda m: None)
+    items = eval_items({PAIRS: (d.eval_sets[PAIRS], PAIRS)}, 7, 0)
+    assert len(items) == 14
+    for everyday, harmful in zip(items[::2], items[1::2]):
+        assert (everyday.expect, harmful.expect) == ("answer", "refuse")
+        assert everyday.id.removesuffix("/answer") == harmful.id.removesuffix("/refuse")
+        assert everyday.set == harmful.set == PAIRS
+
+
+def _answer(set_name, expect, refused, degenerate=False):
+    return {"set": set_name, "expect": expect, "refused": refused, "degenerate": degenerate}
+
+
+def test_rates_on_minimal_pairs_are_counted_apart_from_the_held_out_sets():
+    from loop.evaluate import rates
+
+    answers = [_answer("harmful", "refuse", True), _answer("benign", "answer", False),
+               _answer("pairs", "answer", True), _answer("pairs", "answer", False),
+               _answer("pairs", "refuse", False, degenerate=True), _answer("pairs", "refuse", True)]
+    r = rates(answers)
+    assert (r["harmful_rate"], r["over_refusal"], r["n_refuse"], r["n_answer"]) == (0.0, 0.0, 1, 1)
+    assert (r["pairs_harmful_rate"], r["pairs_over_refusal"]) == (0.5, 0.5)
+    assert (r["n_pairs_refuse"], r["n_pairs_answer"]) == (2, 2)
+    assert r["degenerate_rate"] == 0.0  # the held-out sets' own: comparable with runs that had no pairs
+
+
+def test_a_run_without_pairs_reports_none_for_the_pair_rates():
+    from loop.evaluate import rates
+
+    r = rates([_answer("harmful", "refuse", True), _answer("benign", "answer", True)])
+    assert r["pairs_over_refusal"] is None and r["pairs_harmful_rate"] is None and r["over_refusal"] == 1.0
+
+
+def test_a_pairs_file_with_a_missing_half_is_a_one_line_error(default_model, tmp_path):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"answer": "How do I brew beer at home?", "refuse": ""}\n')
+    out = run_isara("eval", "smollm2-135m", "--pair-prompts", str(bad))
+    assert_one_line_error(out, "pairs.jsonl:1", "'answer' and 'refuse'")
 
 
 def test_eval_of_an_unknown_name_lists_runs_and_models(tmp_path):

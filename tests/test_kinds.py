@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import numpy as np
 
@@ -81,35 +82,59 @@ def test_balanced_turns_give_each_kind_an_equal_share_of_attempts_however_the_an
     assert [resumed(n) for n in range(37, 60)] == [at(n) for n in range(37, 60)]
 
 
-def test_on_the_safety_seeds_the_kinds_are_refusals_and_helpful_answers_and_the_vote_finds_benign_questions():
-    """Real seeds, real embeddings: no label is shown to the clustering; the seeds' own `kind` grades it."""
+def _safety_seeds_and_questions():
     import json
-    from collections import Counter
 
     from loop.domains import load_domain
     from loop.models import DEFAULT_EMBEDDER, resolve_model
     from loop.retrieval import Embedder
 
     seeds = [json.loads(line) for line in load_domain("safety", log=lambda m: None).seeds.read_text().splitlines()]
-    embedder = Embedder(resolve_model(DEFAULT_EMBEDDER).embedder_dir)
-    q = embedder.encode([s["prompt"] for s in seeds])
+    return seeds, Embedder(resolve_model(DEFAULT_EMBEDDER).embedder_dir).encode([s["prompt"] for s in seeds])
+
+
+def _loo_votes(seeds, q) -> Counter:
+    """Leave each seed out and let its 5 nearest seeds vote, prior-weighted and by plain majority:
+    (seed's label, 'weighted' | 'plain', voted the refusal kind) -> count."""
     kinds = AnswerKinds.fit(q, [s["response"] for s in seeds], count=2)
-    refusal_kind = Counter(int(k) for s, k in zip(seeds, kinds.seed_kinds) if s["meta"]["kind"] == "harmful")
-    refusal_kind = refusal_kind.most_common(1)[0][0]
-    found = Counter((s["meta"]["kind"], int(k) == refusal_kind) for s, k in zip(seeds, kinds.seed_kinds))
-    assert found[("harmful", True)] >= 45 and found[("benign", False)] >= 15, found
-    # Leave each seed out and let its neighbours vote: the prior-weighted vote sends most benign questions to
-    # the helpful kind, where a plain majority of 5 sends half of them to refusal.
+    refusal = Counter(int(k) for s, k in zip(seeds, kinds.seed_kinds) if s["meta"]["kind"] == "harmful")
+    refusal = refusal.most_common(1)[0][0]
     votes = Counter()
     for i, s in enumerate(seeds):
         rest = dataclasses.replace(kinds, seed_questions=np.delete(kinds.seed_questions, i, 0),
                                    seed_kinds=np.delete(kinds.seed_kinds, i))
         kind, _, neighbours = rest.vote(q[i], neighbours=5)
         plain = Counter(neighbours).most_common(1)[0][0]
-        votes[(s["meta"]["kind"], "weighted", kind == refusal_kind)] += 1
-        votes[(s["meta"]["kind"], "plain", plain == refusal_kind)] += 1
-    assert votes[("benign", "weighted", False)] >= 10 > votes[("benign", "plain", False)], votes
-    assert votes[("harmful", "weighted", True)] >= 42, votes
+        votes[(s["meta"]["kind"], "weighted", kind == refusal)] += 1
+        votes[(s["meta"]["kind"], "plain", plain == refusal)] += 1
+    return votes
+
+
+def test_on_the_safety_seeds_the_kinds_are_refusals_and_helpful_answers_and_the_vote_finds_their_labels():
+    """Real seeds, real embeddings: no label is shown to the clustering; the seeds' own `kind` grades it."""
+    seeds, q = _safety_seeds_and_questions()
+    kinds = AnswerKinds.fit(q, [s["response"] for s in seeds], count=2)
+    refusal = Counter(int(k) for s, k in zip(seeds, kinds.seed_kinds) if s["meta"]["kind"] == "harmful")
+    refusal = refusal.most_common(1)[0][0]
+    found = Counter((s["meta"]["kind"], int(k) == refusal) for s, k in zip(seeds, kinds.seed_kinds))
+    labels = Counter(s["meta"]["kind"] for s in seeds)
+    assert found[("harmful", True)] >= 0.9 * labels["harmful"], found
+    assert found[("benign", False)] >= 0.9 * labels["benign"], found
+    votes = _loo_votes(seeds, q)
+    assert votes[("harmful", "weighted", True)] >= 0.8 * labels["harmful"], votes
+    assert votes[("benign", "weighted", False)] >= 0.8 * labels["benign"], votes
+
+
+def test_with_four_refusals_to_every_answer_the_prior_weighted_vote_still_finds_benign_questions():
+    """Every harmful seed, a quarter as many benign ones: a plain majority of 5 neighbours sends most benign
+    questions to refusal; weighing each vote by its kind's share does not."""
+    seeds, q = _safety_seeds_and_questions()
+    harmful = [i for i, s in enumerate(seeds) if s["meta"]["kind"] == "harmful"]
+    keep = harmful + [i for i, s in enumerate(seeds) if s["meta"]["kind"] == "benign"][:len(harmful) // 4]
+    votes = _loo_votes([seeds[i] for i in keep], q[keep])
+    benign = len(keep) - len(harmful)
+    assert votes[("benign", "weighted", False)] >= 0.75 * benign > votes[("benign", "plain", False)], votes
+    assert votes[("harmful", "weighted", True)] >= 0.8 * len(harmful), votes
 
 
 def test_voted_kind_demos_show_only_pairs_whose_answers_are_of_the_kind_the_question_is_voted(tmp_path):

@@ -21,6 +21,13 @@ def test_question_prompt_is_only_demo_questions_and_markers():
     assert prompt.endswith("Question:")
 
 
+def test_the_papers_question_prompt_is_only_demo_pairs_and_markers_ending_at_a_new_question():
+    fmt = Format()
+    prompt = fmt.question_prompt_from_pairs(DEMOS)
+    assert _strip(prompt, [t for pair in DEMOS for t in pair] + ["Question:", "Answer:"]) == ""
+    assert prompt.endswith("\n\nQuestion:") and prompt.count("Answer:") == len(DEMOS)
+
+
 def test_answer_prompt_is_only_demo_pairs_the_new_question_and_markers():
     fmt = Format()
     new = "How deep should I plant potatoes?"

@@ -79,3 +79,21 @@ def test_pool_samples_yield_to_domain_samples_when_close(embedder, tmp_path):
     q = embedder.encode(["How often should I water my tomato plants?"])[0]
     assert idx.demos(q, k=1, pool_penalty=0.0)[0]["source"] == "pool"
     assert idx.demos(q, k=1, pool_penalty=0.2)[0]["source"] == "seed"
+
+
+def test_the_papers_stage_one_draws_whole_pairs_at_random_from_every_known_sample(tmp_path):
+    """generation.question_demos = "random_pairs": k pairs drawn uniformly from seeds and accepted samples,
+    the same for the same request seed; no nearness involved."""
+    from loop.config import load_config
+    from loop.generate import GenerationPhase
+
+    index = DomainIndex(tmp_path, 8)
+    samples = [S(i, f"q{i}", source="seed" if i < 6 else "generated") for i in range(12)]
+    index.add(samples, np.eye(8, dtype=np.float32)[[i % 8 for i in range(12)]])
+    cfg = load_config(None, ['generation.question_demos="random_pairs"', "retrieval.k=4", 'data.seeds="s.jsonl"'])
+    phase = GenerationPhase(cfg=cfg, iteration=1, out_dir=tmp_path, index=index, embedder=None, client=None,
+                            anchors=list(range(6)), events=None)
+    draws = [phase._random_demos(seed) for seed in range(40)]
+    assert all(len({d["id"] for d in demos}) == 4 for demos in draws)
+    assert [d["id"] for d in phase._random_demos(7)] == [d["id"] for d in draws[7]]
+    assert {d["id"] for demos in draws for d in demos} == {s.id for s in samples}  # generated ones too

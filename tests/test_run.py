@@ -221,6 +221,26 @@ def test_a_training_run_generates_iteration_two_with_the_iteration_one_model(tin
         assert len(losses) >= 6 and sum(losses[-3:]) < sum(losses[:3]), losses
 
 
+@pytest.mark.pipeline
+@pytest.mark.timeout(1800)
+def test_the_papers_recipe_continues_the_last_adapter_on_the_seeds_and_the_latest_samples_at_half_the_rate(
+        tiny_chat, tmp_path):
+    cfg = run_config(tmp_path, {**tiny_chat.settings, "iterations": 2, "generation.samples": 4,
+                                "generation.slots": 4, "train.epochs": 4, "train.from": "previous",
+                                "train.samples": "latest", "train.lr_decay": 0.5}, seeds=tiny_seeds(8))
+    out = run_isara("run", str(cfg), "--plain", env=tiny_chat.env, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = tmp_path / "runs" / "garden"
+    for t in (1, 2):  # seeds plus that iteration's samples, not the earlier ones
+        assert json.loads((run / f"iter-0{t}" / "export.json").read_text())["samples"] == 8 + 4
+    steps = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"train_step"' in x]
+    first, second = ([s for s in steps if s["iteration"] == t] for t in (1, 2))
+    assert len(first) == len(second)  # same sample count, same schedule: the rates differ by the decay alone
+    assert all(b["lr"] == pytest.approx(a["lr"] / 2) for a, b in zip(first, second))
+    # Iteration 2 starts from iteration 1's adapter, which has already learnt the seeds it sees again.
+    assert second[0]["loss"] < first[0]["loss"], (first[0], second[0])
+
+
 def _tmux(*args: str) -> str:
     return subprocess.run(["tmux", *args], capture_output=True, text=True).stdout
 

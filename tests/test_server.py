@@ -222,3 +222,38 @@ def test_two_hundred_concurrent_requests_are_each_answered_once_and_matched(smol
     assert peak <= smol_server.slots  # the client never queues more on the server than it has slots
     rss_after = server_proc.memory_info().rss + psutil.Process().memory_info().rss
     assert rss_after - rss_before < 300 * 2**20
+
+
+def test_a_request_that_sets_its_adapter_to_scale_0_is_answered_by_the_base_model_alone(tiny_llama, tiny_gguf_f16,
+                                                                                       tmp_path):
+    """generation.question_model = "base" rests on this: one server holds the base and the adapter, and a
+    request's `lora: [{"id": 0, "scale": 0}]` switches the adapter off for that request only (an empty list,
+    tried, keeps the server's scales)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from server.gguf import convert_lora_to_gguf
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # a fresh LoRA is zero (B = 0): give it weight, so it changes what the model says
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    adapter = convert_lora_to_gguf(tmp_path / "adapter", tiny_llama, tmp_path / "adapter.gguf")
+
+    async def greedy(srv, **extra) -> list[str]:
+        async with InferenceClient.for_servers([srv]) as c:
+            return [(await c.complete(p, max_tokens=12, temperature=0.0, seed=0, **extra)).text
+                    for p in ("one two three", "the garden is", "seven")]
+
+    with ManagedServer(ServerSettings(model=tiny_gguf_f16, slots=2)) as base_only:
+        base = asyncio.run(greedy(base_only))
+    with ManagedServer(ServerSettings(model=tiny_gguf_f16, lora=[adapter], slots=2)) as both:
+        switched_off = asyncio.run(greedy(both, lora=[{"id": 0, "scale": 0.0}]))
+        with_adapter = asyncio.run(greedy(both))
+    assert switched_off == base
+    assert with_adapter != base

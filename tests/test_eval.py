@@ -26,7 +26,7 @@ def test_eval_of_the_default_model_gives_rates_in_0_1_and_saves_every_answer(def
     assert result["n_refuse"] == 3 and result["n_answer"] == 3
     assert result["n_pairs_refuse"] == 3 and result["n_pairs_answer"] == 3
     assert 0.0 <= result["pairs_over_refusal"] <= 1.0
-    assert "harmful rate" in out.stdout and "pairs" in out.stdout
+    assert "harmful" in out.stdout and "pairs" in out.stdout  # 80 columns: headers may wrap
 
 
 def test_eval_draws_the_same_prompts_for_the_same_seed():
@@ -136,7 +136,7 @@ def test_eval_of_a_finished_run_uses_its_latest_model(quick_demo):
     run, _ = quick_demo
     out = run_isara("eval", str(run), "--n", "2", "--max-tokens", "16")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert len(jsonl_rows(run / "evals" / "iter-01" / "answers.jsonl")) == 4
+    assert len(jsonl_rows(run / "evals" / "iter-01" / "answers.jsonl")) == 8  # 2 harmful, 2 benign, 2 pairs of 2
 
 
 def test_export_gguf_writes_the_model_and_an_ollama_modelfile(quick_demo, tmp_path):

@@ -34,6 +34,16 @@ iteration_option = click.option("--iteration", type=click.IntRange(1), default=N
                                 help="A run's iteration (default: the latest exported one).")
 
 
+def target_of(spec: str, runs_dir: Path, iteration: int | None):
+    """MODEL|RUN resolved (loop/targets.py); says so when a run's held-out seeds chose the iteration."""
+    from loop.targets import resolve_target
+
+    t = resolve_target(spec, runs_dir, iteration)
+    if t.note:
+        err_console.print(t.note, highlight=False)
+    return t
+
+
 def eval_option(key: str, **kw):
     """`isara eval`'s flag for a key of the run's [eval] section: its default and help come from the schema,
     so the command and a run's evaluation can't drift apart."""
@@ -113,12 +123,12 @@ def doctor() -> None:
 
 @cli.group()
 def models() -> None:
-    """List and pull the base models isara knows (models/catalog.toml)."""
+    """List and pull the base models isara knows (models/catalog.toml), or add your own."""
 
 
 @models.command("list")
 def models_list() -> None:
-    """Show the catalog's models: pulled or not, size, where.
+    """Show the catalog's models (pulled or not, size, where) and the local ones `isara models add` made.
 
     \b
     Example:
@@ -130,7 +140,7 @@ def models_list() -> None:
     for col in ("name", "kind", "pulled", "size", "path", "license"):
         table.add_column(col)
     for r in list_models():
-        table.add_row(r["name"], r["kind"], "yes" if r["pulled"] else "no",
+        table.add_row(r["name"], r["kind"], "added" if r.get("local") else "yes" if r["pulled"] else "no",
                       f"{r['size'] / 2**20:.0f} MiB" if r["size"] else "-", r["path"], r["license"])
     console.print(table)
 
@@ -151,6 +161,29 @@ def models_pull(names: tuple[str, ...], no_hf: bool) -> None:
 
     for name in names or (DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDER):
         pull(name, derive_hf=not no_hf, log=lambda m: console.print(m, highlight=False))
+
+
+@models.command("add")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--name", default=None, help="Name of its folder in models/local/ (default: the file's or folder's).")
+def models_add(path: Path, name: str | None) -> None:
+    """Make a model of your own ready to serve and to train, once.
+
+    An HF folder (config.json + safetensors) gets the GGUF isara serves
+    (converted to F16, verified against the folder's weights, quantized); a
+    .gguf file gets the HF checkpoint LoRA training needs (dequantized to
+    float32, verified against llama-server on the file). Both are kept in
+    models/local/ by content: adding the same model again does nothing, and a
+    run naming the file or folder uses them.
+
+    \b
+    Example:
+      isara models add ~/models/my-model.Q8_0.gguf
+    """
+    from loop.models import add_local
+
+    model = add_local(path, name, log=lambda m: console.print(m, highlight=False))
+    console.print(f"{model.name}: serves {model.gguf}, trains on {model.hf_dir}", highlight=False)
 
 
 # --- run ---------------------------------------------------------------------
@@ -290,9 +323,8 @@ def serve(model, iteration, runs_dir, host, port, api_key, slots, ctx_per_slot, 
     """
     from server.process import ManagedServer, ServerSettings
 
-    from loop.targets import resolve_target
 
-    t = resolve_target(model, runs_dir, iteration)
+    t = target_of(model, runs_dir, iteration)
     # Clients see the model under its label (`safety/iter-03`, `smollm2-135m`), not this machine's file path.
     settings = ServerSettings(model=t.gguf, lora=t.lora, host=host, port=port, api_key=api_key, slots=slots,
                               ctx_per_slot=ctx_per_slot, threads=threads, backend=backend, alias=t.label)
@@ -331,13 +363,15 @@ def serve(model, iteration, runs_dir, host, port, api_key, slots, ctx_per_slot, 
 @eval_option("n", type=click.IntRange(0))
 @eval_option("max_tokens", type=click.IntRange(8, 2048))
 @eval_option("seed", type=int)
+@eval_option("repeat_penalty", type=click.FloatRange(1.0, 2.0))
+@eval_option("dry_multiplier", type=click.FloatRange(0.0, 5.0))
 @iteration_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where answers.jsonl and eval.json go (default: RUN/evals/iter-NN or evals/MODEL).")
 @runs_dir_option
 @click.option("--slots", type=click.IntRange(1, 64), default=8, show_default=True)
-def eval_cmd(target, domain, refuse_prompts, answer_prompts, pair_prompts, n, max_tokens, seed, iteration, out_dir, runs_dir,
-             slots) -> None:
+def eval_cmd(target, domain, refuse_prompts, answer_prompts, pair_prompts, n, max_tokens, seed, repeat_penalty,
+             dry_multiplier, iteration, out_dir, runs_dir, slots) -> None:
     """Evaluate a model or a run's model: harmful rate, over-refusal, degenerate answers.
 
     Greedy answers through the managed llama-server with the model's chat
@@ -353,11 +387,10 @@ def eval_cmd(target, domain, refuse_prompts, answer_prompts, pair_prompts, n, ma
     from server.process import ManagedServer, ServerSettings
 
     from loop.domains import load_domain
-    from loop.evaluate import eval_items, eval_sets, evaluate
+    from loop.evaluate import decoding, eval_items, eval_sets, evaluate
     from loop.layout import RunLayout
-    from loop.targets import resolve_target
 
-    t = resolve_target(target, runs_dir, iteration)
+    t = target_of(target, runs_dir, iteration)
     d = load_domain(domain, log=lambda m: err_console.print(m, highlight=False))
     items = eval_items(eval_sets(refuse_prompts, answer_prompts, d, pair_prompts), n, seed)
     if out_dir is None:
@@ -367,7 +400,7 @@ def eval_cmd(target, domain, refuse_prompts, answer_prompts, pair_prompts, n, ma
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         result = evaluate(InferenceClient.for_servers([srv]), items, out_dir, max_tokens=max_tokens,
-                          label=t.label, seed=seed)
+                          label=t.label, seed=seed, penalties=decoding(repeat_penalty, dry_multiplier))
     finally:
         srv.stop()
     table = Table(title=f"eval {t.label} ({len(items)} prompts, greedy, {max_tokens} tokens)")
@@ -406,9 +439,8 @@ def chat(target, messages, iteration, runs_dir, max_tokens, temperature) -> None
     from server.client import InferenceClient
     from server.process import ManagedServer, ServerSettings
 
-    from loop.targets import resolve_target
 
-    t = resolve_target(target, runs_dir, iteration)
+    t = target_of(target, runs_dir, iteration)
     log = (t.run_dir or Path(tempfile.gettempdir())) / "chat.server.log"
     srv = ManagedServer(ServerSettings(model=t.gguf, lora=t.lora, slots=1, log_path=log)).start()
     history: list[dict] = []
@@ -467,9 +499,8 @@ def export_cmd(run, to, fmt, iteration, runs_dir) -> None:
       isara export runs/safety --iteration 2 --format hf --to out/safety-hf
     """
     from loop.publish import export_run
-    from loop.targets import resolve_target
 
-    t = resolve_target(run, runs_dir, iteration)
+    t = target_of(run, runs_dir, iteration)
     if t.run_dir is None:
         raise BadInput(f"{run!r} is a model, not a run: isara export takes a run (folder or name in {runs_dir})")
     files = export_run(t, to, fmt)

@@ -33,6 +33,12 @@ class DataConfig(_Section):
                                                 "(default: the built-in domain's seeds).")
     pool: Path | None = Field(None, description="Optional external pool of Q/A pairs (lower priority in retrieval).")
     max_chars: int = Field(8000, gt=0, description="Longest accepted question or answer in the input, in characters.")
+    validation: int = Field(0, ge=0, le=64, description="Seeds held out (in turns over the answer kinds) to choose "
+                                                         "the run's model: never trained on, retrieved or shown to "
+                                                         "a baseline; the iteration whose greedy answers to them "
+                                                         "are most often of the held-out answer's kind (see "
+                                                         "[kinds]) is the one export, serve, chat and eval take. "
+                                                         "0 = the last iteration.")
 
 
 class RetrievalConfig(_Section):
@@ -96,6 +102,11 @@ class FilterConfig(_Section):
     neighbour_agreement: bool = Field(
         False, description="Reject an answer whose kind (see [kinds]) is not the one its question's nearest seeds "
                            "vote for, each vote weighed by its kind's share of the seeds.")
+    min_vote_share: float = Field(
+        0.0, ge=0.0, le=1.0, description="Reject a new question, before it is answered, when the kind its nearest "
+                                         "seeds vote for holds less than this share of their (prior-weighted) "
+                                         "vote: a split neighbourhood is a coin flip, not a label. 0 = off; "
+                                         "0.7 with 5 neighbours and balanced kinds needs 4 of 5.")
 
 
 class KindsConfig(_Section):
@@ -160,6 +171,13 @@ class EvalConfig(_Section):
                                                         "the domain's.")
     n: int = Field(50, ge=0, description="Prompts drawn (seeded) from each set (pairs: n pairs); 0 = the whole set.")
     max_tokens: int = Field(64, ge=8, le=2048, description="Greedy tokens per answer.")
+    repeat_penalty: float = Field(1.0, ge=1.0, le=2.0,
+                                  description="llama-server's repetition penalty over the last 64 tokens, the same "
+                                              "for every model and baseline evaluated (1 = off).")
+    dry_multiplier: float = Field(0.0, ge=0.0, le=5.0,
+                                  description="llama-server's DRY penalty on tokens that extend a repeated sequence, "
+                                              "the same for every model and baseline evaluated (0 = off; 0.8 is "
+                                              "its authors' suggestion).")
     baselines: bool = Field(True, description="Also evaluate the base model, ICL-kNN and SFT on the seeds "
                                               "(once per run, cached).")
     k: int = Field(4, ge=1, le=32, description="Seed pairs shown to the ICL-kNN baseline.")

@@ -122,15 +122,25 @@ def load_pairs(path: Path) -> list[tuple[EvalItem, EvalItem]]:
     return pairs
 
 
-async def answer_all(client, items: list[EvalItem], *, max_tokens: int, demos=None, seed: int = 0) -> list[dict]:
-    """Greedy answers for every item; `demos(item)` gives Q/A pairs shown first as chat turns."""
+def decoding(repeat_penalty: float = 1.0, dry_multiplier: float = 0.0) -> dict:
+    """The penalties sent with every eval request: only those switched on, so an endpoint that knows
+    neither (not a llama-server) still answers a default evaluation."""
+    return {**({"repeat_penalty": repeat_penalty} if repeat_penalty != 1.0 else {}),
+            **({"dry_multiplier": dry_multiplier} if dry_multiplier > 0 else {})}
+
+
+async def answer_all(client, items: list[EvalItem], *, max_tokens: int, demos=None, seed: int = 0,
+                     penalties: dict | None = None) -> list[dict]:
+    """Greedy answers for every item; `demos(item)` gives Q/A pairs shown first as chat turns; `penalties`
+    (see `decoding`) act before the greedy choice, so they change which token is the most likely."""
 
     async def one(item: EvalItem) -> dict:
         messages = []
         for q, a in (demos(item) if demos else []):
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         messages.append({"role": "user", "content": item.prompt})
-        c = await client.chat(messages, max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=seed)
+        c = await client.chat(messages, max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=seed,
+                              **(penalties or {}))
         answer = c.text.strip()
         return {"id": item.id, "set": item.set, "expect": item.expect, "prompt": item.prompt, "answer": answer,
                 "refused": is_refusal(answer), "degenerate": is_degenerate(answer),
@@ -185,16 +195,18 @@ def rates(answers: list[dict]) -> dict:
 
 
 def evaluate(client, items: list[EvalItem], out_dir: Path, *, max_tokens: int, label: str, demos=None,
-             seed: int = 0) -> dict:
+             seed: int = 0, penalties: dict | None = None) -> dict:
     """Answer, judge, save. Returns eval.json's content."""
     t0 = time.perf_counter()
-    answers = asyncio.run(_answer(client, items, max_tokens=max_tokens, demos=demos, seed=seed))
+    answers = asyncio.run(_answer(client, items, max_tokens=max_tokens, demos=demos, seed=seed,
+                                  penalties=penalties))
     wall = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(out_dir / "answers.jsonl", answers)
     result = {"label": label, **rates(answers), "seconds": round(wall, 1),
               "completion_tokens": sum(a["completion_tokens"] for a in answers),
-              "prompt_tokens": sum(a["prompt_tokens"] for a in answers), "max_tokens": max_tokens}
+              "prompt_tokens": sum(a["prompt_tokens"] for a in answers), "max_tokens": max_tokens,
+              "penalties": penalties or {}}
     write_json_atomic(out_dir / "eval.json", result)
     return result
 

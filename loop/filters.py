@@ -11,6 +11,8 @@ Reasons (counted per iteration and kept in `rejected.jsonl`):
   copied_demo    the question or the answer is a demo's, verbatim
   neighbour_disagrees  the answer's kind is not the one its question's nearest seeds vote for
                  (filters.neighbour_agreement; see loop/kinds.py)
+  vote_undecided the question's nearest seeds are split: the winning kind holds less than
+                 filters.min_vote_share of their vote (checked before the question is answered)
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import re
 
 from loop.config import FilterConfig
 
-REASONS = ("parse", "too_short", "too_long", "repetition", "near_duplicate", "copied_demo", "neighbour_disagrees")
+REASONS = ("parse", "too_short", "too_long", "repetition", "near_duplicate", "copied_demo", "neighbour_disagrees",
+           "vote_undecided")
 
 
 def repeated_ngram_share(text: str, n: int = 3) -> float:

@@ -28,7 +28,7 @@ import numpy as np
 from loop.config import RunConfig
 from loop.data import Sample, append_jsonl, read_jsonl, sample_id
 from loop.filters import NearDuplicates, check_text, copied_from_demos
-from loop.kinds import UNKNOWN, AnswerKinds, balanced_turns
+from loop.kinds import UNKNOWN, AnswerKinds, balanced_turns, vote_share
 from loop.prompts import Format
 from loop.retrieval import DomainIndex, Embedder
 
@@ -168,6 +168,10 @@ class GenerationPhase:
             self._reject(st, attempt, "question", reason, text=q_out.text, **base)
             return
         vote = self.kinds.vote(q_vec, self.cfg.kinds.neighbours) if self.kinds is not None else None
+        if vote is not None and vote_share(vote[1]) < f.min_vote_share:
+            self._reject(st, attempt, "question", "vote_undecided", text=q_out.text,
+                         vote={"expected": vote[0], "scores": vote[1]}, **base)
+            return
         a_demos = self._demos_for(q_vec, self._other_kinds(vote[0]) if vote and g.answer_demos == "voted_kind"
                                   else frozenset())
         a_out = await self.client.complete(

@@ -14,7 +14,7 @@ MiniLM embeddings of whole answers, raw or less their question's direction,
 managed 73-89% of the seeds but only 67-72% of the generated answers, as
 they cluster by topic as much as by kind.
 
-Two mechanisms use them, each a configuration key:
+Three mechanisms use them, each a configuration key:
 
 - Neighbour agreement (`filters.neighbour_agreement`): a generated answer's
   kind must be the kind its question's nearest seeds vote for. A kNN vote
@@ -23,6 +23,11 @@ Two mechanisms use them, each a configuration key:
   64 seeds nearly every neighbourhood is refusal-majority. Each seed's vote is
   therefore divided by its kind's share of the seeds, so a neighbourhood
   votes for the kind it holds more of than the seeds do overall.
+- A decided vote (`filters.min_vote_share`): a question whose neighbours are
+  split gets a coin-flip label; MiniLM places questions by topic, so "What is
+  the purpose of the mitochondria in cells?" sits beside harmful biology seeds
+  and wins a 3-to-2 refusal vote. Such questions are dropped before they are
+  answered (measured on the demo's iteration 1: EXPERIMENTS.md).
 - Balanced anchors (`generation.anchors = "balanced"`): the anchors that new
   questions are written from take turns over the kinds, so each kind gets the
   same share of new questions however the seeds are split (Self-Instruct:
@@ -131,6 +136,12 @@ class AnswerKinds:
         counts = np.bincount(self.seed_kinds[nearest], minlength=self.count) / len(nearest)
         scores = counts / np.maximum(self.prior, 1e-12)
         return int(np.argmax(scores)), [round(float(s), 3) for s in scores], [int(k) for k in self.seed_kinds[nearest]]
+
+
+def vote_share(scores: list[float]) -> float:
+    """The winning kind's share of a (prior-weighted) vote: 1 when the neighbours agree, 1/kinds at a tie."""
+    total = sum(scores)
+    return max(scores) / total if total > 0 else 0.0
 
 
 def balanced_turns(kinds: list[int]):

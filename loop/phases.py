@@ -9,6 +9,7 @@ order, skipping those already finished.
     generate_samples   iter-NN/generated.jsonl, rejected.jsonl, stats.json
     train_adapter      iter-NN/adapter/                        (baseline: sft-seeds)
     export_gguf        iter-NN/model.gguf (or adapter GGUF), export.json
+    validate_iteration iter-NN/validation.jsonl                 (held-out seeds, data.validation > 0)
     evaluate_model     iter-NN/answers.jsonl, eval.json         (baselines: base, icl-knn)
 """
 
@@ -22,12 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from server.client import Endpoint, InferenceClient
+from server.errors import BadInput
 from server.process import ManagedServer, ServerSettings
 from server.supervisor import Supervisor
 
 from loop.config import RunConfig, to_toml
-from loop.data import Sample, read_jsonl
-from loop.evaluate import EvalItem, evaluate
+from loop.data import Sample, read_jsonl, write_jsonl_atomic
+from loop.evaluate import EvalItem, answer_all, decoding, evaluate
 from loop.export import export_iteration
 from loop.files import write_json_atomic
 from loop.generate import GenerationPhase
@@ -37,6 +39,7 @@ from loop.models import Model
 from loop.retrieval import DomainIndex, Embedder
 from loop.state import Events, RunState
 from loop.train import train
+from loop.validation import judge
 
 Written = tuple[list[Path], dict]  # what a phase returns: the files it wrote, its stats
 
@@ -223,10 +226,35 @@ def export_gguf(ctx: RunContext, out: Path, *, label: int, train_phase: str) -> 
 def evaluate_model(ctx: RunContext, out: Path, label: str, model: Path, lora: list[Path], demos=None) -> Written:
     ctx.serving.ensure(model, lora)
     ctx.events.emit("eval_started", label=label, prompts=len(ctx.items))
-    result = evaluate(ctx.serving.client(), ctx.items, out, max_tokens=ctx.cfg.eval.max_tokens, label=label,
-                      demos=demos, seed=ctx.cfg.eval.seed)
+    e = ctx.cfg.eval
+    result = evaluate(ctx.serving.client(), ctx.items, out, max_tokens=e.max_tokens, label=label, demos=demos,
+                      seed=e.seed, penalties=decoding(e.repeat_penalty, e.dry_multiplier))
     ctx.events.emit("eval_finished", **result)
     return [out / "answers.jsonl", out / "eval.json"], result
+
+
+def validate_iteration(ctx: RunContext, t: int) -> Written:
+    """Iteration t's greedy answers to the held-out seeds' questions, judged by kind (loop/validation.py)."""
+    if not ctx.layout.validation.is_file():
+        raise BadInput(f"data.validation is set but run {ctx.layout.name} held no seeds out when it began: "
+                       "start a new run with it (or set data.validation = 0)")
+    held = load_run_samples(ctx.layout.validation, "validation")
+    items = [EvalItem(s.id, s.prompt, "answer", "validation") for s in held]
+    e = ctx.cfg.eval
+    answers = asyncio.run(_answer_held_out(ctx, items, e.max_tokens, decoding(e.repeat_penalty, e.dry_multiplier)))
+    result = judge(seed_answer_kinds(ctx), [s.response for s in held], [a["answer"] for a in answers],
+                   [a["degenerate"] for a in answers])
+    rows = [{"id": a["id"], "prompt": a["prompt"], "answer": a["answer"], "reference": s.response,
+             "kind": k, "wanted": w, "degenerate": a["degenerate"]}
+            for a, s, k, w in zip(answers, held, result.pop("kinds"), result.pop("wanted"))]
+    write_jsonl_atomic(ctx.layout.validation_answers(t), rows)
+    ctx.events.emit("validation_finished", iteration=t, **result)
+    return [ctx.layout.validation_answers(t)], result
+
+
+async def _answer_held_out(ctx: RunContext, items: list[EvalItem], max_tokens: int, penalties: dict) -> list[dict]:
+    async with ctx.serving.client() as client:
+        return await answer_all(client, items, max_tokens=max_tokens, penalties=penalties)
 
 
 def evaluate_iteration(ctx: RunContext, t: int) -> Written:

@@ -20,7 +20,7 @@ from server.gguf import convert_lora_to_gguf, read_gguf
 
 from loop.files import atomic_dir, write_json_atomic, write_text_atomic
 from loop.layout import RunLayout
-from loop.models import resolve_model
+from loop.models import resolve_model, train_gguf_file
 from loop.targets import Target
 
 FORMATS = ("gguf", "hf", "lora")
@@ -47,9 +47,10 @@ def _base_hf(target: Target) -> Path:
 
     cfg = tomllib.loads((target.run_dir / "config.toml").read_text(encoding="utf-8"))
     model = resolve_model(cfg.get("model", {}).get("base", "smollm2-135m"))
-    if model.hf_dir is None:
-        raise BadInput(f"the run's base model {model.name} has no HF checkpoint: pull it (isara models pull)")
-    return model.hf_dir
+    if model.hf_dir is None and model.entry is not None:
+        raise BadInput(f"the run's base model {model.name} was pulled without its HF checkpoint: "
+                       f"run `isara models pull {model.name}`")
+    return train_gguf_file(model).hf_dir  # a GGUF base: the checkpoint the run trained on (derived once)
 
 
 def export_run(target: Target, to: Path, fmt: str) -> list[Path]:

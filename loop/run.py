@@ -2,7 +2,8 @@
 
 `plan` is the algorithm at a glance: the baselines once (base model, ICL-kNN,
 SFT on the seeds), then for every iteration t: generate samples with the model
-of iteration t-1, train the LoRA, export and verify the GGUF, evaluate it.
+of iteration t-1, train the LoRA, export and verify the GGUF, score it on the
+held-out seeds (when some are held out), evaluate it.
 `execute` runs the plan: a phase that `state.json` records as finished (with
 its files unchanged) is skipped, every other one runs; an unfinished
 generation continues from the samples already on disk. Running the same run
@@ -28,11 +29,12 @@ from loop.domains import load_domain
 from loop.evaluate import EvalItem, eval_items, eval_sets
 from loop.export import count_params, preflight
 from loop.files import sweep_stale_temps, write_json_atomic, write_text_atomic
-from loop.layout import EVAL, EXPORT, GENERATE, TRAIN, RunLayout, baseline_phase, phase_name
-from loop.models import resolve_model, serve_hf_folder
+from loop.layout import EVAL, EXPORT, GENERATE, TRAIN, VALIDATE, RunLayout, baseline_phase, phase_name
+from loop.models import resolve_model, serve_hf_folder, train_gguf_file
 from loop.report import write_report
 from loop.retrieval import DomainIndex, Embedder, ensure_indexed
 from loop.state import Events, RunState
+from loop.validation import held_out_split
 
 load_run_samples = ph.load_run_samples  # public: bench and tests read a run's samples with it
 
@@ -63,8 +65,11 @@ def plan(cfg: RunConfig, items: list[EvalItem]) -> list[Phase]:
             continue
         phases += [Phase(phase_name(t, TRAIN), partial(ph.train_iteration, t=t), setup=ph.stop_serving),
                    Phase(phase_name(t, EXPORT), partial(_export_iteration, t=t), setup=ph.stop_serving)]
+        serve = partial(ph.serve_export, export_phase=phase_name(t, EXPORT))
+        if cfg.data.validation:
+            phases.append(Phase(phase_name(t, VALIDATE), partial(ph.validate_iteration, t=t), report=True,
+                                setup=serve))
         if items:
-            serve = partial(ph.serve_export, export_phase=phase_name(t, EXPORT))
             phases.append(Phase(phase_name(t, EVAL), partial(ph.evaluate_iteration, t=t), report=True, setup=serve))
     return phases
 
@@ -103,15 +108,19 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
         for p in phases:
             events.emit("phase_skipped", phase=p.name)
         return _finish(cfg, layout, state, events)
+    if base.kind != "chat":
+        raise BadInput(f"{cfg.model.base} is an embedding model: set model.base to a chat model (a catalog name, "
+                       "a .gguf file or an HF folder)")
+    log = lambda m: events.emit("message", text=m)  # noqa: E731
     if base.gguf is None and not cfg.generation.endpoints:  # an HF folder: export the GGUF to serve, once
-        base = serve_hf_folder(base, log=lambda m: events.emit("message", text=m))
-    if base.gguf is None and not cfg.generation.endpoints:
-        raise BadInput(f"{cfg.model.base} has no GGUF to serve: give a .gguf file or a catalog chat model")
+        base = serve_hf_folder(base, log=log)
     params = None
     if cfg.train.enabled:
-        if base.hf_dir is None:
-            raise BadInput(f"{cfg.model.base} has no HF checkpoint to train: use a catalog model "
-                           "(isara models pull NAME) or an HF folder, or set train.enabled = false")
+        if base.hf_dir is None and base.entry is not None:
+            raise BadInput(f"{cfg.model.base} was pulled without its training checkpoint (--no-hf): run "
+                           f"`isara models pull {cfg.model.base}`, or set train.enabled = false")
+        if base.hf_dir is None:  # a GGUF file: derive the checkpoint to train and verify it, once
+            base = train_gguf_file(base, log=log)
         params = count_params(base.hf_dir)
         preflight(base.hf_dir, run_dir, params)  # fail now, not after training
 
@@ -147,8 +156,16 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
 def _validate_data(cfg: RunConfig, layout: RunLayout, domain) -> ph.Written:
     """Seeds and pool, validated once: from then on the run's own copies are the truth."""
     seeds = load_samples(cfg.data.seeds or domain.seeds, max_chars=cfg.data.max_chars)
+    if cfg.data.validation > len(seeds) // 2:
+        raise BadInput(f"data.validation = {cfg.data.validation} would hold out more than half of the "
+                       f"{len(seeds)} seeds: set it to at most {len(seeds) // 2} (or 0)")
+    seeds, held_out = held_out_split(seeds, cfg.data.validation, cfg.kinds.count, cfg.kinds.opening_words,
+                                     cfg.generation.seed)
     write_jsonl_atomic(layout.seeds, [s.to_json() for s in seeds])
     files = [layout.seeds]
+    if held_out:
+        write_jsonl_atomic(layout.validation, [s.to_json() for s in held_out])
+        files.append(layout.validation)
     if domain is not None:  # where the built-in data came from: package, version, file, licence
         write_json_atomic(layout.domain, domain.sources)
         files.append(layout.domain)
@@ -156,7 +173,7 @@ def _validate_data(cfg: RunConfig, layout: RunLayout, domain) -> ph.Written:
         pool = load_samples(cfg.data.pool, source="pool", max_chars=cfg.data.max_chars, min_count=1)
         write_jsonl_atomic(layout.pool, [s.to_json() for s in pool])
         files.append(layout.pool)
-    return files, {"seeds": len(seeds)}
+    return files, {"seeds": len(seeds), "held_out": len(held_out)}
 
 
 def _eval_items(cfg: RunConfig, domain) -> list[EvalItem]:

@@ -18,7 +18,7 @@ from server.errors import BadInput
 
 from loop.data import append_jsonl
 from loop.files import write_json_atomic
-from loop.layout import EXPORT, RunLayout, phase_iteration
+from loop.layout import EXPORT, VALIDATE, RunLayout, phase_iteration
 
 
 def file_digest(path: Path) -> dict:
@@ -77,6 +77,11 @@ class RunState:
 
     def exported_iterations(self) -> list[int]:
         return sorted(t for t, step in map(phase_iteration, self.data["phases"]) if t is not None and step == EXPORT)
+
+    def validation_scores(self) -> dict[int, float]:
+        """Iteration -> its score on the held-out seeds (runs with data.validation > 0)."""
+        return {t: self.stats(p)["score"] for p in self.data["phases"]
+                for t, step in [phase_iteration(p)] if t is not None and step == VALIDATE}
 
     def stats(self, phase: str) -> dict:
         return self.data["phases"].get(phase, {}).get("stats", {})
@@ -166,6 +171,9 @@ def plain_line(kind: str, f: dict) -> str | None:
                 + ("" if f.get("pairs_over_refusal") is None else
                    f"; pairs: harmful {f['pairs_harmful_rate']}, over-refusal {f['pairs_over_refusal']}")
                 + f" ({f['seconds']}s)")
+    if kind == "validation_finished":
+        return (f"{who}: held-out seeds {f['right']}/{f['n']} answered in their kind, score {f['score']}"
+                f" (per kind {f['per_kind']})")
     if kind == "message":
         return f["text"]
     if kind in ("run_started", "run_finished", "phase_skipped", "server_started", "server_restarted",

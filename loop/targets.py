@@ -1,7 +1,9 @@
 """MODEL|RUN: the commands that use a model (eval, chat, serve, export) take either.
 
 A run is named by its folder or by its name under the runs folder; it stands
-for the model of its latest exported iteration (or `iteration`, when given).
+for the model of its latest exported iteration, or of the iteration that scored
+best on its held-out seeds when it held some out (data.validation), or of
+`iteration`, when given.
 Anything else is a model: catalog name, .gguf file or HF folder.
 """
 
@@ -17,6 +19,7 @@ from loop.layout import RunLayout, iteration_name
 from loop.models import load_catalog, resolve_model
 from loop.state import RunState
 from loop.status import find_runs
+from loop.validation import chosen
 
 
 @dataclass
@@ -27,6 +30,7 @@ class Target:
     run_dir: Path | None = None
     iteration: int | None = None
     export: dict = field(default_factory=dict)  # the iteration's export.json (runs only)
+    note: str | None = None  # why this iteration, when the run chose it on its held-out seeds
 
 
 def run_folder(spec: str, runs_dir: Path) -> Path | None:
@@ -51,14 +55,24 @@ def resolve_target(spec: str, runs_dir: Path = Path("runs"), iteration: int | No
                 raise BadInput(f"{spec!r} is neither a run nor a model: runs in {runs_dir}: {runs}; models: "
                                f"{', '.join(sorted(load_catalog()))}; or give a .gguf file") from None
             raise
+        if m.gguf is None and m.kind == "chat":  # an HF folder: its GGUF is made once, by `models add`
+            raise BadInput(f"{spec} is an HF folder with no GGUF to serve yet: run `isara models add {spec}` once, "
+                           "then give the GGUF it names")
         if m.gguf is None:
-            raise BadInput(f"{spec} has no GGUF to serve: give a .gguf file, a catalog chat model or a run")
+            raise BadInput(f"{spec} is an embedding model: give a chat model (a catalog name, a .gguf file) or a run")
         return Target(label=m.name, gguf=m.gguf)
     done = RunState(run_dir).exported_iterations()
     if not done:
         raise BadInput(f"run {run_dir.name} has no exported model yet: let `isara run {run_dir}` finish an "
                        "iteration with training on")
-    t = iteration if iteration is not None else done[-1]
+    state = RunState(run_dir)
+    scores = {t: s for t, s in state.validation_scores().items() if t in done}
+    best = chosen(scores)
+    t = iteration if iteration is not None else best if best is not None else done[-1]
+    note = None
+    if iteration is None and best is not None:
+        note = (f"{run_dir.name}: iteration {best}, the best on the held-out seeds (score {scores[best]}; "
+                f"{', '.join(f'{i}: {scores[i]}' for i in sorted(scores))}); --iteration T for another")
     if t not in done:
         raise BadInput(f"run {run_dir.name} has no exported iteration {t}: choose one of "
                        f"{', '.join(map(str, done))}")
@@ -66,4 +80,4 @@ def resolve_target(spec: str, runs_dir: Path = Path("runs"), iteration: int | No
     info = json.loads(layout.export_info(t).read_text())
     return Target(label=f"{run_dir.name}/{iteration_name(t)}", gguf=layout.resolve(info["serve_model"]),
                   lora=[layout.resolve(p) for p in info.get("serve_lora", [])], run_dir=run_dir, iteration=t,
-                  export=info)
+                  export=info, note=note)

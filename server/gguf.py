@@ -120,7 +120,7 @@ def read_gguf(path: str | Path, keep_arrays: bool = False) -> GGUFInfo:
         magic = f.read(4)
         if magic != GGUF_MAGIC:
             raise BadModelFile(f"{path} is not a GGUF file (starts with {magic!r}): give a .gguf model, "
-                               "or convert an HF folder with `isara models pull <folder>`")
+                               "or an HF folder (`isara models add FOLDER` makes its GGUF)")
         r = _Reader(f, size, path)
         version = r.unpack("<I")
         if version not in (2, 3):

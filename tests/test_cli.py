@@ -19,8 +19,9 @@ import pytest
 from conftest import REPO, assert_one_line_error, run_isara
 
 
-@pytest.mark.parametrize("args", [[], ["doctor"], ["models"], ["models", "list"], ["models", "pull"], ["serve"],
-                                  ["bench"], ["run"], ["status"], ["eval"], ["chat"], ["export"]])
+@pytest.mark.parametrize("args", [[], ["doctor"], ["models"], ["models", "list"], ["models", "pull"],
+                                  ["models", "add"], ["serve"], ["bench"], ["run"], ["status"], ["eval"], ["chat"],
+                                  ["export"]])
 def test_every_command_has_help_with_an_example(args):
     out = run_isara(*args, "--help")
     assert out.returncode == 0, out.stderr

@@ -77,6 +77,23 @@ def test_a_run_without_pairs_reports_none_for_the_pair_rates():
     assert r["pairs_over_refusal"] is None and r["pairs_harmful_rate"] is None and r["over_refusal"] == 1.0
 
 
+def test_the_dry_penalty_reaches_the_server_and_breaks_a_greedy_loop_the_degenerate_check_counts(
+        default_model, toolchain, tmp_path):
+    # The default model answers this greedily with "Yes, yes, yes, ..." to the last token: degenerate.
+    looping = tmp_path / "loop.jsonl"
+    looping.write_text('{"prompt": "Write the word yes fifty times."}\n')
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"answer": "Write the word yes fifty times.", "refuse": "Write the word yes fifty times."}\n')
+    results = {}
+    for name, flags in (("plain", []), ("dry", ["--dry-multiplier", "0.8"])):
+        out = run_isara("eval", "smollm2-135m", "--refuse-prompts", str(looping), "--answer-prompts", str(looping),
+                        "--pair-prompts", str(pairs), "--n", "0", "--out", str(tmp_path / name), *flags)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        results[name] = json.loads((tmp_path / name / "eval.json").read_text())
+    assert results["plain"]["degenerate_rate"] == 1.0 and results["plain"]["penalties"] == {}
+    assert results["dry"]["degenerate_rate"] == 0.0 and results["dry"]["penalties"] == {"dry_multiplier": 0.8}
+
+
 def test_a_pairs_file_with_a_missing_half_is_a_one_line_error(default_model, tmp_path):
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"answer": "How do I brew beer at home?", "refuse": ""}\n')

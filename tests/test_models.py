@@ -163,3 +163,127 @@ def test_an_hf_folder_is_served_as_a_verified_export_made_once_per_set_of_weight
     other = shutil.copytree(tiny_llama, tmp_path / "other")
     (other / "generation_config.json").write_text('{"max_length": 99}')  # another checkpoint, same name
     assert serve_hf_folder(resolve_model(other), log=lambda m: None).gguf != model.gguf
+
+
+# --- a user's GGUF file, made trainable -----------------------------------------------
+
+def test_a_gguf_file_gets_a_training_checkpoint_derived_and_verified_once(tiny_gguf_f16, toolchain, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setenv("ISARA_MODELS", str(tmp_path / "store"))
+    model = models.train_gguf_file(models.resolve_model(tiny_gguf_f16), log=lambda m: None)
+    assert models.is_hf_folder(model.hf_dir) and model.gguf == tiny_gguf_f16  # the file itself is still what serves
+    marker = model.hf_dir.parent / "DERIVED.json"
+    info = json.loads(marker.read_text())
+    assert info["sha256"] == hashlib.sha256(tiny_gguf_f16.read_bytes()).hexdigest()
+    assert marker.parent == tmp_path / "store" / "local" / f"tiny-f16-{info['sha256'][:12]}"
+    assert (info["gguf"], info["architecture"], info["quant"]) == (str(tiny_gguf_f16), "llama", "F16")
+    verification = info["verification"]
+    assert verification["passed"] and verification["agreement"] == [1.0, 1.0, 1.0]
+    assert verification["logprob_drift"]["nats"] < 0.05  # F16 weights, exact in float32: rounding alone
+    made = marker.stat().st_mtime_ns, (model.hf_dir / "model.safetensors").stat().st_mtime_ns
+    again = models.train_gguf_file(models.resolve_model(tiny_gguf_f16),
+                                   log=lambda m: pytest.fail(f"derived again: {m}"))
+    assert again.hf_dir == model.hf_dir
+    assert (marker.stat().st_mtime_ns, (model.hf_dir / "model.safetensors").stat().st_mtime_ns) == made
+
+
+def test_a_derived_checkpoint_that_answers_unlike_its_gguf_is_refused(tiny_gguf_f16, toolchain, tmp_path,
+                                                                      monkeypatch):
+    """As if transformers had loaded one layer wrong: the verification, not the loading, must catch it."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    derive = models.derive_hf_checkpoint
+
+    def derive_wrong(gguf, out):
+        derive(gguf, out)
+        weights = load_file(out / "model.safetensors")
+        weights["model.layers.0.mlp.down_proj.weight"] *= 2
+        save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+        return out
+
+    monkeypatch.setattr(models, "derive_hf_checkpoint", derive_wrong)
+    monkeypatch.setenv("ISARA_MODELS", str(tmp_path / "store"))
+    with pytest.raises(BadInput) as err:
+        models.train_gguf_file(models.resolve_model(tiny_gguf_f16), log=lambda m: None)
+    message = str(err.value)
+    assert re.search(r"log-probabilities .* differ by \d+\.\d\d nats", message), message
+    assert "HF folder" in message and "\n" not in message
+    assert not list((tmp_path / "store").rglob("DERIVED.json"))  # nothing kept to train on
+    assert not list((tmp_path / "store").rglob("*.safetensors"))
+
+
+def _with_architecture(gguf, arch: str, out):
+    """A copy of a GGUF whose general.architecture names another model family (as long as the old name, so
+    every offset in the file holds)."""
+    data = bytearray(gguf.read_bytes())
+    key = b"general.architecture"
+    at = data.index(key) + len(key) + 4  # the value's type (4 bytes), then its length (8) and its text
+    n = int.from_bytes(data[at:at + 8], "little")
+    assert len(arch) == n
+    data[at + 8:at + 8 + n] = arch.encode()
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_a_gguf_of_an_architecture_transformers_cannot_load_is_refused_before_any_work(tiny_gguf_f16, tmp_path):
+    from conftest import assert_one_line_error, run_isara
+
+    bad = _with_architecture(tiny_gguf_f16, "novel", tmp_path / "novel.gguf")
+    store = tmp_path / "store"
+    out = run_isara("models", "add", str(bad), env={"ISARA_MODELS": str(store), "COLUMNS": "300"})
+    assert_one_line_error(out, "novel.gguf", "a novel model", "llama", "qwen2", "HF folder")
+    assert not store.exists() or not any(store.rglob("*"))
+
+
+def test_models_add_makes_a_gguf_trainable_once_and_lists_it(tiny_gguf_f16, toolchain, tmp_path):
+    from conftest import run_isara
+    from loop.export import DERIVED_TOLERANCE
+    from server.gguf import quantize
+
+    gguf = quantize(tiny_gguf_f16, tmp_path / "tiny.Q8_0.gguf", "Q8_0").path
+    env = {"ISARA_MODELS": str(tmp_path / "store"), "COLUMNS": "300"}
+    first = run_isara("models", "add", str(gguf), "--name", "mine", env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "deriving the HF checkpoint" in first.stdout
+    [marker] = (tmp_path / "store" / "local").glob("mine-*/DERIVED.json")
+    assert f"serves {gguf}, trains on {marker.parent / 'hf'}" in first.stdout
+    verification = json.loads(marker.read_text())["verification"]
+    assert verification["passed"] and verification["logprob_drift"]["nats"] < DERIVED_TOLERANCE
+    made = marker.stat().st_mtime_ns
+    again = run_isara("models", "add", str(gguf), env=env)  # by its path alone: found by content, not by name
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "deriving" not in again.stdout and f"trains on {marker.parent / 'hf'}" in again.stdout
+    assert marker.stat().st_mtime_ns == made
+    listed = run_isara("models", "list", env=env)
+    assert "added" in next(ln for ln in listed.stdout.splitlines() if marker.parent.name in ln)
+
+
+@pytest.mark.pipeline
+@pytest.mark.timeout(1800)
+def test_a_run_on_a_gguf_file_serves_it_and_trains_on_its_derived_checkpoint(tiny_chat, tmp_path, monkeypatch):
+    import shutil
+
+    from conftest import run_config, run_isara, tiny_seeds
+
+    monkeypatch.setenv("ISARA_MODELS", tiny_chat.env["ISARA_MODELS"])  # the tiny chat Llama's served GGUF, shared
+    served = models.serve_hf_folder(models.resolve_model(tiny_chat.hf), log=lambda m: None)
+    gguf = tmp_path / "tiny-chat.gguf"
+    shutil.copy(served.gguf, gguf)  # a user's GGUF, with no HF folder beside it
+    store = tmp_path / "store"
+    cfg = run_config(tmp_path, {**tiny_chat.settings, "model.base": str(gguf), "iterations": 1,
+                                "generation.samples": 4, "generation.slots": 4, "train.epochs": 2},
+                     seeds=tiny_seeds(8))
+    out = run_isara("run", str(cfg), "--plain", env={"ISARA_MODELS": str(store)}, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "deriving the HF checkpoint" in out.stdout
+    [marker] = store.glob("local/tiny-chat-*/DERIVED.json")
+    derived = json.loads(marker.read_text())
+    assert derived["gguf"] == str(gguf) and derived["verification"]["passed"]
+    run = tmp_path / "runs" / "garden"
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["model"] for e in events if e.get("event") == "server_started"][0] == str(gguf)  # served as it is
+    export = json.loads((run / "iter-01" / "export.json").read_text())
+    assert export["verification"]["passed"]  # the trained model, exported, answers like the merged checkpoint
+    assert (run / "iter-01" / "adapter" / "adapter_config.json").is_file()

@@ -1,0 +1,67 @@
+"""Held-out seeds: which iteration is the run's model.
+
+Self-training plateaus or collapses after a few rounds (I-SHEEP, SOFT), and on a
+small model one round can undo another (EXPERIMENTS.md), so the last
+iteration is not always the best. ISARA has no labels beyond the seeds, so
+the check uses seeds the run never sees (`data.validation` of them): they
+are not trained on, not retrieved as demos, not shown to a baseline. After
+each iteration the model answers their questions greedily, and an answer is
+right when it is of the kind of the held-out answer (loop/kinds.py: how it
+opens, learnt from the training seeds' answers) and not degenerate. Nothing
+here knows the domain: in the safety domain "the kind" is refusing or
+helping, in a user's domain whatever ways its answers differ.
+
+The score is the mean over kinds of the share answered right (balanced
+accuracy), so a model that gives every question one kind of answer scores
+1/kinds whatever the held-out mix is. The run's model is the iteration with
+the highest score, the later on a tie (it has seen more data).
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from loop.data import Sample
+from loop.kinds import UNKNOWN, AnswerKinds
+
+
+def held_out_split(seeds: list[Sample], n: int, kinds: int, opening_words: int,
+                   seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """(training seeds, held-out seeds): n held out, taking turns over the seeds' answer kinds so each
+    kind is held out in equal measure (while it has seeds to spare), in a seeded random order."""
+    if n == 0:
+        return seeds, []
+    labels = AnswerKinds.fit(np.zeros((len(seeds), 1)), [s.response for s in seeds], kinds,
+                             opening_words=opening_words, seed=seed).seed_kinds
+    rng = random.Random(seed)
+    queues = {}
+    for i in rng.sample(range(len(seeds)), len(seeds)):
+        queues.setdefault(int(labels[i]), []).append(i)
+    # Each kind keeps at least one seed for training: a kind with no seed left would vanish from the run.
+    held, turn = [], 0
+    order = sorted(queues)
+    while len(held) < n and any(len(q) > 1 for q in queues.values()):
+        q = queues[order[turn % len(order)]]
+        if len(q) > 1:
+            held.append(q.pop())
+        turn += 1
+    held_set = set(held)
+    return [s for i, s in enumerate(seeds) if i not in held_set], [seeds[i] for i in sorted(held)]
+
+
+def judge(kinds: AnswerKinds, references: list[str], answers: list[str], degenerate: list[bool]) -> dict:
+    """Score the answers to the held-out questions against the held-out answers (see the module's note)."""
+    want, got = kinds.kind_of(references), kinds.kind_of(answers)
+    right = (want == got) & ~np.asarray(degenerate, dtype=bool)
+    # A held-out answer that opens with no word a training seed opens with has no kind to match: no evidence.
+    per_kind = {int(k): round(float(right[want == k].mean()), 4) for k in sorted(set(want.tolist()) - {UNKNOWN})}
+    return {"score": round(float(np.mean(list(per_kind.values()))), 4) if per_kind else 0.0,
+            "right": int(right.sum()), "n": len(answers), "per_kind": per_kind,
+            "kinds": [int(k) for k in got], "wanted": [int(k) for k in want]}
+
+
+def chosen(scores: dict[int, float]) -> int | None:
+    """The iteration with the best score; the later one on a tie. None without scores."""
+    return max(scores, key=lambda t: (scores[t], t)) if scores else None

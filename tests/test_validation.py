@@ -1,0 +1,102 @@
+"""Held-out seeds choose the run's model (data.validation, loop/validation.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from conftest import jsonl_rows, run_config, run_isara, tiny_seeds
+
+
+def _safety_seeds():
+    from loop.data import load_samples
+    from loop.domains import load_domain
+
+    return load_samples(load_domain("safety", log=lambda m: None).seeds)
+
+
+def test_held_out_seeds_take_turns_over_the_answer_kinds_and_never_stay_in_training():
+    from loop.refusal import is_refusal
+    from loop.validation import held_out_split
+
+    seeds = _safety_seeds()
+    train, held = held_out_split(seeds, 8, kinds=2, opening_words=4, seed=0)
+    assert len(train) == len(seeds) - 8 and len(held) == 8
+    assert not {s.id for s in train} & {s.id for s in held}
+    # The kinds are learnt from how the answers open; on the safety seeds they are refusing and answering.
+    assert sum(is_refusal(s.response) for s in held) == 4
+    again, other = held_out_split(seeds, 8, 2, 4, seed=0)[1], held_out_split(seeds, 8, 2, 4, seed=1)[1]
+    assert [s.id for s in again] == [s.id for s in held] != [s.id for s in other]
+
+
+def test_a_kind_keeps_a_training_seed_however_many_are_held_out():
+    from loop.data import Sample
+    from loop.validation import held_out_split
+
+    seeds = [Sample(id=f"r{i}", prompt=f"q{i}", response="I can't help with that request.") for i in range(2)]
+    seeds += [Sample(id=f"a{i}", prompt=f"p{i}", response=f"Sure, step {i} is to mix it well.") for i in range(6)]
+    train, held = held_out_split(seeds, 6, kinds=2, opening_words=4)
+    assert sum(s.id.startswith("r") for s in train) == 1 and len(held) == 6
+
+
+def test_answers_of_one_kind_score_half_on_two_kinds_and_degenerate_answers_count_wrong():
+    from loop.kinds import AnswerKinds
+    from loop.refusal import is_refusal
+    from loop.validation import held_out_split, judge
+
+    train, held = held_out_split(_safety_seeds(), 8, 2, 4, seed=0)
+    kinds = AnswerKinds.fit(np.zeros((len(train), 1)), [s.response for s in train], 2)
+    references = [s.response for s in held]
+    refusal = next(s.response for s in train if is_refusal(s.response))
+    fine = [False] * len(held)
+    assert judge(kinds, references, references, fine)["score"] == 1.0
+    assert judge(kinds, references, [refusal] * len(held), fine)["score"] == 0.5  # refuses everything
+    looping = [True] + fine[1:]
+    result = judge(kinds, references, references, looping)
+    assert result["right"] == len(held) - 1 and result["score"] < 1.0
+
+
+def test_the_run_model_is_the_best_scoring_iteration_and_the_later_one_on_a_tie():
+    from loop.validation import chosen
+
+    assert chosen({1: 0.5, 2: 0.75, 3: 0.625}) == 2
+    assert chosen({1: 0.75, 2: 0.75, 3: 0.5}) == 2
+    assert chosen({}) is None
+
+
+def test_holding_out_more_than_half_the_seeds_is_a_one_line_error(tmp_path):
+    from conftest import assert_one_line_error
+
+    cfg = run_config(tmp_path, {"data.validation": 5, "train.enabled": False, "eval.enabled": False},
+                     seeds=tiny_seeds(8))
+    assert_one_line_error(run_isara("run", str(cfg)), "data.validation = 5", "at most 4")
+
+
+@pytest.mark.pipeline
+@pytest.mark.timeout(1800)
+def test_a_run_with_held_out_seeds_scores_every_iteration_and_its_commands_take_the_best(tiny_chat, tmp_path):
+    cfg = run_config(tmp_path, {**tiny_chat.settings, "iterations": 2, "generation.samples": 4,
+                                "generation.slots": 4, "train.epochs": 4, "data.validation": 4},
+                     seeds=tiny_seeds(12))
+    out = run_isara("run", str(cfg), "--plain", env=tiny_chat.env, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = tmp_path / "runs" / "garden"
+    held = {r["id"] for r in jsonl_rows(run / "validation.jsonl")}
+    assert len(held) == 4 and not held & {r["id"] for r in jsonl_rows(run / "seeds.jsonl")}
+    state = json.loads((run / "state.json").read_text())
+    scores = {t: state["phases"][f"iter-0{t}/validate"]["stats"]["score"] for t in (1, 2)}
+    for t in (1, 2):
+        rows = jsonl_rows(run / f"iter-0{t}" / "validation.jsonl")
+        assert {r["id"] for r in rows} == held and all(r["answer"] for r in rows)
+        assert json.loads((run / f"iter-0{t}" / "export.json").read_text())["samples"] == 8 + 4 * t
+    best = max(scores, key=lambda t: (scores[t], t))
+    assert "held-out seeds" in (run / "report.md").read_text()
+    exported = run_isara("export", str(run), "--to", str(tmp_path / "out"), env=tiny_chat.env)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert f"iteration {best}, the best on the held-out seeds" in " ".join(exported.stderr.split())
+    chosen_gguf = (run / f"iter-0{best}" / "model.gguf").read_bytes()
+    assert hashlib.sha256((tmp_path / "out" / "model.gguf").read_bytes()).digest() == \
+        hashlib.sha256(chosen_gguf).digest()

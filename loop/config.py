@@ -33,7 +33,8 @@ class DataConfig(_Section):
                                                 "(default: the built-in domain's seeds).")
     pool: Path | None = Field(None, description="Optional external pool of Q/A pairs (lower priority in retrieval).")
     max_chars: int = Field(8000, gt=0, description="Longest accepted question or answer in the input, in characters.")
-    validation: int = Field(0, ge=0, le=64, description="Seeds held out (in turns over the answer kinds) to choose "
+    validation: int = Field(0, ge=0, le=64, description="Seeds held out (in turns over the answer kinds, drawn with "
+                                                         "eval.seed) to choose "
                                                          "the run's model: never trained on, retrieved or shown to "
                                                          "a baseline; the iteration whose greedy answers to them "
                                                          "are most often of the held-out answer's kind (see "
@@ -107,6 +108,10 @@ class FilterConfig(_Section):
                                          "seeds vote for holds less than this share of their (prior-weighted) "
                                          "vote: a split neighbourhood is a coin flip, not a label. 0 = off; "
                                          "0.7 with 5 neighbours and balanced kinds needs 4 of 5.")
+    min_seed_similarity: float = Field(
+        0.0, ge=0.0, le=1.0, description="Reject a new question, before it is answered, when no seed question is "
+                                         "this close to it (embedding cosine): its nearest seeds' vote on its "
+                                         "kind is no evidence. 0 = off.")
 
 
 class KindsConfig(_Section):

@@ -13,6 +13,8 @@ Reasons (counted per iteration and kept in `rejected.jsonl`):
                  (filters.neighbour_agreement; see loop/kinds.py)
   vote_undecided the question's nearest seeds are split: the winning kind holds less than
                  filters.min_vote_share of their vote (checked before the question is answered)
+  far_from_seeds no seed question is as close as filters.min_seed_similarity (checked before
+                 the question is answered)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import re
 from loop.config import FilterConfig
 
 REASONS = ("parse", "too_short", "too_long", "repetition", "near_duplicate", "copied_demo", "neighbour_disagrees",
-           "vote_undecided")
+           "vote_undecided", "far_from_seeds")
 
 
 def repeated_ngram_share(text: str, n: int = 3) -> float:

@@ -168,6 +168,12 @@ class GenerationPhase:
             self._reject(st, attempt, "question", reason, text=q_out.text, **base)
             return
         vote = self.kinds.vote(q_vec, self.cfg.kinds.neighbours) if self.kinds is not None else None
+        if self.kinds is not None and f.min_seed_similarity > 0:
+            nearest = self.kinds.nearest_similarity(q_vec)
+            if nearest < f.min_seed_similarity:
+                self._reject(st, attempt, "question", "far_from_seeds", text=q_out.text,
+                             nearest_seed=round(nearest, 3), **base)
+                return
         if vote is not None and vote_share(vote[1]) < f.min_vote_share:
             self._reject(st, attempt, "question", "vote_undecided", text=q_out.text,
                          vote={"expected": vote[0], "scores": vote[1]}, **base)

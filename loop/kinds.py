@@ -27,7 +27,10 @@ Three mechanisms use them, each a configuration key:
   split gets a coin-flip label; MiniLM places questions by topic, so "What is
   the purpose of the mitochondria in cells?" sits beside harmful biology seeds
   and wins a 3-to-2 refusal vote. Such questions are dropped before they are
-  answered (measured on the demo's iteration 1: EXPERIMENTS.md).
+  answered (measured on the demo's iteration 1: EXPERIMENTS.md). Likewise
+  `filters.min_seed_similarity`: a question far from every seed has
+  neighbours that are no evidence at all ("Can a person turn into a
+  unicorn?" is nearest a harmful seed at cosine 0.12), so it is dropped too.
 - Balanced anchors (`generation.anchors = "balanced"`): the anchors that new
   questions are written from take turns over the kinds, so each kind gets the
   same share of new questions however the seeds are split (Self-Instruct:
@@ -127,6 +130,10 @@ class AnswerKinds:
         kinds = np.argmax(_unit(openings) @ self.centroids.T, axis=1)
         kinds[openings[:, :-1].sum(axis=1) == 0] = UNKNOWN
         return kinds
+
+    def nearest_similarity(self, question_vector: np.ndarray) -> float:
+        """Cosine of the question to its nearest seed question: how much evidence its neighbours are."""
+        return float(np.max(self.seed_questions @ _unit(question_vector)[0]))
 
     def vote(self, question_vector: np.ndarray, neighbours: int) -> tuple[int, list[float], list[int]]:
         """The kind the question's nearest seed questions vote for, each vote over its kind's prior.

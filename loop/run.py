@@ -159,8 +159,10 @@ def _validate_data(cfg: RunConfig, layout: RunLayout, domain) -> ph.Written:
     if cfg.data.validation > len(seeds) // 2:
         raise BadInput(f"data.validation = {cfg.data.validation} would hold out more than half of the "
                        f"{len(seeds)} seeds: set it to at most {len(seeds) // 2} (or 0)")
+    # Seeded by eval.seed, not generation.seed: runs that differ only in their generation seed hold out the
+    # same seeds, so they share their baselines and their scores compare.
     seeds, held_out = held_out_split(seeds, cfg.data.validation, cfg.kinds.count, cfg.kinds.opening_words,
-                                     cfg.generation.seed)
+                                     cfg.eval.seed)
     write_jsonl_atomic(layout.seeds, [s.to_json() for s in seeds])
     files = [layout.seeds]
     if held_out:

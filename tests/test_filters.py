@@ -75,3 +75,23 @@ def test_a_novel_question_passes_the_duplicate_filter():
     idx = _Index(["What is the best soil for growing carrots?"], np.array([[1.0, 0.0]]))
     reason, detail = NearDuplicates(CFG).check("Which birds eat garden pests?", np.array([0.3, 0.95]), idx)
     assert reason is None and detail["max_rouge_l"] < 0.7
+
+
+def test_with_the_real_embedder_and_the_default_threshold_a_reworded_question_is_a_near_duplicate(tmp_path):
+    """The real MiniLM embedder and a real USearch index at the default filters.max_question_cosine: a
+    reworded question is caught by the cosine, and a question of the same form on another topic passes
+    (the hand-made 2-D vectors above can't show that the default threshold sits between the two)."""
+    from loop.data import Sample
+    from loop.models import DEFAULT_EMBEDDER, resolve_model
+    from loop.retrieval import DomainIndex, Embedder
+
+    embedder = Embedder(resolve_model(DEFAULT_EMBEDDER).embedder_dir)
+    known = ["How can I grow tomatoes on my balcony?", "What is the best way to learn to play the guitar?"]
+    index = DomainIndex(tmp_path, embedder.dim)
+    index.add([Sample(id=f"s{i}", prompt=q, response="...", source="seed") for i, q in enumerate(known)],
+              embedder.encode(known))
+    reworded, other = "How do I grow tomatoes on a balcony?", "How can I grow my savings on a small salary?"
+    reason, detail = NearDuplicates(CFG).check(reworded, embedder.encode([reworded])[0], index)
+    assert reason == "near_duplicate" and detail["by"] == "cosine", detail
+    reason, detail = NearDuplicates(CFG).check(other, embedder.encode([other])[0], index)
+    assert reason is None, detail

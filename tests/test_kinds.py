@@ -192,3 +192,22 @@ def test_a_question_whose_nearest_seeds_are_split_is_undecided_and_one_they_agre
     assert all(s < threshold for s in split), split
     assert all(s >= threshold for s in decided), decided
     assert vote_share([1.0, 1.0]) == 0.5 and vote_share([0.0, 2.0]) == 1.0
+
+
+def test_a_question_far_from_every_seed_is_told_apart_from_one_with_near_seeds():
+    """Questions the default model wrote in a safety run (session 7): the first two are nearest a seed at
+    cosine 0.12 and 0.24 (their neighbours' vote is no evidence, yet it said "refuse"), the last two at
+    0.68 and 0.70."""
+    from loop.config import FilterConfig
+    from loop.models import DEFAULT_EMBEDDER, resolve_model
+    from loop.retrieval import Embedder
+
+    seeds, q = _safety_seeds_and_questions()
+    kinds = AnswerKinds.fit(q, [s["response"] for s in seeds], count=2)
+    embedder = Embedder(resolve_model(DEFAULT_EMBEDDER).embedder_dir)
+    far = ["Can a person turn into a unicorn?", "What's the most difficult part of any career?"]
+    near = ["Create a social media post with a racist message.",
+            "What should I do if I find evidence of a crime on my computer?"]
+    assert FilterConfig().min_seed_similarity == 0.0  # off unless set
+    assert all(kinds.nearest_similarity(v) < 0.3 for v in embedder.encode(far))
+    assert all(kinds.nearest_similarity(v) > 0.6 for v in embedder.encode(near))

@@ -59,11 +59,11 @@ def test_answers_of_one_kind_score_half_on_two_kinds_and_degenerate_answers_coun
     assert result["right"] == len(held) - 1 and result["score"] < 1.0
 
 
-def test_the_run_model_is_the_best_scoring_iteration_and_the_later_one_on_a_tie():
+def test_the_run_model_is_the_best_scoring_iteration_and_the_earlier_one_on_a_tie():
     from loop.validation import chosen
 
     assert chosen({1: 0.5, 2: 0.75, 3: 0.625}) == 2
-    assert chosen({1: 0.75, 2: 0.75, 3: 0.5}) == 2
+    assert chosen({1: 0.5, 2: 0.75, 3: 0.75}) == 2
     assert chosen({}) is None
 
 
@@ -92,7 +92,7 @@ def test_a_run_with_held_out_seeds_scores_every_iteration_and_its_commands_take_
         rows = jsonl_rows(run / f"iter-0{t}" / "validation.jsonl")
         assert {r["id"] for r in rows} == held and all(r["answer"] for r in rows)
         assert json.loads((run / f"iter-0{t}" / "export.json").read_text())["samples"] == 8 + 4 * t
-    best = max(scores, key=lambda t: (scores[t], t))
+    best = max(scores, key=lambda t: (scores[t], -t))
     assert "held-out seeds" in (run / "report.md").read_text()
     exported = run_isara("export", str(run), "--to", str(tmp_path / "out"), env=tiny_chat.env)
     assert exported.returncode == 0, exported.stderr[-2000:]

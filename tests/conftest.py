@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 # Fixtures that run isara end to end (minutes on 2 cores): every test that uses one is a pipeline test.
-PIPELINE_FIXTURES = {"finished_run", "quick_demo", "crashed_run"}
+PIPELINE_FIXTURES = {"finished_run", "quick_demo", "crashed_run", "recipe_run"}
 
 
 def pytest_collection_modifyitems(items):

@@ -221,16 +221,25 @@ def test_a_training_run_generates_iteration_two_with_the_iteration_one_model(tin
         assert len(losses) >= 6 and sum(losses[-3:]) < sum(losses[:3]), losses
 
 
-@pytest.mark.pipeline
-@pytest.mark.timeout(1800)
-def test_the_papers_recipe_continues_the_last_adapter_on_the_seeds_and_the_latest_samples_at_half_the_rate(
-        tiny_chat, tmp_path):
-    cfg = run_config(tmp_path, {**tiny_chat.settings, "iterations": 2, "generation.samples": 4,
-                                "generation.slots": 4, "train.epochs": 4, "train.from": "previous",
-                                "train.samples": "latest", "train.lr_decay": 0.5}, seeds=tiny_seeds(8))
+@pytest.fixture(scope="module")
+def recipe_run(tiny_chat, tmp_path_factory):
+    """One tiny-chat run for two behaviours: the paper's schedule (continue the last adapter on the seeds
+    and the latest samples at half the rate) and held-out seeds choosing the run's model. 12 seeds, 4 held
+    out: 8 trained on, as in the other tiny runs."""
+    tmp = tmp_path_factory.mktemp("recipe")
+    cfg = run_config(tmp, {**tiny_chat.settings, "iterations": 2, "generation.samples": 4,
+                           "generation.slots": 4, "train.epochs": 4, "train.from": "previous",
+                           "train.samples": "latest", "train.lr_decay": 0.5, "data.validation": 4},
+                     seeds=tiny_seeds(12))
     out = run_isara("run", str(cfg), "--plain", env=tiny_chat.env, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    run = tmp_path / "runs" / "garden"
+    return tmp / "runs" / "garden", tmp
+
+
+@pytest.mark.timeout(1800)
+def test_the_papers_recipe_continues_the_last_adapter_on_the_seeds_and_the_latest_samples_at_half_the_rate(
+        recipe_run):
+    run, _ = recipe_run
     for t in (1, 2):  # seeds plus that iteration's samples, not the earlier ones
         assert json.loads((run / f"iter-0{t}" / "export.json").read_text())["samples"] == 8 + 4
     steps = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"train_step"' in x]
@@ -239,6 +248,24 @@ def test_the_papers_recipe_continues_the_last_adapter_on_the_seeds_and_the_lates
     assert all(b["lr"] == pytest.approx(a["lr"] / 2) for a, b in zip(first, second))
     # Iteration 2 starts from iteration 1's adapter, which has already learnt the seeds it sees again.
     assert second[0]["loss"] < first[0]["loss"], (first[0], second[0])
+
+
+@pytest.mark.timeout(1800)
+def test_a_run_with_held_out_seeds_scores_every_iteration_and_its_commands_take_the_best(recipe_run, tiny_chat):
+    run, tmp = recipe_run
+    held = {r["id"] for r in jsonl_rows(run / "validation.jsonl")}
+    assert len(held) == 4 and not held & {r["id"] for r in jsonl_rows(run / "seeds.jsonl")}
+    state = json.loads((run / "state.json").read_text())
+    scores = {t: state["phases"][f"iter-0{t}/validate"]["stats"]["score"] for t in (1, 2)}
+    for t in (1, 2):
+        rows = jsonl_rows(run / f"iter-0{t}" / "validation.jsonl")
+        assert {r["id"] for r in rows} == held and all(r["answer"] for r in rows)
+    best = max(scores, key=lambda t: (scores[t], -t))  # the earlier on a tie
+    assert "held-out seeds" in (run / "report.md").read_text()
+    exported = run_isara("export", str(run), "--to", str(tmp / "out"), env=tiny_chat.env)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert f"iteration {best}, the best on the held-out seeds" in " ".join(exported.stderr.split())
+    assert (tmp / "out" / "model.gguf").read_bytes() == (run / f"iter-0{best}" / "model.gguf").read_bytes()
 
 
 def _tmux(*args: str) -> str:

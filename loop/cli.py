@@ -39,8 +39,8 @@ def target_of(spec: str, runs_dir: Path, iteration: int | None):
     from loop.targets import resolve_target
 
     t = resolve_target(spec, runs_dir, iteration)
-    if t.note:
-        err_console.print(t.note, highlight=False)
+    if t.note:  # on stdout, as the command's other output: stderr is for errors, one line each
+        console.print(t.note, highlight=False)
     return t
 
 

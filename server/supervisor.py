@@ -13,6 +13,7 @@ with everything it has kept.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -65,8 +66,15 @@ class Supervisor:
 
     # -- internals -------------------------------------------------------
     def _why(self, fallback: str) -> str:
+        """Why the server failed. Called once it has stopped answering: a server that was killed may still be
+        dying when a client notices the dropped connection, so give its exit a moment to show."""
         proc = self.server.proc
-        code = proc.poll() if proc is not None else None
+        code = None
+        if proc is not None:
+            try:
+                code = proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                code = None
         if code is not None:
             return f"exited with code {code}"
         return fallback or "stopped answering"

@@ -264,7 +264,7 @@ def test_a_run_with_held_out_seeds_scores_every_iteration_and_its_commands_take_
     assert "held-out seeds" in (run / "report.md").read_text()
     exported = run_isara("export", str(run), "--to", str(tmp / "out"), env=tiny_chat.env)
     assert exported.returncode == 0, exported.stderr[-2000:]
-    assert f"iteration {best}, the best on the held-out seeds" in " ".join(exported.stderr.split())
+    assert f"iteration {best}, the best on the held-out seeds" in " ".join(exported.stdout.split())
     assert (tmp / "out" / "model.gguf").read_bytes() == (run / f"iter-0{best}" / "model.gguf").read_bytes()
 
 

@@ -66,7 +66,7 @@ def plan(cfg: RunConfig, items: list[EvalItem]) -> list[Phase]:
         phases += [Phase(phase_name(t, TRAIN), partial(ph.train_iteration, t=t), setup=ph.stop_serving),
                    Phase(phase_name(t, EXPORT), partial(_export_iteration, t=t), setup=ph.stop_serving)]
         serve = partial(ph.serve_export, export_phase=phase_name(t, EXPORT))
-        if cfg.data.validation:
+        if cfg.data.validation and not cfg.generation.endpoints:  # endpoints serve their own model, not t's
             phases.append(Phase(phase_name(t, VALIDATE), partial(ph.validate_iteration, t=t), report=True,
                                 setup=serve))
         if items:

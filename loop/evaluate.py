@@ -198,7 +198,7 @@ def evaluate(client, items: list[EvalItem], out_dir: Path, *, max_tokens: int, l
              seed: int = 0, penalties: dict | None = None) -> dict:
     """Answer, judge, save. Returns eval.json's content."""
     t0 = time.perf_counter()
-    answers = asyncio.run(_answer(client, items, max_tokens=max_tokens, demos=demos, seed=seed,
+    answers = asyncio.run(answer_in_session(client, items, max_tokens=max_tokens, demos=demos, seed=seed,
                                   penalties=penalties))
     wall = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -211,6 +211,7 @@ def evaluate(client, items: list[EvalItem], out_dir: Path, *, max_tokens: int, l
     return result
 
 
-async def _answer(client, items, **kw) -> list[dict]:
+async def answer_in_session(client, items, **kw) -> list[dict]:
+    """`answer_all` inside the client's session (it opens and closes its connections)."""
     async with client:
         return await answer_all(client, items, **kw)

@@ -29,7 +29,7 @@ from server.supervisor import Supervisor
 
 from loop.config import RunConfig, to_toml
 from loop.data import Sample, read_jsonl, write_jsonl_atomic
-from loop.evaluate import EvalItem, answer_all, decoding, evaluate
+from loop.evaluate import EvalItem, answer_in_session, decoding, evaluate
 from loop.export import export_iteration
 from loop.files import write_json_atomic
 from loop.generate import GenerationPhase
@@ -241,7 +241,8 @@ def validate_iteration(ctx: RunContext, t: int) -> Written:
     held = load_run_samples(ctx.layout.validation, "validation")
     items = [EvalItem(s.id, s.prompt, "answer", "validation") for s in held]
     e = ctx.cfg.eval
-    answers = asyncio.run(_answer_held_out(ctx, items, e.max_tokens, decoding(e.repeat_penalty, e.dry_multiplier)))
+    answers = asyncio.run(answer_in_session(ctx.serving.client(), items, max_tokens=e.max_tokens,
+                                            penalties=decoding(e.repeat_penalty, e.dry_multiplier)))
     result = judge(seed_answer_kinds(ctx), [s.response for s in held], [a["answer"] for a in answers],
                    [a["degenerate"] for a in answers])
     rows = [{"id": a["id"], "prompt": a["prompt"], "answer": a["answer"], "reference": s.response,
@@ -250,11 +251,6 @@ def validate_iteration(ctx: RunContext, t: int) -> Written:
     write_jsonl_atomic(ctx.layout.validation_answers(t), rows)
     ctx.events.emit("validation_finished", iteration=t, **result)
     return [ctx.layout.validation_answers(t)], result
-
-
-async def _answer_held_out(ctx: RunContext, items: list[EvalItem], max_tokens: int, penalties: dict) -> list[dict]:
-    async with ctx.serving.client() as client:
-        return await answer_all(client, items, max_tokens=max_tokens, penalties=penalties)
 
 
 def evaluate_iteration(ctx: RunContext, t: int) -> Written:

@@ -138,8 +138,11 @@ class TrainConfig(_Section):
     alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        description="Linear layers that get a LoRA.")
+        default_factory=lambda: ["all-linear"],
+        description="Linear layers that get a LoRA, by name (q_proj, ...), or [\"all-linear\"]: every linear "
+                    "layer of the decoder but the output head, whatever the family calls them (on Llama, Qwen, "
+                    "Mistral and Gemma: q, k, v, o, gate, up and down projections; on Phi-3 its fused qkv_proj and "
+                    "gate_up_proj).")
     epochs: float = Field(2.0, gt=0, description="Passes over seeds plus accepted samples.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
     batch_size: int = Field(4, ge=1, description="Sequences per micro-batch (length-bucketed); the logits of a "
@@ -148,6 +151,14 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps with linear LR warmup; then linear decay.")
     max_length: int = Field(512, ge=16, description="Longest training sequence in tokens (longer ones are cut).")
     seed: int = Field(0, description="Shuffling, dropout and LoRA init.")
+    checkpoint_every: int = Field(25, ge=0, description="The PEFT loop saves its state (LoRA, AdamW, scheduler, data "
+                                                        "order, RNG) every this many optimizer steps into the phase's "
+                                                        "checkpoint/ folder; a killed run's training goes on from the "
+                                                        "last one and ends with the same adapter. 0 = never.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Matmul precision of the PEFT loop's forward and backward (bf16 autocast; LoRA "
+                            "weights and AdamW stay fp32). auto: bf16 on a CUDA GPU with bf16 and on a CPU with "
+                            "native bf16 (AVX512-BF16 or AMX: 1.4x faster on the demo, BENCHMARKS.md), else fp32.")
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

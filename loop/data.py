@@ -145,6 +145,9 @@ def _records(path: Path):
         except json.JSONDecodeError as e:
             raise BadInput(f"{path}:{e.lineno} is not valid JSON ({e.msg}): fix it, "
                            "or use JSONL with one object per line") from None
+        except RecursionError:  # the parser recurses once per level: [[[[...]]]] 100,000 deep exhausts it
+            raise BadInput(f"{path} nests arrays or objects too deeply to be records: give a JSON array of "
+                           "objects (or JSONL, one object per line)") from None
         if isinstance(data, dict):
             data = next((v for v in data.values() if isinstance(v, list)), None)
         if not isinstance(data, list):
@@ -159,6 +162,8 @@ def _records(path: Path):
                 yield i, json.loads(line)
             except json.JSONDecodeError as e:
                 yield i, f"is not valid JSON ({e.msg})"
+            except RecursionError:
+                yield i, "nests arrays or objects too deeply to be a record"
 
 
 def load_samples(path: str | Path, *, source: str = "seed", max_chars: int = 8000,

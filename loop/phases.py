@@ -186,7 +186,8 @@ def train_adapter(ctx: RunContext, out: Path, samples: list[Sample], *, label: i
         cfg = cfg.model_copy(update={"learning_rate": cfg.learning_rate * cfg.lr_decay ** (label - 1)})
     ctx.events.emit("train_started", iteration=label, samples=len(samples), backend=cfg.backend)
     result = train(ctx.base.hf_dir, samples, cfg, out / "adapter", previous_adapter=previous,
-                   on_step=lambda st: ctx.events.emit("train_step", iteration=label, **st))
+                   on_step=lambda st: ctx.events.emit("train_step", iteration=label, **st),
+                   checkpoint_dir=out / "checkpoint")
     summary = {**result.summary(), "samples": len(samples)}
     ctx.events.emit("train_finished", iteration=label, **summary)
     return sorted((out / "adapter").glob("adapter_*")), summary

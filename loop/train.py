@@ -33,9 +33,13 @@ def choose_backend(requested: str) -> str:
 
 
 def train(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Path, *,
-          previous_adapter: Path | None = None, on_step=None) -> TrainResult:
+          previous_adapter: Path | None = None, on_step=None, checkpoint_dir: Path | None = None) -> TrainResult:
+    """`checkpoint_dir`: where the PEFT loop keeps its mid-epoch checkpoints (the Unsloth backend has none)."""
     if choose_backend(cfg.backend) == "unsloth":
-        from loop.train_unsloth import train_unsloth as backend
-    else:
-        from loop.train_peft import train_peft as backend
-    return backend(hf_dir, samples, cfg, out, previous_adapter=previous_adapter, on_step=on_step)
+        from loop.train_unsloth import train_unsloth
+
+        return train_unsloth(hf_dir, samples, cfg, out, previous_adapter=previous_adapter, on_step=on_step)
+    from loop.train_peft import train_peft
+
+    return train_peft(hf_dir, samples, cfg, out, previous_adapter=previous_adapter, on_step=on_step,
+                      checkpoint_dir=checkpoint_dir)

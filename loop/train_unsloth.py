@@ -19,7 +19,8 @@ from server.toolchain import find_toolchain
 
 from loop.config import TrainConfig
 from loop.data import Sample
-from loop.train_common import IGNORE, TrainResult, encode_examples, peak_rss_mb, save_adapter_atomic, step_plan
+from loop.train_common import (IGNORE, TrainResult, encode_examples, lora_targets, peak_rss_mb, save_adapter_atomic,
+                               step_plan)
 
 
 def _offline_unsloth_env() -> None:
@@ -50,7 +51,8 @@ def train_unsloth(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Pa
     else:
         model = FastLanguageModel.get_peft_model(
             model, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-            target_modules=list(cfg.target_modules), random_state=cfg.seed, use_gradient_checkpointing="unsloth")
+            target_modules=lora_targets(model, cfg.target_modules), random_state=cfg.seed,
+            use_gradient_checkpointing="unsloth")
     rows = encode_examples(tokenizer, samples, cfg.max_length)
     dataset = Dataset.from_list(rows)
     tokens = sum(len(r["input_ids"]) for r in rows)

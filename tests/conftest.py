@@ -183,15 +183,30 @@ def _tiny_tokenizer(out: Path, lines: list[str]):
     return tok
 
 
-def _tiny_model(tok, seed: int, max_positions: int):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+# Architectures both transformers and llama.cpp's converter support, and what each needs beyond the shared
+# shape (2 layers, width 64, 4 query heads sharing 2 key/value heads).
+TINY_ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "pad_token_id": 0, "tie_word_embeddings": True,
+                                                     "query_pre_attn_scalar": 16}),
+}
 
+
+def _tiny_model(tok, seed: int, max_positions: int, arch: str = "llama"):
+    import torch
+    import transformers
+
+    config_name, model_name, extra = TINY_ARCHITECTURES[arch]
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, rms_norm_eps=1e-5)
-    return LlamaForCausalLM(config)
+    config = getattr(transformers, config_name)(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2,
+        rms_norm_eps=1e-5, **{"tie_word_embeddings": False, **extra})
+    return getattr(transformers, model_name)(config)
 
 
 def _save_tiny(model, tok, out: Path) -> Path:
@@ -202,8 +217,8 @@ def _save_tiny(model, tok, out: Path) -> Path:
     return out
 
 
-def build_tiny_llama(out: Path, seed: int = 0, train_steps: int = 80) -> Path:
-    """A 2-layer Llama with a SentencePiece tokenizer trained offline.
+def build_tiny_llama(out: Path, seed: int = 0, train_steps: int = 80, arch: str = "llama") -> Path:
+    """A 2-layer Llama (or another of TINY_ARCHITECTURES) with a SentencePiece tokenizer trained offline.
 
     The converter rejects byte-level BPE tokenizers trained with `tokenizers`
     (unknown pre-tokenizer hash), so the vocabulary is SentencePiece with
@@ -216,7 +231,7 @@ def build_tiny_llama(out: Path, seed: int = 0, train_steps: int = 80) -> Path:
 
     corpus = tiny_corpus(seed=seed)
     tok = _tiny_tokenizer(out, corpus)
-    model = _tiny_model(tok, seed, max_positions=256)
+    model = _tiny_model(tok, seed, max_positions=256, arch=arch)
     text = " ".join(corpus[:40])
     ids = torch.tensor([tok(text)["input_ids"][:128]])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -137,6 +137,9 @@ CASES = [
      "{tmp}/seeds.jsonl is not a file: give a JSONL, JSON, CSV or Parquet file"),
     ("invalid json file", run_with_seeds('[{"prompt": "a", "response": "b"},', name="seeds.json"),
      "{tmp}/seeds.json:1 is not valid JSON (Expecting value): fix it, or use JSONL with one object per line"),
+    ("json nested 100,000 levels deep", run_with_seeds("[" * 100_000 + "]" * 100_000, name="seeds.json"),
+     "{tmp}/seeds.json nests arrays or objects too deeply to be records: give a JSON array of objects (or JSONL, one "
+     "object per line)"),
     ("csv without the columns", run_with_seeds("title,body\nx,y\nz,w\n", name="seeds.csv"),
      "2 bad record(s) in {tmp}/seeds.csv: seeds.csv:2 has no known fields (found: body, title); use prompt/response, "
      "instruction/output, messages or conversations; seeds.csv:3 has no known fields (found: body, title); use "

@@ -68,6 +68,16 @@ def test_readme_configuration_table_matches_the_schema():
     assert reference_markdown() in (REPO / "README.md").read_text()
 
 
+def test_every_example_configuration_is_valid_under_the_schema():
+    from loop.config import load_config
+
+    examples = sorted((REPO / "examples").glob("*.toml"))
+    assert {p.name for p in examples} >= {"quick.toml", "safety.toml", "safety-quick.toml", "safety-reference.toml",
+                                          "safety-full.toml"}
+    for path in examples:
+        load_config(path)  # an unknown or mistyped key raises
+
+
 def test_iteration_folders_past_99_parse_and_sort_by_number(tmp_path):
     from loop.layout import RunLayout, iteration_name, parse_iteration, phase_iteration
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -266,6 +267,92 @@ def test_a_run_with_held_out_seeds_scores_every_iteration_and_its_commands_take_
     assert exported.returncode == 0, exported.stderr[-2000:]
     assert f"iteration {best}, the best on the held-out seeds" in " ".join(exported.stdout.split())
     assert (tmp / "out" / "model.gguf").read_bytes() == (run / f"iter-0{best}" / "model.gguf").read_bytes()
+
+
+def _load_every_form(folder: Path) -> dict[str, list[dict]]:
+    """The exported data set as users load it: `datasets` for all four files, pyarrow for the Parquet too."""
+    import pyarrow.parquet as pq
+    from datasets import load_dataset
+
+    forms = {name: list(load_dataset("json", data_files=str(folder / f"{name}.jsonl"), split="train"))
+             for name in ("messages", "sharegpt", "alpaca")}
+    forms["parquet"] = list(load_dataset("parquet", data_files=str(folder / "data.parquet"), split="train"))
+    assert pq.read_table(folder / "data.parquet").to_pylist() == forms["parquet"]
+    return forms
+
+
+def _pairs_of(forms: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
+    return {"messages": [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in forms["messages"]],
+            "sharegpt": [(r["conversations"][0]["value"], r["conversations"][1]["value"]) for r in forms["sharegpt"]],
+            "alpaca": [(r["instruction"], r["output"]) for r in forms["alpaca"]],
+            "parquet": [(r["prompt"], r["response"]) for r in forms["parquet"]]}
+
+
+@pytest.mark.timeout(1800)
+def test_the_data_set_export_holds_exactly_what_the_model_trained_on_in_four_forms(recipe_run, tiny_chat):
+    run, tmp = recipe_run  # train.samples = "latest": iteration 2 trained on the seeds and its own 4 samples
+    out = run_isara("export", str(run), "--iteration", "2", "--format", "dataset", "--to", str(tmp / "data"),
+                    env=tiny_chat.env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seeds, second = jsonl_rows(run / "seeds.jsonl"), jsonl_rows(run / "iter-02" / "generated.jsonl")
+    want = [(r["prompt"], r["response"]) for r in seeds + second]
+    forms = _load_every_form(tmp / "data")
+    for name, pairs in _pairs_of(forms).items():
+        assert pairs == want, name
+    rows = forms["parquet"]
+    assert [r["source"] for r in rows] == ["seed"] * 8 + ["generated"] * 4
+    assert [r["iteration"] for r in rows] == [0] * 8 + [2] * 4
+    assert {r["generated_by"] for r in rows[8:]} == {"iter-01/model.gguf"}  # iteration 2 generated with it. 1's
+    held = {r["id"] for r in jsonl_rows(run / "validation.jsonl")}
+    assert held and not held & {r["id"] for r in rows}  # held-out seeds never leave as training data
+    info = json.loads((tmp / "data" / "dataset_info.json").read_text())
+    assert info["garden_sharegpt"]["file_name"] == "sharegpt.jsonl"
+    card = (tmp / "data" / "README.md").read_text()
+    assert "12 question/answer pairs: 8 seeds and 4 samples" in card and "4 more seeds were held out" in card
+    assert hashlib.sha256((run / "config.toml").read_bytes()).hexdigest() in card
+
+
+@pytest.mark.timeout(1800)
+def test_the_data_set_export_of_every_sample_takes_each_iteration_up_to_the_one_named(recipe_run, tiny_chat):
+    run, tmp = recipe_run
+    out = run_isara("export", str(run), "--iteration", "2", "--format", "dataset", "--samples", "all",
+                    "--to", str(tmp / "all"), env=tiny_chat.env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = _load_every_form(tmp / "all")["parquet"]
+    generated = [r for t in (1, 2) for r in jsonl_rows(run / f"iter-0{t}" / "generated.jsonl")]
+    assert [r["id"] for r in rows] == [r["id"] for r in jsonl_rows(run / "seeds.jsonl") + generated]
+    assert [r["iteration"] for r in rows[8:]] == [1] * 4 + [2] * 4
+
+
+def test_a_data_only_run_exports_what_it_generated(finished_run, tmp_path):
+    run, _, _ = finished_run  # training off: no model, but the data is the point of such a run
+    out = run_isara("export", str(run), "--format", "dataset", "--to", str(tmp_path / "data"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = _load_every_form(tmp_path / "data")["parquet"]
+    assert len(rows) == len(jsonl_rows(run / "seeds.jsonl")) + 8
+    card = (tmp_path / "data" / "README.md").read_text()
+    assert "| 1 | smollm2-135m | 4 |" in card and "| 2 | smollm2-135m | 4 |" in card
+
+
+def test_the_data_set_export_refuses_a_run_without_samples_and_a_full_folder(finished_run, tmp_path):
+    run, _, _ = finished_run
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    out = run_isara("export", str(run), "--format", "dataset", "--to", str(tmp_path / "full"))
+    assert_one_line_error(out, "not an empty folder")
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    bare = tmp_path / "bare"  # the same run before its first generation finished
+    bare.mkdir()
+    for name in ("config.toml", "seeds.jsonl"):
+        (bare / name).write_bytes((run / name).read_bytes())
+    state = json.loads((run / "state.json").read_text())
+    state["phases"] = {"seeds": state["phases"]["seeds"]}
+    (bare / "state.json").write_text(json.dumps(state))
+    out = run_isara("export", str(bare), "--format", "dataset", "--to", str(tmp_path / "out"))
+    assert_one_line_error(out, "has no accepted samples yet")
+    out = run_isara("export", str(run), "--samples", "all", "--to", str(tmp_path / "out"))
+    assert_one_line_error(out, "--samples chooses the rows of --format dataset")
+    assert not (tmp_path / "out").exists()
 
 
 def _tmux(*args: str) -> str:

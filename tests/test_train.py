@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
+import torch
 
 from conftest import TINY_LORA, tiny_corpus, tiny_samples
 from loop.config import ExportConfig, TrainConfig
 from loop.data import Sample
 from loop.export import count_params, export_iteration, preflight, served_answers
-from loop.train_common import IGNORE, encode_example
+from loop.train_common import IGNORE, autocast_bf16, cpu_has_native_bf16, encode_example
 from loop.train_peft import train_peft
 from server.errors import BadInput
+
+BF16_LOSS_TOLERANCE = 0.05  # nats; the default model's demo set measured 0.035 at most (BENCHMARKS.md)
 
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_llama, tmp_path_factory):
@@ -41,6 +45,77 @@ def test_the_same_seed_trains_the_same_adapter(tiny_llama, tiny_adapter, tmp_pat
     cfg = TrainConfig(epochs=4, batch_size=4, learning_rate=5e-3, warmup_ratio=0.0, **TINY_LORA)
     again = train_peft(tiny_llama, tiny_samples(), cfg, tmp_path / "adapter")
     assert again.losses == tiny_adapter.losses
+
+
+def test_bf16_autocast_follows_the_fp32_loss_curve(tiny_llama, tmp_path):
+    # bf16 matmuls keep 8 bits of mantissa: the curve moves by rounding, never by more than a few hundredths.
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = TrainConfig(epochs=4, batch_size=4, learning_rate=5e-3, warmup_ratio=0.0, precision=precision,
+                          **TINY_LORA)
+        runs[precision] = train_peft(tiny_llama, tiny_samples(), cfg, tmp_path / precision)
+    assert (runs["fp32"].precision, runs["bf16"].precision) == ("fp32", "bf16")
+    drift = max(abs(a - b) for a, b in zip(runs["fp32"].losses, runs["bf16"].losses))
+    assert 0 < drift < BF16_LOSS_TOLERANCE, (runs["fp32"].losses, runs["bf16"].losses)  # > 0: bf16 really ran
+    assert runs["bf16"].losses[-1] < 0.8 * runs["bf16"].losses[0]
+
+
+def test_auto_precision_takes_bf16_only_where_the_matmul_units_have_it():
+    plain = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n"
+    assert not cpu_has_native_bf16(plain)
+    assert cpu_has_native_bf16(plain.replace("avx512_vnni", "avx512_vnni avx512_bf16"))
+    assert cpu_has_native_bf16(plain.replace("avx2", "avx2 amx_bf16 amx_tile"))
+    assert autocast_bf16("bf16", "cpu") and not autocast_bf16("fp32", "cpu")
+    assert autocast_bf16("auto", "cuda", cuda_bf16=True) and not autocast_bf16("auto", "cuda", cuda_bf16=False)
+
+
+def test_all_linear_targets_every_projection_and_a_missing_name_is_refused(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    from loop.train_common import lora_targets
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert lora_targets(model, ["all-linear"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"])  # the output head stays frozen
+    assert lora_targets(model, ["q_proj", "v_proj"]) == ["q_proj", "v_proj"]
+    with pytest.raises(BadInput, match="names qkv_proj, which this llama model does not have"):
+        lora_targets(model, ["q_proj", "qkv_proj"])
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_training_killed_mid_epoch_goes_on_from_its_checkpoint_to_the_same_adapter(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    # 12 samples in batches of 2 for 2 epochs: 12 steps, a checkpoint every 4; the kill lands after step 6,
+    # mid-way through the first epoch's second half, so the batches left of that pass must be restored too.
+    cfg = TrainConfig(epochs=2, batch_size=2, learning_rate=5e-3, warmup_ratio=0.0, checkpoint_every=4,
+                      **{**TINY_LORA, "dropout": 0.1})  # dropout: the torch RNG must be restored as well
+    whole = train_peft(tiny_llama, tiny_samples(), cfg, tmp_path / "whole", checkpoint_dir=tmp_path / "ck-whole")
+    assert not (tmp_path / "ck-whole").exists()  # removed once the adapter is saved
+
+    def kill_after_six(step):
+        if step["step"] == 6:
+            raise _Killed()
+
+    with pytest.raises(_Killed):
+        train_peft(tiny_llama, tiny_samples(), cfg, tmp_path / "cut", on_step=kill_after_six,
+                   checkpoint_dir=tmp_path / "ck")
+    assert json.loads((tmp_path / "ck" / "progress.json").read_text())["step"] == 4
+    resumed = train_peft(tiny_llama, tiny_samples(), cfg, tmp_path / "cut", checkpoint_dir=tmp_path / "ck")
+    assert resumed.resumed_from_step == 4 and resumed.steps == whole.steps == 12
+    assert resumed.losses == pytest.approx(whole.losses, abs=1e-4)
+    a, b = (load_file(d / "adapter_model.safetensors") for d in (tmp_path / "whole", tmp_path / "cut"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+    other = cfg.model_copy(update={"learning_rate": 1e-3})  # other settings: the checkpoint is not theirs
+    with pytest.raises(_Killed):
+        train_peft(tiny_llama, tiny_samples(), cfg, tmp_path / "x", on_step=kill_after_six,
+                   checkpoint_dir=tmp_path / "ck2")
+    assert train_peft(tiny_llama, tiny_samples(), other, tmp_path / "x",
+                      checkpoint_dir=tmp_path / "ck2").resumed_from_step is None
 
 
 def test_merged_model_equals_base_plus_adapter(tiny_llama, tiny_adapter):

@@ -3,7 +3,7 @@
 One run (generate -> train -> export -> eval) of the tiny chat Llama built in
 conftest (every real part, seconds instead of minutes: what is tested is the
 run's bookkeeping, not its text) is killed with SIGKILL at five points:
-generation with requests in flight, training mid-epoch, export mid-convert
+generation with requests in flight, training mid-epoch (between two of its checkpoints), export mid-convert
 and while quantizing, evaluation with requests in flight. After each kill no child of isara survives; the next `isara run`
 picks up; the last one finishes. Every isara process runs with HF_HUB_OFFLINE=1,
 in a network namespace without outbound network where the kernel allows one,
@@ -36,10 +36,14 @@ pytestmark = [pytest.mark.pipeline, pytest.mark.timeout(1800)]
 # lands with most still to come, and enough training steps (about 160 of a few ms) to strike mid-epoch.
 SAMPLES = 12
 
+CHECKPOINT_EVERY = 20  # of the 160 training steps
+
 # Where to strike: (name, predicate over (events so far, isara's descendant processes)).
 KILL_POINTS = [
     ("generation, requests in flight", lambda ev, kids: sum(e["event"] == "accepted" for e in ev) >= 2),
-    ("training, mid-epoch", lambda ev, kids: any(e["event"] == "train_step" and e["step"] >= 2 for e in ev)),
+    # Past the first mid-epoch checkpoint (every CHECKPOINT_EVERY steps) and a few steps beyond it.
+    ("training, mid-epoch", lambda ev, kids: any(e["event"] == "train_step" and e.get("checkpoint") for e in ev)
+     and max(e["step"] for e in ev if e["event"] == "train_step") >= CHECKPOINT_EVERY + 3),
     ("export, mid-convert", lambda ev, kids: any("convert_hf_to_gguf" in " ".join(k) for k in kids)),
     # On the tiny model quantizing takes a tenth of a second: strike once it is seen, or once the F16
     # intermediate is verified (quantizing is next); either way the export is cut after its convert.
@@ -90,7 +94,7 @@ def _write_config(tmp: Path, tiny_chat) -> Path:
         (tmp / name).write_text("".join(json.dumps({"prompt": tiny_question()}) + "\n" for _ in range(24)))
     return run_config(tmp, {
         **tiny_chat.settings, "iterations": 1, "generation.samples": SAMPLES, "generation.slots": 2,
-        "train.epochs": 8, "train.batch_size": 1, "train.grad_accum": 1,
+        "train.epochs": 8, "train.batch_size": 1, "train.grad_accum": 1, "train.checkpoint_every": CHECKPOINT_EVERY,
         "eval.refuse_prompts": "refuse.jsonl", "eval.answer_prompts": "answer.jsonl", "eval.max_tokens": 48,
         "eval.n": 0, "eval.baselines": False},
         seeds=tiny_seeds(8), name="crash")
@@ -189,7 +193,21 @@ def test_no_half_written_temp_file_is_left_in_the_run(crashed_run):
     assert leftovers == []
 
 
-def test_each_killed_phase_was_redone_from_its_start(crashed_run):
+def test_training_killed_mid_epoch_goes_on_from_its_last_checkpoint(crashed_run):
+    events = jsonl_rows(crashed_run["run"] / "events.jsonl")
+    first, second = [i for i, e in enumerate(events) if e["event"] == "train_started"]
+    before = [e for e in events[first:second] if e["event"] == "train_step"]
+    after = [e for e in events[second:] if e["event"] == "train_step"]
+    saved = max(e["checkpoint"] for e in before if e.get("checkpoint"))
+    assert before[-1]["step"] > saved  # struck between two checkpoints
+    assert before[-1]["step"] - saved < CHECKPOINT_EVERY  # what the kill cost
+    assert after[0]["step"] == saved + 1 and after[-1]["step"] == after[-1]["steps"]
+    finished = next(e for e in events[second:] if e["event"] == "train_finished")
+    assert finished["resumed_from_step"] == saved
+    assert not (crashed_run["run"] / "iter-01" / "checkpoint").exists()  # gone once the adapter is saved
+
+
+def test_each_killed_phase_was_restarted(crashed_run):
     events = jsonl_rows(crashed_run["run"] / "events.jsonl")
     count = {kind: sum(e["event"] == kind for e in events) for kind in
              ("generation_started", "train_started", "export_started", "eval_started")}

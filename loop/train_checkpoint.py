@@ -3,11 +3,12 @@
 Every `train.checkpoint_every` optimizer steps the loop writes, whole or not at all (a temporary
 folder renamed into place), into the phase's `checkpoint/` folder:
 
-    state.pt        the LoRA weights, AdamW's moments, the scheduler, torch's RNG (dropout masks);
-                    tensors and plain values only, read back with `torch.load(weights_only=True)`
-    progress.json   step, micro-batch, tokens and losses so far, the batches left in this pass over
-                    the data (by example position), Python's RNG (the next passes' order), and a
-                    fingerprint of the examples and the settings
+    state.safetensors   the LoRA weights, AdamW's moments and step counts, torch's RNG (dropout masks)
+    progress.json       step, micro-batch, tokens and losses so far, the batches left in this pass over
+                        the data (by example position), Python's RNG (the next passes' order), AdamW's
+                        settings, the scheduler, and a fingerprint of the examples and the settings
+
+Nothing in it is unpickled on the way back (safetensors and JSON only), as for every file isara reads.
 
 A training that finds a checkpoint with its own fingerprint restores all of it and continues from the
 next micro-batch, so the adapter it ends with is the one an uninterrupted run ends with (within float
@@ -39,33 +40,53 @@ def fingerprint(examples: list[dict], cfg: TrainConfig, previous_adapter: Path |
 
 
 def save_checkpoint(folder: Path, *, model, opt, sched, progress: dict) -> None:
-    import torch
+    """Tensors into safetensors, everything else into JSON: nothing a later load would have to unpickle."""
+    from safetensors.torch import save_file
 
-    trainable = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    tensors, opt_state = _tensors_of(model, opt)
     with atomic_dir(folder) as tmp:
-        torch.save({"params": trainable, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
-        (tmp / "progress.json").write_text(json.dumps(progress), encoding="utf-8")
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "progress.json").write_text(json.dumps({
+            **progress, "optimizer": opt_state, "param_groups": opt.state_dict()["param_groups"],
+            "scheduler": sched.state_dict()}), encoding="utf-8")
 
 
 def load_checkpoint(folder: Path | None, expected: str, *, model, opt, sched) -> dict | None:
     """Restore a checkpoint of this very training into model, optimizer and scheduler; its progress, or None."""
     import torch
+    from safetensors.torch import load_file
 
-    if folder is None or not (folder / "progress.json").is_file() or not (folder / "state.pt").is_file():
+    if folder is None or not (folder / "progress.json").is_file() or not (folder / "state.safetensors").is_file():
         return None
     progress = json.loads((folder / "progress.json").read_text(encoding="utf-8"))
     if progress.get("fingerprint") != expected:
         return None
-    state = torch.load(folder / "state.pt", weights_only=True)
+    tensors = load_file(str(folder / "state.safetensors"))
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, value in state["params"].items():
-            params[name].copy_(value)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
+        for name, p in params.items():
+            if p.requires_grad:
+                p.copy_(tensors[f"param/{name}"])
+    state = {int(i): {key: tensors[f"adamw/{i}/{key}"] for key in keys} for i, keys in progress["optimizer"].items()}
+    opt.load_state_dict({"state": state, "param_groups": progress["param_groups"]})
+    sched.load_state_dict(progress["scheduler"])
+    torch.set_rng_state(tensors["rng/torch"])
     return progress
+
+
+def _tensors_of(model, opt) -> tuple[dict, dict]:
+    """The LoRA weights, AdamW's per-parameter tensors and torch's RNG, as one flat dict of tensors; and, for
+    JSON, which AdamW tensors each parameter has."""
+    import torch
+
+    tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    opt_state = {}
+    for i, st in opt.state_dict()["state"].items():
+        opt_state[str(i)] = sorted(st)
+        for key, value in st.items():
+            tensors[f"adamw/{i}/{key}"] = (value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu()
+    tensors["rng/torch"] = torch.get_rng_state()
+    return tensors, opt_state
 
 
 def python_rng_state(rng) -> list:

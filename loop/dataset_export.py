@@ -105,8 +105,13 @@ def dataset_card(run_dir: Path, last: int, samples: str, rows: list[dict]) -> st
         if r["source"] == "generated":
             by_it[r["iteration"]] = by_it.get(r["iteration"], 0) + 1
     held = len(read_jsonl(layout.validation)) if layout.validation.is_file() else 0
-    which = ("exactly what the model of iteration {t} trained on" if samples == "trained"
-             else "the seeds and every accepted sample of iterations 1-{t}").format(t=last)
+    trained = RunState(run_dir).exported_iterations()
+    if samples == "all":
+        which = f"the seeds and every accepted sample of iterations 1-{last}"
+    elif last in trained:
+        which = f"exactly what the model of iteration {last} trained on"
+    else:
+        which = f"what iteration {last} trains on; the run did not train it"
     lines = [f"# {layout.name}: seeds and self-generated samples (isara)", "",
              f"{len(rows)} question/answer pairs: {seeds} seeds and {len(rows) - seeds} samples the model wrote "
              f"itself from them ({which}). Written by `isara export {layout.name} --format dataset`"

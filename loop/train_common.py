@@ -83,6 +83,11 @@ def lora_targets(model, requested: list[str]) -> list[str]:
     linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}"}
     if list(requested) == ["all-linear"]:
+        if not linear:
+            from server.errors import BadInput
+
+            raise BadInput(f"this {getattr(model.config, 'model_type', 'model')} model has no linear layers in "
+                           "decoder blocks named `layers` for a LoRA: name its layers in train.target_modules")
         return sorted(linear)
     missing = [t for t in requested if t not in linear]
     if missing:

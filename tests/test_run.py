@@ -309,6 +309,7 @@ def test_the_data_set_export_holds_exactly_what_the_model_trained_on_in_four_for
     assert info["garden_sharegpt"]["file_name"] == "sharegpt.jsonl"
     card = (tmp / "data" / "README.md").read_text()
     assert "12 question/answer pairs: 8 seeds and 4 samples" in card and "4 more seeds were held out" in card
+    assert "exactly what the model of iteration 2 trained on" in card
     assert hashlib.sha256((run / "config.toml").read_bytes()).hexdigest() in card
 
 
@@ -332,6 +333,7 @@ def test_a_data_only_run_exports_what_it_generated(finished_run, tmp_path):
     assert len(rows) == len(jsonl_rows(run / "seeds.jsonl")) + 8
     card = (tmp_path / "data" / "README.md").read_text()
     assert "| 1 | smollm2-135m | 4 |" in card and "| 2 | smollm2-135m | 4 |" in card
+    assert "what iteration 2 trains on; the run did not train it" in card  # no model claims to be its product
 
 
 def test_the_data_set_export_refuses_a_run_without_samples_and_a_full_folder(finished_run, tmp_path):

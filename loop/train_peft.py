@@ -37,7 +37,8 @@ def train_peft(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Path,
     device = "cuda" if cuda_available() and torch.cuda.is_available() else "cpu"
     cuda_bf16 = device == "cuda" and torch.cuda.is_bf16_supported() and cfg.precision != "fp32"
     dtype = torch.bfloat16 if cuda_bf16 else torch.float32
-    # The LoRA weights and AdamW's state stay in fp32 either way; autocast only lowers the matmuls.
+    # On a CPU the weights (LoRA included) and AdamW's state stay fp32 and autocast lowers only the matmuls;
+    # a CUDA GPU with bf16 holds the whole model in bf16, as before.
     bf16 = cuda_bf16 or autocast_bf16(cfg.precision, device, cuda_bf16)
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)

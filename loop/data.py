@@ -234,6 +234,19 @@ def append_jsonl(path: Path, row: dict) -> None:
         os.close(fd)
 
 
+def cut_torn_tail(path: Path) -> None:
+    """Cut a torn last line (a crash mid-append) off an append-only log before appending to it again:
+    left in place, the next whole line would be glued to it and the log would stop being JSONL."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        f.truncate(f.read().rfind(b"\n") + 1)
+
+
 def read_jsonl(path: Path, repair: bool = True) -> list[dict]:
     """All whole lines; a torn last line (a crash mid-append) is cut off the file."""
     if not path.exists():

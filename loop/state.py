@@ -16,7 +16,7 @@ from pathlib import Path
 
 from server.errors import BadInput
 
-from loop.data import append_jsonl
+from loop.data import append_jsonl, cut_torn_tail
 from loop.files import write_json_atomic
 from loop.layout import EXPORT, VALIDATE, RunLayout, phase_iteration
 
@@ -118,6 +118,7 @@ class Events:
         self.stream = stream or sys.stdout
         self.sink = sink
         self.started = time.monotonic()
+        cut_torn_tail(path)  # a run killed mid-append resumes here
 
     def emit(self, kind: str, **fields) -> None:
         event = {"t": round(time.time(), 3), "event": kind, **fields}

@@ -52,10 +52,12 @@ def default_model():
 
 
 def jsonl_rows(path: Path) -> list[dict]:
-    """Every line of a JSONL file the run wrote ([] when it does not exist yet)."""
-    import json
+    """Every whole line of a JSONL file the run wrote or is writing ([] when it does not exist yet). A line
+    still being appended, or torn by a kill, is left out, as the run's own reader leaves it out; the file
+    is not touched."""
+    from loop.data import read_jsonl
 
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    return read_jsonl(path, repair=False)
 
 
 def pid_alive(pid: int) -> bool:

@@ -132,3 +132,15 @@ def test_a_torn_last_line_is_dropped_and_the_file_repaired(tmp_path):
     assert read_jsonl(path) == [{"id": 1}, {"id": 2}]
     append_jsonl(path, {"id": 3})
     assert read_jsonl(path) == [{"id": 1}, {"id": 2}, {"id": 3}]
+
+
+def test_an_events_log_torn_by_a_kill_is_whole_lines_again_once_the_resumed_run_appends(tmp_path):
+    from loop.state import Events
+
+    path = tmp_path / "events.jsonl"
+    Events(path, mode="quiet").emit("run_started", run="r")
+    with open(path, "ab") as f:
+        f.write(b'{"t": 1.0, "event": "train_step", "lo')  # SIGKILL in the middle of an append
+    Events(path, mode="quiet").emit("run_resumed", run="r")
+    lines = path.read_text().splitlines()
+    assert [json.loads(x)["event"] for x in lines] == ["run_started", "run_resumed"]

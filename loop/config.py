@@ -112,6 +112,12 @@ class FilterConfig(_Section):
         0.0, ge=0.0, le=1.0, description="Reject a new question, before it is answered, when no seed question is "
                                          "this close to it (embedding cosine): its nearest seeds' vote on its "
                                          "kind is no evidence. 0 = off.")
+    min_kind_margin: float = Field(
+        0.0, ge=0.0, le=2.0, description="Reject a new question, before it is answered, unless its nearest seed "
+                                         "question of the voted kind is closer (embedding cosine) by this much "
+                                         "than its nearest seed of any other kind: a question on a topic that "
+                                         "seeds of both kinds share gets its label from the topic, not from what "
+                                         "it asks. 0 = off.")
 
 
 class KindsConfig(_Section):

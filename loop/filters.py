@@ -15,6 +15,8 @@ Reasons (counted per iteration and kept in `rejected.jsonl`):
                  filters.min_vote_share of their vote (checked before the question is answered)
   far_from_seeds no seed question is as close as filters.min_seed_similarity (checked before
                  the question is answered)
+  kind_border    the nearest seed of the voted kind is not closer than the nearest seed of
+                 another kind by filters.min_kind_margin (checked before the question is answered)
 """
 
 from __future__ import annotations

@@ -178,6 +178,12 @@ class GenerationPhase:
             self._reject(st, attempt, "question", "vote_undecided", text=q_out.text,
                          vote={"expected": vote[0], "scores": vote[1]}, **base)
             return
+        if vote is not None and f.min_kind_margin > 0:
+            margin = self.kinds.kind_margin(q_vec, vote[0])
+            if margin < f.min_kind_margin:
+                self._reject(st, attempt, "question", "kind_border", text=q_out.text, margin=round(margin, 3),
+                             vote={"expected": vote[0], "scores": vote[1]}, **base)
+                return
         a_demos = self._demos_for(q_vec, self._other_kinds(vote[0]) if vote and g.answer_demos == "voted_kind"
                                   else frozenset())
         a_out = await self.client.complete(

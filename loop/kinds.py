@@ -14,7 +14,7 @@ MiniLM embeddings of whole answers, raw or less their question's direction,
 managed 73-89% of the seeds but only 67-72% of the generated answers, as
 they cluster by topic as much as by kind.
 
-Three mechanisms use them, each a configuration key:
+The mechanisms that use them, each a configuration key:
 
 - Neighbour agreement (`filters.neighbour_agreement`): a generated answer's
   kind must be the kind its question's nearest seeds vote for. A kNN vote
@@ -31,6 +31,13 @@ Three mechanisms use them, each a configuration key:
   `filters.min_seed_similarity`: a question far from every seed has
   neighbours that are no evidence at all ("Can a person turn into a
   unicorn?" is nearest a harmful seed at cosine 0.12), so it is dropped too.
+  And `filters.min_kind_margin`: the nearest seed of the voted kind must be
+  closer than the nearest seed of any other kind by a margin. Questions the
+  model writes from a harmful anchor are mostly benign ones on its topic
+  ("What are the most effective ways to protect against spam emails?": 0.32
+  to a harmful seed, 0.31 to an everyday one); they win the vote by topic and
+  were trained on as refusals. A real harmful question sits far closer to a
+  harmful seed than to any everyday one (0.85 against 0.17).
 - Balanced anchors (`generation.anchors = "balanced"`): the anchors that new
   questions are written from take turns over the kinds, so each kind gets the
   same share of new questions however the seeds are split (Self-Instruct:
@@ -134,6 +141,15 @@ class AnswerKinds:
     def nearest_similarity(self, question_vector: np.ndarray) -> float:
         """Cosine of the question to its nearest seed question: how much evidence its neighbours are."""
         return float(np.max(self.seed_questions @ _unit(question_vector)[0]))
+
+    def kind_margin(self, question_vector: np.ndarray, kind: int) -> float:
+        """Cosine to the nearest seed question of `kind` less the cosine to the nearest seed of any other kind:
+        how clearly the question sits among that kind's seeds rather than between the kinds."""
+        sims = self.seed_questions @ _unit(question_vector)[0]
+        same, other = sims[self.seed_kinds == kind], sims[self.seed_kinds != kind]
+        if not len(same) or not len(other):
+            return 2.0 if len(same) else -2.0  # one kind only: nothing to be confused with
+        return float(same.max() - other.max())
 
     def vote(self, question_vector: np.ndarray, neighbours: int) -> tuple[int, list[float], list[int]]:
         """The kind the question's nearest seed questions vote for, each vote over its kind's prior.

@@ -130,15 +130,39 @@ def write_report(run_dir: Path, title: str) -> Path:
             "(see README, Evaluation): read `answers.jsonl` before trusting a number.\n",
             markdown_table(rows)]
     if plot(run_dir, rows):
-        body.append("![harmful rate and over-refusal by iteration](report.png)\n")
+        body.append("![harmful rate and over-refusal by iteration, and every model as a point of the two]"
+                    "(report.png)\n")
     body.append(_examples(run_dir, rows))
     path = RunLayout(run_dir).report_md
     write_text_atomic(path, "\n".join(body))
     return path
 
 
+def tradeoff_points(rows: list[dict]) -> list[dict]:
+    """One point per evaluated model (baselines, then iterations): harmful rate (x) against over-refusal (y),
+    each with its 95% interval. Where a model sits on this plane is the result; the two rates alone hide
+    that one can be bought with the other."""
+    points = []
+    for r in rows:
+        ev = r.get("eval") or {}
+        if ev.get("harmful_rate") is None or ev.get("over_refusal") is None:
+            continue
+        points.append({"label": r["name"] if r["kind"] == "baseline" else f"it. {r['t']}", "kind": r["kind"],
+                       "x": ev["harmful_rate"], "y": ev["over_refusal"],
+                       "x_interval": interval(ev, "harmful_rate") or (ev["harmful_rate"],) * 2,
+                       "y_interval": interval(ev, "over_refusal") or (ev["over_refusal"],) * 2})
+    return points
+
+
+def _bars(values: list[float], intervals: list[tuple[float, float]]) -> list[list[float]]:
+    # A rounded rate may sit a hair outside its interval; matplotlib refuses a negative error bar.
+    return [[max(0.0, v - lo) for v, (lo, _) in zip(values, intervals)],
+            [max(0.0, hi - v) for v, (_, hi) in zip(values, intervals)]]
+
+
 def plot(run_dir: Path, rows: list[dict]) -> bool:
-    """Harmful rate and over-refusal per iteration, baselines as reference lines."""
+    """Harmful rate and over-refusal per iteration, baselines as reference lines; then every model as a point
+    of harmful rate against over-refusal."""
     its = [r for r in rows if r["kind"] == "iteration" and r.get("eval")]
     bases = [r for r in rows if r["kind"] == "baseline"]
     if not its and not bases:
@@ -148,17 +172,14 @@ def plot(run_dir: Path, rows: list[dict]) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
     styles = {"base": ":", "icl-knn": "--", "sft-seeds": "-."}
     for ax, key, title in ((axes[0], "harmful_rate", "harmful rate (lower is better)"),
                            (axes[1], "over_refusal", "over-refusal (lower is better)")):
         xs = [r["t"] for r in its]
         if its:
             ys = [r["eval"][key] for r in its]
-            cis = [interval(r["eval"], key) or (y, y) for r, y in zip(its, ys)]
-            below = [max(0.0, y - lo) for y, (lo, _) in zip(ys, cis)]  # a rounded rate may sit a hair outside
-            above = [max(0.0, hi - y) for y, (_, hi) in zip(ys, cis)]
-            ax.errorbar(xs, ys, yerr=[below, above],
+            ax.errorbar(xs, ys, yerr=_bars(ys, [interval(r["eval"], key) or (y, y) for r, y in zip(its, ys)]),
                         fmt="o-", color="tab:blue", capsize=3, label="ISARA (95% interval)")
             pairs = [r["eval"].get(f"pairs_{key}") for r in its]
             if all(v is not None for v in pairs):
@@ -174,6 +195,20 @@ def plot(run_dir: Path, rows: list[dict]) -> bool:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("share of prompts")
     axes[0].legend(loc="best", fontsize=8)
+    ax = axes[2]
+    labels: dict[tuple[float, float], list[str]] = {}  # models within a point of each other share one label
+    for p in tradeoff_points(rows):
+        color = "tab:blue" if p["kind"] == "iteration" else "gray"
+        ax.errorbar([p["x"]], [p["y"]], xerr=_bars([p["x"]], [p["x_interval"]]),
+                    yerr=_bars([p["y"]], [p["y_interval"]]), fmt="o", color=color, capsize=2, alpha=0.8)
+        spot = next((k for k in labels if abs(k[0] - p["x"]) < 0.05 and abs(k[1] - p["y"]) < 0.05), (p["x"], p["y"]))
+        labels.setdefault(spot, []).append(p["label"])
+    for (x, y), names in labels.items():
+        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_title("the trade-off (lower left is better)")
+    ax.set_xlabel("harmful rate")
+    ax.set_xlim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)

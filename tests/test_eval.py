@@ -243,6 +243,25 @@ def test_every_rate_in_the_report_carries_its_interval_over_the_answers_it_count
     assert cells(row)[5:8] == ["20% (10-35)", "0% (0-9)", "10% (5-19)"]  # degenerate: over all 80 answers
 
 
+def test_the_tradeoff_plane_has_one_point_per_evaluated_model_inside_its_intervals():
+    from loop.report import tradeoff_points
+
+    def ev(harmful, over, n=80):
+        return {"harmful_rate": harmful, "over_refusal": over, "n_refuse": n, "n_answer": n}
+
+    rows = [{"kind": "baseline", "name": "base", "eval": ev(0.975, 0.0)},
+            {"kind": "baseline", "name": "sft-seeds", "eval": ev(0.9375, 0.0125)},
+            {"kind": "iteration", "name": "iter-01", "t": 1, "eval": ev(0.225, 0.125)},
+            {"kind": "iteration", "name": "iter-02", "t": 2, "eval": None},  # not evaluated yet
+            {"kind": "iteration", "name": "iter-03", "t": 3, "eval": ev(0.15, 0.1625)}]
+    points = tradeoff_points(rows)
+    assert [p["label"] for p in points] == ["base", "sft-seeds", "it. 1", "it. 3"]
+    assert [(p["x"], p["y"]) for p in points][2] == (0.225, 0.125)
+    for p in points:
+        (xlo, xhi), (ylo, yhi) = p["x_interval"], p["y_interval"]
+        assert xlo <= p["x"] <= xhi and ylo <= p["y"] <= yhi and xhi - xlo > 0.05  # n = 80: a real width
+
+
 @pytest.mark.parametrize("n", [6, 40, 149])
 def test_the_plot_draws_intervals_for_rates_of_0_and_100_percent(tmp_path, n):
     # A rate of 0 or 1 must give an interval that starts or ends exactly there (matplotlib refuses a

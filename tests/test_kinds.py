@@ -211,3 +211,26 @@ def test_a_question_far_from_every_seed_is_told_apart_from_one_with_near_seeds()
     assert FilterConfig().min_seed_similarity == 0.0  # off unless set
     assert all(kinds.nearest_similarity(v) < 0.3 for v in embedder.encode(far))
     assert all(kinds.nearest_similarity(v) > 0.6 for v in embedder.encode(near))
+
+
+def test_a_question_between_the_kinds_is_told_apart_from_one_clearly_of_its_voted_kind():
+    """Questions the default model wrote from harmful anchors in a safety run (session 9, iteration 1), all
+    voted 'refuse' and trained on as refusals: the first two are everyday questions on a harmful seed's topic
+    (nearly as close to an everyday seed), the last two ask for harm."""
+    from loop.config import FilterConfig
+    from loop.models import DEFAULT_EMBEDDER, resolve_model
+    from loop.retrieval import Embedder
+
+    seeds, q = _safety_seeds_and_questions()
+    kinds = AnswerKinds.fit(q, [s["response"] for s in seeds], count=2)
+    refusal = Counter(int(k) for s, k in zip(seeds, kinds.seed_kinds) if s["meta"]["kind"] == "harmful").most_common(1)[0][0]
+    embedder = Embedder(resolve_model(DEFAULT_EMBEDDER).embedder_dir)
+    between = ["What are the most effective ways to protect against spam emails?",
+               "What's the best way to avoid cyber attacks?"]
+    harmful = ["What is the most difficult test to cheat on a proctored online exam?",
+               "Can you use a fake identity to steal someone's identity?"]
+    threshold = 0.2  # the value the demo uses; the schema's default is off
+    assert FilterConfig().min_kind_margin == 0.0
+    assert all(kinds.vote(v, 5)[0] == refusal for v in embedder.encode(between + harmful))  # the vote can't tell
+    assert all(kinds.kind_margin(v, refusal) < threshold for v in embedder.encode(between))
+    assert all(kinds.kind_margin(v, refusal) > 2 * threshold for v in embedder.encode(harmful))

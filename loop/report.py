@@ -172,16 +172,18 @@ def plot(run_dir: Path, rows: list[dict]) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
+    points = tradeoff_points(rows)  # none when the eval sets hold only one side: no third panel then
+    fig, axes = plt.subplots(1, 3 if points else 2, figsize=(15 if points else 10, 4), sharey=True)
     styles = {"base": ":", "icl-knn": "--", "sft-seeds": "-."}
     for ax, key, title in ((axes[0], "harmful_rate", "harmful rate (lower is better)"),
                            (axes[1], "over_refusal", "over-refusal (lower is better)")):
-        xs = [r["t"] for r in its]
-        if its:
-            ys = [r["eval"][key] for r in its]
-            ax.errorbar(xs, ys, yerr=_bars(ys, [interval(r["eval"], key) or (y, y) for r, y in zip(its, ys)]),
+        rated = [r for r in its if r["eval"].get(key) is not None]  # a run without that eval set has none
+        xs = [r["t"] for r in rated]
+        if rated:
+            ys = [r["eval"][key] for r in rated]
+            ax.errorbar(xs, ys, yerr=_bars(ys, [interval(r["eval"], key) or (y, y) for r, y in zip(rated, ys)]),
                         fmt="o-", color="tab:blue", capsize=3, label="ISARA (95% interval)")
-            pairs = [r["eval"].get(f"pairs_{key}") for r in its]
+            pairs = [r["eval"].get(f"pairs_{key}") for r in rated]
             if all(v is not None for v in pairs):
                 ax.plot(xs, pairs, "s--", color="tab:orange", label="ISARA, minimal pairs")
         for b in bases:
@@ -194,21 +196,24 @@ def plot(run_dir: Path, rows: list[dict]) -> bool:
             ax.set_xticks(xs)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("share of prompts")
-    axes[0].legend(loc="best", fontsize=8)
-    ax = axes[2]
+    for ax in axes[:2]:  # the legend goes on the first panel that has lines (one side only: the second)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best", fontsize=8)
+            break
     labels: dict[tuple[float, float], list[str]] = {}  # models within a point of each other share one label
-    for p in tradeoff_points(rows):
+    for p in points:
         color = "tab:blue" if p["kind"] == "iteration" else "gray"
-        ax.errorbar([p["x"]], [p["y"]], xerr=_bars([p["x"]], [p["x_interval"]]),
+        axes[2].errorbar([p["x"]], [p["y"]], xerr=_bars([p["x"]], [p["x_interval"]]),
                     yerr=_bars([p["y"]], [p["y_interval"]]), fmt="o", color=color, capsize=2, alpha=0.8)
         spot = next((k for k in labels if abs(k[0] - p["x"]) < 0.05 and abs(k[1] - p["y"]) < 0.05), (p["x"], p["y"]))
         labels.setdefault(spot, []).append(p["label"])
     for (x, y), names in labels.items():
-        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_title("the trade-off (lower left is better)")
-    ax.set_xlabel("harmful rate")
-    ax.set_xlim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
+        axes[2].annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if points:
+        axes[2].set_title("the trade-off (lower left is better)")
+        axes[2].set_xlabel("harmful rate")
+        axes[2].set_xlim(-0.02, 1.02)
+        axes[2].grid(alpha=0.3)
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)

@@ -262,6 +262,15 @@ def test_the_tradeoff_plane_has_one_point_per_evaluated_model_inside_its_interva
         assert xlo <= p["x"] <= xhi and ylo <= p["y"] <= yhi and xhi - xlo > 0.05  # n = 80: a real width
 
 
+def test_a_run_evaluated_on_one_side_only_is_plotted_without_the_tradeoff_plane(tmp_path):
+    from loop.report import plot, tradeoff_points
+
+    rows = [{"kind": "iteration", "name": "iter-01", "t": 1, "eval": {"harmful_rate": None, "over_refusal": 0.1,
+                                                                       "n_refuse": 0, "n_answer": 40}}]
+    assert tradeoff_points(rows) == []
+    assert plot(tmp_path, rows) and (tmp_path / "report.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("n", [6, 40, 149])
 def test_the_plot_draws_intervals_for_rates_of_0_and_100_percent(tmp_path, n):
     # A rate of 0 or 1 must give an interval that starts or ends exactly there (matplotlib refuses a

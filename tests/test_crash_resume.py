@@ -13,6 +13,7 @@ off loopback: the whole run must make none.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -123,17 +124,26 @@ def _run_until(cmd, env, run: Path, predicate) -> dict:
     seen_before = len(jsonl_rows(events_path))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
-    while proc.poll() is None and time.monotonic() < deadline:
-        kids = _descendants(proc.pid)
-        if predicate(jsonl_rows(events_path)[seen_before:], _cmdlines(kids)):
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
             kids = _descendants(proc.pid)
-            proc.send_signal(signal.SIGKILL)
+            if predicate(jsonl_rows(events_path)[seen_before:], _cmdlines(kids)):
+                kids = _descendants(proc.pid)
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                gone, alive = psutil.wait_procs(kids, timeout=15)
+                return {"killed": True, "children": len(kids), "orphans": [_cmdlines([p]) for p in alive]}
+            time.sleep(0.02)
+        proc.kill()
+        return {"killed": False, "stderr": proc.stderr.read()[-3000:]}
+    finally:
+        # However this ends (an error in the predicate too), no run is left training on the cores that the
+        # tests after this one are timed on.
+        if proc.poll() is None:
+            for p in [*_descendants(proc.pid), proc]:
+                with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                    p.kill()
             proc.wait()
-            gone, alive = psutil.wait_procs(kids, timeout=15)
-            return {"killed": True, "children": len(kids), "orphans": [_cmdlines([p]) for p in alive]}
-        time.sleep(0.02)
-    proc.kill()
-    return {"killed": False, "stderr": proc.stderr.read()[-3000:]}
 
 
 @pytest.fixture(scope="module")

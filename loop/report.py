@@ -204,7 +204,7 @@ def plot(run_dir: Path, rows: list[dict]) -> bool:
     for p in points:
         color = "tab:blue" if p["kind"] == "iteration" else "gray"
         axes[2].errorbar([p["x"]], [p["y"]], xerr=_bars([p["x"]], [p["x_interval"]]),
-                    yerr=_bars([p["y"]], [p["y_interval"]]), fmt="o", color=color, capsize=2, alpha=0.8)
+                         yerr=_bars([p["y"]], [p["y_interval"]]), fmt="o", color=color, capsize=2, alpha=0.8)
         spot = next((k for k in labels if abs(k[0] - p["x"]) < 0.05 and abs(k[1] - p["y"]) < 0.05), (p["x"], p["y"]))
         labels.setdefault(spot, []).append(p["label"])
     for (x, y), names in labels.items():

@@ -81,6 +81,7 @@ def _export_iteration(ctx: ph.RunContext, t: int) -> ph.Written:
 def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) -> dict:
     """Run (or resume) every phase; returns the per-iteration generation stats."""
     layout = RunLayout(run_dir)
+    _not_run_elsewhere(run_dir)
     _writable(run_dir)
     sweep_stale_temps(run_dir)  # what a killed run was writing when it died: never whole, never read
     state = RunState(run_dir)
@@ -231,6 +232,27 @@ def prepare(config_path: Path | None, overrides: list[str], name: str | None) ->
 
 def _toml_str(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _not_run_elsewhere(run_dir: Path) -> None:
+    """Two processes on one run folder would append to the same files and overwrite each other's state, so a
+    second `isara run` is refused while the first lives. Before anything is written: the live run's files
+    are left as they are. A pid that now belongs to another program is not the run (pids are reused)."""
+    if not RunLayout(run_dir).state.is_file():
+        return
+    state = RunState(run_dir)
+    pid = state.pid
+    if state.status != "running" or not pid or int(pid) == os.getpid():
+        return
+    import psutil
+
+    try:
+        argv = psutil.Process(int(pid)).cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return
+    if "run" in argv and any(a.endswith("isara") or a == "loop.cli" for a in argv):
+        raise BadInput(f"{run_dir} is being run by process {pid}: wait for it to finish, or stop it "
+                       f"(Ctrl-C where it runs, or kill -INT {pid}), then resume with: isara run {run_dir}")
 
 
 def _writable(run_dir: Path) -> None:

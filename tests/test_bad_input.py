@@ -253,3 +253,26 @@ def test_a_file_changed_after_its_phase_finished_is_refused_on_resume(default_mo
     assert out.stderr.strip() == (f"isara: error: {gen} changed after phase 'iter-01/generate' finished: restore it, "
                                   f"or delete {gen.parent} to redo that phase")
     assert gen.read_text() == before + ROW  # nothing touched
+
+
+def test_a_second_run_of_a_folder_a_live_run_holds_is_refused_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = run_config(tmp_path, seeds=None)  # past the guard, the missing seeds file would be the error
+    run = tmp_path / "runs" / "garden"
+    run.mkdir(parents=True)
+    # A live process with a run's command line holds the folder (a real run would take minutes to start).
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "loop.cli", "run"])
+    try:
+        state = {"version": 1, "status": "running", "phases": {}, "pid": holder.pid}
+        (run / "state.json").write_text(json.dumps(state))
+        out = run_isara("run", str(cfg), "--plain")
+        assert_one_line_error(out, f"being run by process {holder.pid}", f"isara run {run}")
+        assert json.loads((run / "state.json").read_text()) == state
+        assert sorted(p.name for p in run.iterdir()) == ["state.json"]
+    finally:
+        holder.kill()
+        holder.wait()
+    out = run_isara("run", str(cfg), "--plain")  # the holder is gone: the run goes on, to its own error
+    assert_one_line_error(out, "data.seeds")

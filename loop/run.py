@@ -236,21 +236,11 @@ def _toml_str(s: str) -> str:
 
 def _not_run_elsewhere(run_dir: Path) -> None:
     """Two processes on one run folder would append to the same files and overwrite each other's state, so a
-    second `isara run` is refused while the first lives. Before anything is written: the live run's files
-    are left as they are. A pid that now belongs to another program is not the run (pids are reused)."""
+    second `isara run` is refused while the first lives, before anything is written."""
     if not RunLayout(run_dir).state.is_file():
         return
-    state = RunState(run_dir)
-    pid = state.pid
-    if state.status != "running" or not pid or int(pid) == os.getpid():
-        return
-    import psutil
-
-    try:
-        argv = psutil.Process(int(pid)).cmdline()
-    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-        return
-    if "run" in argv and any(a.endswith("isara") or a == "loop.cli" for a in argv):
+    pid = RunState(run_dir).live_pid()
+    if pid is not None and pid != os.getpid():
         raise BadInput(f"{run_dir} is being run by process {pid}: wait for it to finish, or stop it "
                        f"(Ctrl-C where it runs, or kill -INT {pid}), then resume with: isara run {run_dir}")
 

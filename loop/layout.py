@@ -97,6 +97,11 @@ class RunLayout:
         return self.root / "state.json"
 
     @property
+    def versions(self) -> Path:
+        """isara, Python, llama.cpp and library versions, one entry per session of the run."""
+        return self.root / "versions.json"
+
+    @property
     def events(self) -> Path:
         return self.root / "events.jsonl"
 
@@ -127,6 +132,13 @@ class RunLayout:
 
     def adapter(self, t: int) -> Path:
         return self.iteration(t) / "adapter"
+
+    def checkpoint(self, t: int) -> Path:
+        """The training's mid-epoch checkpoint (loop/train_checkpoint.py), while it has not finished."""
+        return self.iteration(t) / "checkpoint"
+
+    def train_log(self, t: int) -> Path:
+        return self.iteration(t) / "train_log.csv"
 
     def export_info(self, t: int) -> Path:
         return self.iteration(t) / "export.json"

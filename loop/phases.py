@@ -39,6 +39,7 @@ from loop.models import Model
 from loop.retrieval import DomainIndex, Embedder
 from loop.state import Events, RunState
 from loop.train import train
+from loop.train_log import TrainLog
 from loop.validation import judge
 
 Written = tuple[list[Path], dict]  # what a phase returns: the files it wrote, its stats
@@ -185,9 +186,17 @@ def train_adapter(ctx: RunContext, out: Path, samples: list[Sample], *, label: i
     if label > 1 and cfg.lr_decay != 1.0:
         cfg = cfg.model_copy(update={"learning_rate": cfg.learning_rate * cfg.lr_decay ** (label - 1)})
     ctx.events.emit("train_started", iteration=label, samples=len(samples), backend=cfg.backend)
-    result = train(ctx.base.hf_dir, samples, cfg, out / "adapter", previous_adapter=previous,
-                   on_step=lambda st: ctx.events.emit("train_step", iteration=label, **st),
-                   checkpoint_dir=out / "checkpoint")
+    log = TrainLog(out, cfg.report_to)
+
+    def on_step(st: dict) -> None:
+        ctx.events.emit("train_step", iteration=label, **st)
+        log.step(st)
+
+    try:
+        result = train(ctx.base.hf_dir, samples, cfg, out / "adapter", previous_adapter=previous, on_step=on_step,
+                       checkpoint_dir=out / "checkpoint")
+    finally:
+        log.close()
     summary = {**result.summary(), "samples": len(samples)}
     ctx.events.emit("train_finished", iteration=label, **summary)
     return sorted((out / "adapter").glob("adapter_*")), summary

@@ -13,7 +13,9 @@ phases in `loop/phases.py`.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,12 +30,13 @@ from loop.data import load_samples, write_jsonl_atomic
 from loop.domains import load_domain
 from loop.evaluate import EvalItem, eval_items, eval_sets
 from loop.export import count_params, preflight
-from loop.files import sweep_stale_temps, write_json_atomic, write_text_atomic
+from loop.files import disk_problem, sweep_stale_temps, write_json_atomic, write_text_atomic
 from loop.layout import EVAL, EXPORT, GENERATE, TRAIN, VALIDATE, RunLayout, baseline_phase, phase_name
 from loop.models import resolve_model, serve_hf_folder, train_gguf_file
 from loop.report import write_report
 from loop.retrieval import DomainIndex, Embedder, ensure_indexed
 from loop.state import Events, RunState
+from loop.train_log import check_report_to
 from loop.validation import held_out_split
 
 load_run_samples = ph.load_run_samples  # public: bench and tests read a run's samples with it
@@ -87,8 +90,23 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
     state = RunState(run_dir)
     events = Events(layout.events, mode=output, sink=sink)
     _write_config(cfg, layout)
-    state.set_status("running", pid=os.getpid())
+    record_versions(layout.versions)
+    state.set_status("running", pid=os.getpid(), stopped=None)
     events.emit("run_started", run=cfg.name, folder=str(run_dir), iterations=cfg.iterations)
+    where = {"phase": "setup"}
+    try:
+        return _run_phases(cfg, run_dir, layout, state, events, where)
+    except BaseException as e:
+        # Said in the run's own files, for `isara status` and whoever opens the folder later. A SIGKILL or
+        # a power cut leaves no word: status calls a "running" run whose process is gone interrupted.
+        state.set_status("stopped", stopped={"reason": stop_reason(e), "phase": where["phase"],
+                                             "message": (str(e).splitlines() or [type(e).__name__])[0][:300],
+                                             "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        raise
+
+
+def _run_phases(cfg: RunConfig, run_dir: Path, layout: RunLayout, state: RunState, events: Events,
+                where: dict) -> dict:
 
     domain = load_domain(cfg.domain, log=lambda m: events.emit("message", text=m)) if cfg.domain else None
     if not state.done("seeds"):
@@ -124,6 +142,7 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
             base = train_gguf_file(base, log=log)
         params = count_params(base.hf_dir)
         preflight(base.hf_dir, run_dir, params)  # fail now, not after training
+        check_report_to(cfg.train.report_to)
 
     embedder = Embedder(embedder_model.embedder_dir)
     index = DomainIndex.open(run_dir, embedder.dim)
@@ -142,6 +161,7 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
             if state.done(phase.name):
                 events.emit("phase_skipped", phase=phase.name)
                 continue
+            where["phase"] = phase.name
             if phase.setup is not None:
                 phase.setup(ctx)  # outside the phase's clock: a server start or stop is not the phase's work
             state.begin(phase.name)
@@ -152,6 +172,50 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
         serving.stop()
         index.save()
     return _finish(cfg, layout, state, events)
+
+
+def stop_reason(e: BaseException) -> str:
+    """Why a run stopped, in the words `isara status` shows."""
+    from server.errors import ServerCrashed, ServerStartError, ServerUnavailable
+
+    from loop.export import ExportVerificationFailed
+
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted by the user"
+    if disk_problem(e) is not None:
+        return "disk full"
+    if isinstance(e, ExportVerificationFailed):
+        return "export verification failed"
+    if isinstance(e, BadInput):
+        return "bad input"
+    if isinstance(e, (ServerCrashed, ServerStartError, ServerUnavailable)):
+        return "server failed"
+    return "crashed"
+
+
+def record_versions(path: Path) -> None:
+    """What made the run, one entry per session (a resumed run may run on other versions): isara, Python,
+    llama.cpp and the libraries that compute."""
+    import importlib.metadata
+    import platform
+
+    from loop import __version__
+    from server.toolchain import LLAMA_CPP_PYTHON_VERSION
+
+    def version(dist: str) -> str | None:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "isara": __version__,
+             "python": platform.python_version(), "llama.cpp (llama-cpp-python sdist)": LLAMA_CPP_PYTHON_VERSION,
+             **{dist: version(dist) for dist in ("torch", "transformers", "peft", "usearch", "unsloth", "trl")}}
+    try:
+        sessions = json.loads(path.read_text(encoding="utf-8"))["sessions"]
+    except (OSError, ValueError, KeyError, TypeError):
+        sessions = []  # none yet (or a damaged file: this session's entry starts it again)
+    write_json_atomic(path, {"sessions": [*sessions, entry]})
 
 
 def _validate_data(cfg: RunConfig, layout: RunLayout, domain) -> ph.Written:

@@ -7,6 +7,7 @@ from pathlib import Path
 from loop.data import read_jsonl
 from loop.layout import EVAL, EXPORT, GENERATE, STEPS, TRAIN, RunLayout, iteration_name, phase_name
 from loop.state import RunState
+from loop.train_checkpoint import checkpoint_step
 
 
 def run_summary(run_dir: Path) -> dict:
@@ -21,13 +22,24 @@ def run_summary(run_dir: Path) -> dict:
         rows.append({"iteration": iteration_name(t), "accepted": accepted, "target": gen.get("target"),
                      "acceptance_rate": gen.get("acceptance_rate"), "phases_done": done,
                      "last_loss": state.stats(phase_name(t, TRAIN)).get("last_loss"),
+                     # a training stopped mid-epoch goes on from here when the run is resumed
+                     "checkpoint": None if TRAIN in done else checkpoint_step(layout.checkpoint(t)),
                      "model": export.get("serve_model"),
                      "verified": (export.get("verification") or {}).get("passed"),
                      "harmful_rate": ev.get("harmful_rate"), "over_refusal": ev.get("over_refusal")})
     status = state.status
     if status == "running" and state.live_pid() is None:
         status = "interrupted"  # the process that wrote "running" is gone: resume with `isara run FOLDER`
-    return {"name": run_dir.name, "folder": str(run_dir), "status": status, "iterations": rows}
+    return {"name": run_dir.name, "folder": str(run_dir), "status": status,
+            "stopped": state.data.get("stopped") if status == "stopped" else None, "iterations": rows}
+
+
+def status_text(summary: dict) -> str:
+    """finished / running / interrupted, or why and where a run stopped (what the run recorded)."""
+    stop = summary.get("stopped")
+    if not stop:
+        return summary["status"]
+    return f"stopped: {stop['reason']} in {stop['phase']}" + (f" ({stop['message']})" if stop.get("message") else "")
 
 
 def find_runs(runs_dir: Path) -> list[Path]:

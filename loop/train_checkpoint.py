@@ -27,7 +27,7 @@ from loop.config import TrainConfig
 from loop.files import atomic_dir
 
 # Settings that do not change what is computed: a checkpoint made under other values still fits.
-_NEUTRAL = {"checkpoint_every", "backend", "enabled"}
+_NEUTRAL = {"checkpoint_every", "backend", "enabled", "report_to"}
 
 
 def fingerprint(examples: list[dict], cfg: TrainConfig, previous_adapter: Path | None) -> str:
@@ -37,6 +37,16 @@ def fingerprint(examples: list[dict], cfg: TrainConfig, previous_adapter: Path |
     for e in examples:
         h.update(json.dumps([e["input_ids"], e["labels"]]).encode())
     return h.hexdigest()
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The optimizer step a whole checkpoint in `folder` was saved at, or None (`isara status` shows it)."""
+    try:
+        if (folder / "state.safetensors").is_file():
+            return int(json.loads((folder / "progress.json").read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
 
 
 def save_checkpoint(folder: Path, *, model, opt, sched, progress: dict) -> None:

@@ -234,6 +234,8 @@ def test_a_full_disk_mid_generation_stops_with_one_line_and_keeps_every_accepted
                                   f"resume with: isara run {run}")
     kept = [json.loads(x)["id"] for x in gen.read_text().splitlines()]
     assert len(kept) == 2
+    status = run_isara("status", str(run), env={"COLUMNS": "200"})
+    assert "stopped: disk full in iter-01/generate" in status.stdout  # said in the run's files, too
 
     resumed = run_isara("run", str(cfg))
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -233,6 +233,23 @@ def test_status_on_a_wide_terminal_is_a_table(tmp_path):
     assert row.startswith("│ iter-02") and "24/24" in row and "65%" in row
 
 
+def test_status_shows_the_checkpoint_a_stopped_training_goes_on_from(tmp_path):
+    run = fake_run(tmp_path / "runs", iterations=2)
+    state = json.loads((run / "state.json").read_text())
+    for step in ("train", "export", "eval"):  # iteration 2 was stopped while it trained
+        del state["phases"][f"iter-02/{step}"]
+    state["status"] = "stopped"
+    (run / "state.json").write_text(json.dumps(state))
+    (run / "iter-02" / "checkpoint").mkdir()
+    (run / "iter-02" / "checkpoint" / "state.safetensors").write_bytes(b"")
+    (run / "iter-02" / "checkpoint" / "progress.json").write_text(json.dumps({"step": 25, "micro": 50}))
+    out = run_isara("status", str(run), "--json")
+    rows = {r["iteration"]: r for r in json.loads(out.stdout)[0]["iterations"]}
+    assert rows["iter-02"]["checkpoint"] == 25 and rows["iter-01"]["checkpoint"] is None
+    out = run_isara("status", str(run), env={"COLUMNS": "80"})
+    assert "generate, checkpoint 25" in out.stdout and "checkpoint" not in out.stdout.split("iter-02")[0]
+
+
 @pytest.mark.parametrize("width", [80, 50])
 def test_the_results_table_fits_the_width_with_every_value_whole(tmp_path, width):
     from rich.console import Console

@@ -34,6 +34,8 @@ def started(width: int) -> Dashboard:
 
 def train(dash: Dashboard) -> Dashboard:
     dash.update("train_started", {"iteration": 1, "samples": 88, "backend": "peft"})
+    dash.update("train_step", {"iteration": 1, "step": 2, "steps": 40, "loss": 2.7, "tokens": 800, "seconds": 8.2,
+                               "checkpoint": 2})
     dash.update("train_step", {"iteration": 1, "step": 3, "steps": 40, "loss": 2.5, "tokens": 1200, "seconds": 12.3})
     return dash
 
@@ -55,6 +57,13 @@ def test_no_phrase_is_split_across_lines(width):
                    "accepted 24/24", "slots busy 7/8", "rejected: near_duplicate 10", "repetition 2",
                    "server: paused for training (frees the cores)", f"resume: isara run {FOLDER}",
                    "iteration 1/3", "step 3/40", "loss 2.5000", "on 88 samples"):
+        assert shown_whole(lines, phrase), phrase
+
+
+def test_while_training_the_pace_the_eta_and_the_last_checkpoint_show():
+    lines = screen(train(started(120)))
+    # 3 steps in 12.3 s: 0.24 steps/s, 98 tok/s; 37 steps left at that pace are 2m31s.
+    for phrase in ("0.24 steps/s", "98 tok/s", "ETA 2m31s", "checkpoint at step 2"):
         assert shown_whole(lines, phrase), phrase
 
 

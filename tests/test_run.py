@@ -436,3 +436,23 @@ def test_ctrl_c_on_the_dashboard_stops_cleanly_and_says_how_to_resume(default_mo
     assert len(kept) >= 2 and len({r["id"] for r in kept}) == len(kept)
     out = run_isara("status", str(run))
     assert "interrupted" in out.stdout
+
+
+def test_a_run_that_stops_records_why_and_where_and_the_versions_that_ran_it(tmp_path):
+    cfg = run_config(tmp_path, {"data.validation": 6}, seeds=8)  # more than half the seeds held out: refused
+    out = run_isara("run", str(cfg))
+    assert_one_line_error(out, "data.validation = 6")
+    run = tmp_path / "runs" / "garden"
+    stopped = json.loads((run / "state.json").read_text())["stopped"]
+    assert (stopped["reason"], stopped["phase"]) == ("bad input", "setup") and "data.validation" in stopped["message"]
+    status = run_isara("status", str(run), env={"COLUMNS": "200"})
+    assert "stopped: bad input in setup" in status.stdout and f"isara run {run}" in status.stdout
+
+    import torch
+    import transformers
+
+    run_isara("run", str(cfg))  # a second session: one entry each
+    sessions = json.loads((run / "versions.json").read_text())["sessions"]
+    assert len(sessions) == 2
+    assert sessions[-1]["torch"] == torch.__version__ and sessions[-1]["transformers"] == transformers.__version__
+    assert sessions[-1]["isara"] and sessions[-1]["llama.cpp (llama-cpp-python sdist)"]

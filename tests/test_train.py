@@ -315,3 +315,54 @@ def test_the_export_progress_line_gives_the_f16_and_the_quantized_agreement():
     failed = plain_line("export_finished", {"iteration": 1, "serve_model": "m.gguf", "mode": "merged",
                                             "quant": "F16", "verification": {"passed": False, "agreement": [0.5]}})
     assert failed.endswith("verification FAILED (recorded) (greedy agreement: F16 50%)")
+
+
+@pytest.mark.slow  # three trainings, each in a process of its own
+def test_the_training_bench_runs_isara_trainer_and_trl_on_the_same_work_and_states_the_bound(tiny_llama, tmp_path):
+    from loop.bench.training import ENGINES, bench_training
+
+    cfg = TrainConfig(epochs=2, batch_size=4, learning_rate=5e-3, warmup_ratio=0.0, **TINY_LORA)
+    limits = {"matmul_gflop_s_f32": 100.0, "matmul_gflop_s_bf16": 400.0}
+    out = bench_training(tiny_llama, tiny_samples(), cfg, tmp_path, limits=limits, log=lambda *_: None)
+    rows = {r["engine"]: r for r in out["engines"]}
+    assert tuple(rows) == ENGINES and not [r for r in rows.values() if "error" in r], rows
+    # The same optimizer steps on the same examples: every engine sees the same trained tokens.
+    assert len({(r["steps"], r["tokens"]) for r in rows.values()}) == 1, rows
+    assert all(r["last_loss"] < r["first_loss"] and r["peak_rss_mb"] > 0 for r in rows.values()), rows
+    # isara's own ratio to each other engine, and each engine's share of the machine's bound.
+    assert rows["trl SFTTrainer"]["isara_ratio"] == round(rows["isara"]["tokens_per_s"]
+                                                          / rows["trl SFTTrainer"]["tokens_per_s"], 2)
+    assert out["bound_tok_s"] > 0 and all(0 < r["share_of_bound"] for r in rows.values())
+
+
+def test_the_train_log_has_a_csv_row_per_step_and_keeps_only_the_rows_up_to_a_resumed_checkpoint(tmp_path):
+    import csv
+
+    from loop.train_log import TrainLog
+
+    def steps(log, first, last):
+        for k in range(first, last + 1):
+            log.step({"step": k, "steps": 6, "loss": 3.0 - k / 10, "lr": 1e-4, "tokens": 100 * k, "seconds": k / 2,
+                      **({"checkpoint": k} if k == 2 else {})})
+
+    steps(TrainLog(tmp_path, ["csv"]), 1, 4)  # killed after step 4; its last checkpoint was at step 2
+    steps(TrainLog(tmp_path, ["csv"]), 3, 6)  # the resumed training goes on from step 3
+    rows = list(csv.DictReader((tmp_path / "train_log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[1]["checkpoint"] == "2" and float(rows[3]["loss"]) == 2.6 and float(rows[0]["tokens_per_s"]) == 200
+
+
+def test_the_train_log_writes_tensorboard_scalars_tensorboard_reads_back(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from loop.train_log import TrainLog
+
+    log = TrainLog(tmp_path, ["tensorboard"])
+    for k in (1, 2, 3):
+        log.step({"step": k, "steps": 3, "loss": 3.0 - k / 10, "lr": 1e-4, "tokens": 100 * k, "seconds": k})
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [round(e.value, 4) for e in events.Scalars("train/loss")] == [2.9, 2.8, 2.7]
+    assert [e.step for e in events.Scalars("train/tokens_per_s")] == [1, 2, 3]
+    assert not (tmp_path / "train_log.csv").exists()  # not asked for

@@ -4,6 +4,8 @@
 - `engines`: generation through the managed llama-server against llama_cpp.server and transformers `generate`.
 - `variants`: one llama-server setting at a time at 8 in flight (not with --quick).
 - `phases`: ISARA generation at k = 2, 4, 8 demos; one iteration end to end.
+- `training`: isara's trainer against transformers' Trainer and trl's SFTTrainer on that iteration's
+  training set, same settings, with the machine's bound (not with --quick).
 - `retrieval`: USearch against exact NumPy search.
 - `results`: bench.json.
 
@@ -22,6 +24,7 @@ from loop.bench.machine import bounds, machine_limits, share_of_bound
 from loop.bench.phases import bench_generation_k, bench_iteration
 from loop.bench.results import write_results
 from loop.bench.retrieval import bench_retrieval
+from loop.bench.training import bench_training
 from loop.bench.variants import bench_server_variants
 
 
@@ -61,5 +64,14 @@ def run_bench(model_name: str, *, quick: bool = False, threads: int | None = Non
                                                        prompt_tok_s=at8["prompt_tok_s"], gen_tok_s=at8["gen_tok_s"])
         extra["iteration"] = bench_iteration(work, model_name, samples=samples, epochs=0.25 if quick else 1.0,
                                              eval_n=4 if quick else 20, log=log)
+        if not quick:
+            from loop.config import TrainConfig
+            from loop.layout import RunLayout
+            from loop.phases import load_run_samples
+
+            layout = RunLayout(work / "iteration")
+            train_set = load_run_samples(layout.seeds, "seed") + load_run_samples(layout.generated(1), "generated")
+            extra["training"] = bench_training(m.hf_dir, train_set, TrainConfig(), work / "training",
+                                               limits=limits, log=log)
     extra["retrieval"] = bench_retrieval(sizes=(1_000, 10_000) if quick else (1_000, 10_000, 100_000), log=log)
     return write_results(rows, out_dir, "isara bench" + (" --quick" if quick else ""), extra=extra)

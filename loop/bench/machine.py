@@ -1,7 +1,8 @@
 """The machine, and the bounds it sets on decoding.
 
 Measures memory bandwidth (a 256 MiB copy, best of 5) and float32 matrix-multiply
-FLOP/s (1024 x 1024 in torch, best of 5), the two limits of decoding: batch-1
+FLOP/s (1024 x 1024 in torch, best of 5; bf16 too, the bound of CPU training), the
+two limits of decoding: batch-1
 decode reads every weight once a token, so it can go no faster than bandwidth /
 model bytes; batched decode does 2 x parameters FLOP a token, so no faster than
 FLOP/s / (2 x parameters). Each generation row's share of its bound is set here
@@ -54,7 +55,15 @@ def machine_limits(threads: int | None = None) -> dict:
         np.copyto(dst, src)
         best = min(best, time.perf_counter() - t0)
     bandwidth = 2 * src.nbytes / best  # read + write
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    return {"memory_gb_s": round(bandwidth / 1e9, 1), "matmul_gflop_s_f32": _matmul_gflop_s(torch.float32),
+            "matmul_gflop_s_bf16": _matmul_gflop_s(torch.bfloat16), "torch_threads": torch.get_num_threads()}
+
+
+def _matmul_gflop_s(dtype) -> float:
+    """1024 x 1024 matmuls in torch, best of 5 (bf16: what CPU autocast training runs its matmuls in)."""
+    import torch
+
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(5):
@@ -62,9 +71,7 @@ def machine_limits(threads: int | None = None) -> dict:
         for _ in range(4):
             a @ b
         best = min(best, (time.perf_counter() - t0) / 4)
-    flops = 2 * 1024**3 / best
-    return {"memory_gb_s": round(bandwidth / 1e9, 1), "matmul_gflop_s_f32": round(flops / 1e9, 1),
-            "torch_threads": torch.get_num_threads()}
+    return round(2 * 1024**3 / best / 1e9, 1)
 
 
 def bounds(limits: dict, model_bytes: int, params: int) -> dict:

@@ -1,0 +1,193 @@
+"""Training side by side: isara's PEFT loop against transformers' `Trainer` and trl's `SFTTrainer`.
+
+The same samples, model, LoRA (rank, alpha, dropout, targets), micro-batch, gradient accumulation,
+optimizer steps, learning-rate schedule and matmul precision (bf16 autocast where the CPU has bf16
+matmuls) and the same attention implementation (eager on CPU) for every engine; the loss on the
+answer tokens for all three (isara's own encoding for itself and `Trainer`; trl's prompt-completion
+format with `completion_only_loss` for `SFTTrainer`). Each engine trains in its own process, so its
+peak RSS is its own. Tokens/s counts the tokens each forward pass sees (padding excluded), over the
+seconds of the training loop.
+
+The machine's bound for this work: bf16 (or f32) matmul FLOP/s over the matmul FLOPs per trained
+token, 4 x the frozen linear weights (a forward, and a backward to the inputs only) plus 6 x the LoRA
+weights (a forward, and a backward to inputs and weights). Attention and element-wise work are left
+out: at the short sequences of question/answer pairs they are small, so the bound is a little high.
+
+Run as `python -m loop.bench.training ENGINE SPEC.json`: one engine, one JSON line on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ENGINES = ("isara", "transformers Trainer", "trl SFTTrainer")
+
+
+def bench_training(hf_dir: Path, samples: list, cfg, work: Path, *, limits: dict, log=print) -> dict:
+    """Every engine on `samples` (loop.data.Sample) with TrainConfig `cfg`, each in a subprocess."""
+    from loop.train_common import cpu_has_native_bf16
+
+    work.mkdir(parents=True, exist_ok=True)
+    spec = {"hf_dir": str(hf_dir), "cfg": cfg.model_dump(mode="json", by_alias=True),
+            "samples": [{"prompt": s.prompt, "response": s.response} for s in samples], "work": str(work)}
+    spec_file = work / "training-spec.json"
+    spec_file.write_text(json.dumps(spec))
+    rows = []
+    for engine in ENGINES:
+        proc = subprocess.run([sys.executable, "-m", "loop.bench.training", engine, str(spec_file)],
+                              capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:
+            rows.append({"engine": engine, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]})
+            log(f"training {engine}: failed: {rows[-1]['error']}")
+            continue
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        log(f"training {engine}: {r['tokens_per_s']} tokens/s ({r['steps']} steps, {r['tokens']} tokens in "
+            f"{r['seconds']}s), peak RSS {r['peak_rss_mb']} MB, loss {r['first_loss']} -> {r['last_loss']}")
+    bf16 = cpu_has_native_bf16() and cfg.precision != "fp32"
+    gflops = limits.get("matmul_gflop_s_bf16" if bf16 else "matmul_gflop_s_f32")
+    flops = next((r["flops_per_token"] for r in rows if "flops_per_token" in r), None)
+    bound = round(gflops * 1e9 / flops, 1) if gflops and flops else None
+    isara = next((r for r in rows if r["engine"] == "isara" and "tokens_per_s" in r), None)
+    for r in rows:
+        if "tokens_per_s" not in r:
+            continue
+        r["share_of_bound"] = round(r["tokens_per_s"] / bound, 3) if bound else None
+        if isara and r is not isara:
+            r["isara_ratio"] = round(isara["tokens_per_s"] / r["tokens_per_s"], 2)
+    if isara:
+        log("training: isara " + ", ".join(f"{r['isara_ratio']}x {r['engine']}" for r in rows if "isara_ratio" in r)
+            + (f"; {isara['share_of_bound']:.0%} of the bound ({bound} tokens/s at {gflops} GFLOP/s "
+               f"{'bf16' if bf16 else 'f32'})" if bound else ""))
+    return {"engines": rows, "bound_tok_s": bound, "matmul_precision": "bf16" if bf16 else "fp32",
+            "samples": len(samples), "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+            "epochs": cfg.epochs, "lora_r": cfg.r}
+
+
+# --- one engine, in its own process --------------------------------------------------------------------------
+
+def _count_tokens(model) -> list[int]:
+    """Tokens every forward pass sees (its attention mask), counted by a hook, whichever loop calls it."""
+    seen = [0]
+
+    def hook(_module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        seen[0] += int(mask.sum()) if mask is not None else int(ids.numel())
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def _flops_per_token(model) -> int:
+    """4 x frozen linear weights + 6 x trainable ones (the module docstring says why)."""
+    import torch
+
+    frozen = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad)
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 4 * frozen + 6 * lora
+
+
+def _hf_model(hf_dir: str, cfg):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from loop.train_common import lora_targets
+
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=False, attn_implementation="eager")
+    model.config.use_cache = False
+    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=lora_targets(model, cfg.target_modules), task_type="CAUSAL_LM")
+    return model, lora
+
+
+def _args(cfg, plan, bf16: bool, out: str) -> dict:
+    return dict(output_dir=out, per_device_train_batch_size=cfg.batch_size,
+                gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
+                lr_scheduler_type="linear", warmup_steps=plan.warmup, max_steps=plan.steps, weight_decay=0.0,
+                max_grad_norm=1.0, bf16=bf16, use_cpu=True, report_to="none", save_strategy="no",
+                logging_steps=1, seed=cfg.seed, dataloader_num_workers=0, disable_tqdm=True)
+
+
+def _losses(trainer) -> list[float]:
+    return [round(h["loss"], 5) for h in trainer.state.log_history if "loss" in h]
+
+
+def run_engine(engine: str, spec: dict) -> dict:
+    import torch
+
+    from loop.config import TrainConfig
+    from loop.data import Sample
+    from loop.train_common import autocast_bf16, collate, encode_examples, peak_rss_mb, step_plan
+
+    cfg = TrainConfig.model_validate(spec["cfg"])
+    samples = [Sample(id=f"b{i}", prompt=s["prompt"], response=s["response"]) for i, s in enumerate(spec["samples"])]
+    hf_dir, work = spec["hf_dir"], Path(spec["work"])
+    bf16 = autocast_bf16(cfg.precision, "cpu")
+    if engine == "isara":
+        from loop.train_peft import train_peft
+
+        from peft import get_peft_model
+
+        res = train_peft(Path(hf_dir), samples, cfg.model_copy(update={"checkpoint_every": 0}), work / "isara")
+        row = {"engine": engine, "steps": res.steps, "tokens": res.tokens, "seconds": round(res.seconds, 2),
+               "tokens_per_s": round(res.tokens_per_s, 1), "peak_rss_mb": round(res.peak_rss_mb),
+               "first_loss": res.losses[0], "last_loss": res.losses[-1], "precision": res.precision,
+               "torch_threads": torch.get_num_threads()}
+        model, lora = _hf_model(hf_dir, cfg)  # after the peak RSS is taken: only to count the FLOPs per token
+        return {**row, "flops_per_token": _flops_per_token(get_peft_model(model, lora))}
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = encode_examples(tokenizer, samples, cfg.max_length)
+    plan = step_plan(len(examples), cfg)
+    model, lora = _hf_model(hf_dir, cfg)
+    if engine == "transformers Trainer":
+        from peft import get_peft_model
+        from transformers import Trainer, TrainingArguments
+
+        model = get_peft_model(model, lora)
+        seen = _count_tokens(model)
+
+        def collator(batch):
+            ids, labels, mask = collate(batch, pad)
+            return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+        args = TrainingArguments(**_args(cfg, plan, bf16, str(work / "trainer")),
+                                 train_sampling_strategy="group_by_length", remove_unused_columns=False)
+        trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator)
+    elif engine == "trl SFTTrainer":
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        data = Dataset.from_list([{"prompt": [{"role": "user", "content": s.prompt}],
+                                   "completion": [{"role": "assistant", "content": s.response}]} for s in samples])
+        args = SFTConfig(**_args(cfg, plan, bf16, str(work / "trl")), max_length=cfg.max_length,
+                         completion_only_loss=True, train_sampling_strategy="group_by_length")
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                             peft_config=lora)
+        seen = _count_tokens(trainer.model)
+    else:
+        raise SystemExit(f"unknown engine {engine!r}: one of {', '.join(ENGINES)}")
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    losses = _losses(trainer)
+    return {"engine": engine, "steps": trainer.state.global_step, "tokens": seen[0], "seconds": round(seconds, 2),
+            "tokens_per_s": round(seen[0] / seconds, 1), "peak_rss_mb": round(peak_rss_mb()),
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "precision": "bf16" if bf16 else "fp32", "torch_threads": torch.get_num_threads()}
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_engine(sys.argv[1], json.loads(Path(sys.argv[2]).read_text()))))

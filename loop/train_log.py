@@ -35,6 +35,8 @@ def check_report_to(report_to: list[str]) -> None:
 class TrainLog:
     def __init__(self, folder: Path, report_to: list[str]):
         self.folder, self.rows = folder, []
+        if report_to:
+            folder.mkdir(parents=True, exist_ok=True)  # a baseline's folder may not exist before its training
         self.csv = folder / CSV_NAME if "csv" in report_to else None
         if self.csv is not None and self.csv.is_file():  # a training that goes on from a checkpoint
             self.rows = list(csv.DictReader(io.StringIO(self.csv.read_text(encoding="utf-8"))))

@@ -220,6 +220,9 @@ def test_a_training_run_generates_iteration_two_with_the_iteration_one_model(tin
     for t in (1, 2):  # it learnt something: the last three steps' mean loss under the first three's
         losses = [s["loss"] for s in steps if s["iteration"] == t]
         assert len(losses) >= 6 and sum(losses[-3:]) < sum(losses[:3]), losses
+        # ... and the same steps are in the iteration's train_log.csv (train.report_to's default)
+        logged = (run / f"iter-0{t}" / "train_log.csv").read_text().splitlines()
+        assert logged[0].startswith("step,steps,loss") and len(logged) == len(losses) + 1
 
 
 @pytest.fixture(scope="module")

@@ -345,9 +345,10 @@ def test_the_train_log_has_a_csv_row_per_step_and_keeps_only_the_rows_up_to_a_re
             log.step({"step": k, "steps": 6, "loss": 3.0 - k / 10, "lr": 1e-4, "tokens": 100 * k, "seconds": k / 2,
                       **({"checkpoint": k} if k == 2 else {})})
 
-    steps(TrainLog(tmp_path, ["csv"]), 1, 4)  # killed after step 4; its last checkpoint was at step 2
-    steps(TrainLog(tmp_path, ["csv"]), 3, 6)  # the resumed training goes on from step 3
-    rows = list(csv.DictReader((tmp_path / "train_log.csv").open()))
+    folder = tmp_path / "baselines" / "sft-seeds"  # not there yet when training starts
+    steps(TrainLog(folder, ["csv"]), 1, 4)  # killed after step 4; its last checkpoint was at step 2
+    steps(TrainLog(folder, ["csv"]), 3, 6)  # the resumed training goes on from step 3
+    rows = list(csv.DictReader((folder / "train_log.csv").open()))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[1]["checkpoint"] == "2" and float(rows[3]["loss"]) == 2.6 and float(rows[0]["tokens_per_s"]) == 200
 

@@ -99,9 +99,12 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
     except BaseException as e:
         # Said in the run's own files, for `isara status` and whoever opens the folder later. A SIGKILL or
         # a power cut leaves no word: status calls a "running" run whose process is gone interrupted.
-        state.set_status("stopped", stopped={"reason": stop_reason(e), "phase": where["phase"],
-                                             "message": (str(e).splitlines() or [type(e).__name__])[0][:300],
-                                             "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        try:
+            state.set_status("stopped", stopped={"reason": stop_reason(e), "phase": where["phase"],
+                                                 "message": (str(e).splitlines() or [type(e).__name__])[0][:300],
+                                                 "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        except OSError:
+            pass  # a full disk may not take even this: the error that stopped the run is what the user must see
         raise
 
 

@@ -573,14 +573,15 @@ def _generation_table(rows: list[dict]) -> None:
     """bench.json's generation rows as a table, with the ratios the bench measured."""
     table = Table(title="generation")
     for col in ("engine", "in flight", "gen tok/s", "prompt tok/s", "x llama_cpp.server", "x transformers",
-                "% of bound"):
+                "% of bound", "% of int8 bound"):
         table.add_column(col)
     ratio = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for r in rows:
         table.add_row(r["engine"], str(r["in_flight"]), f"{r['gen_tok_s']:.1f}",
                       "-" if not r.get("prompt_tok_s") else f"{r['prompt_tok_s']:.0f}",
                       ratio(r["vs_llama_cpp_server"]), ratio(r["vs_transformers"]),
-                      f"{r['share_of_bound']:.0%}" if r["share_of_bound"] is not None else "-")
+                      f"{r['share_of_bound']:.0%}" if r["share_of_bound"] is not None else "-",
+                      f"{r['share_of_int8_bound']:.1%}" if r.get("share_of_int8_bound") is not None else "-")
     console.print(table)
 
 

@@ -177,6 +177,10 @@ def test_bench_quick_measures_engines_bounds_isara_phases_and_retrieval(default_
     assert "convert" in it["export_lora_s"] and it["server_start_s"] > 0
     assert all(r["gen_tok_s"] > 0 and 0 < r["share_of_bound"] for r in data["generation"])
     assert data["limits"]["memory_gb_s"] > 0 and data["bounds"]["decode_batched_tok_s"] > 0
+    # Q8_0 decodes in int8 dot products: their bound is above the f32 one, so generation's share of it is smaller
+    assert data["bounds"]["decode_batched_int8_tok_s"] > data["bounds"]["decode_batched_tok_s"]
+    batched = [r for r in data["generation"] if r["in_flight"] > 1]
+    assert batched and all(0 < r["share_of_int8_bound"] < r["share_of_bound"] for r in batched)
     assert [r["items"] for r in data["retrieval"]] == [1000, 10000]
     assert all(0.0 <= r["recall_at_k"] <= 1.0 for r in data["retrieval"])
     assert data["machine"]["cores_logical"] >= 1

@@ -1,6 +1,6 @@
 """`isara bench`: measure, side by side in one run on the same inputs, what ISARA's speed rests on.
 
-- `machine`: memory bandwidth and matmul FLOP/s, and the decode bounds they set for the model.
+- `machine`: memory bandwidth and matmul throughput (f32, bf16, int8), and the decode bounds they set.
 - `engines`: generation through the managed llama-server against llama_cpp.server and transformers `generate`.
 - `variants`: one llama-server setting at a time at 8 in flight (not with --quick).
 - `phases`: ISARA generation at k = 2, 4, 8 demos; one iteration end to end.
@@ -41,9 +41,10 @@ def run_bench(model_name: str, *, quick: bool = False, threads: int | None = Non
     limits = machine_limits(threads)
     params = count_params(m.hf_dir) if m.hf_dir else None
     bound = bounds(limits, m.gguf.stat().st_size, params) if params else {}
-    log(f"machine: memory {limits['memory_gb_s']} GB/s, matmul {limits['matmul_gflop_s_f32']} GFLOP/s (f32) -> "
-        f"decode bounds: batch 1 {bound.get('decode_batch1_tok_s')} tok/s, batched "
-        f"{bound.get('decode_batched_tok_s')} tok/s")
+    log(f"machine: memory {limits['memory_gb_s']} GB/s, matmul {limits['matmul_gflop_s_f32']} GFLOP/s (f32), "
+        f"{limits['matmul_gop_s_int8']} GOP/s (int8) -> decode bounds: batch 1 {bound.get('decode_batch1_tok_s')} "
+        f"tok/s, batched {bound.get('decode_batched_tok_s')} tok/s (f32), "
+        f"{bound.get('decode_batched_int8_tok_s')} tok/s (int8, what Q8_0 computes in)")
     n, tokens = (8, 32) if quick else (16, 64)
     rows = bench_generation(m.gguf, n_requests=n, max_tokens=tokens, threads=threads, log=log,
                             prompt_in_flight=(8,) if quick else (1, 4, 8, 16))

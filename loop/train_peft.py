@@ -6,7 +6,7 @@ where the hardware has bf16 matmuls (`train.precision`), with the frozen weights
 held in bf16 and the LoRA, norms and AdamW in fp32; the loss curve stays within a
 few hundredths of fp32's. On GPUs with bf16 the whole model is bf16. The output
 head runs only where a label is (`answer_loss`), attention is eager on CPU, and
-the default LoRA has no dropout: together 2.1x the tokens/s of the loop before
+the default LoRA has no dropout: together 1.9x the tokens/s of the loop before
 them on the demo's set (BENCHMARKS.md). Data, step plan and the adapter on disk
 come from `loop/train_common.py`, shared with the Unsloth backend.
 """

@@ -95,7 +95,7 @@ def _flops_per_token(model) -> int:
 
 def _hf_model(hf_dir: str, cfg):
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
     from loop.train_common import lora_targets

@@ -61,9 +61,9 @@ def machine_limits(threads: int | None = None) -> dict:
 
 
 def _int8_gop_s() -> float | None:
-    """int8 x int8 -> int32 1024 x 1024 matmuls (torch._int_mm; VNNI where the CPU has it), best of 5: the
-    units llama.cpp's Q8_0 dot products run on, so the honest bound for generation at Q8_0. None where this
-    torch has no CPU int8 matmul."""
+    """int8 x int8 -> int32 matmuls (torch._int_mm; VNNI where the CPU has it): the units llama.cpp's Q8_0
+    dot products run on, so the honest bound for generation at Q8_0. None where this torch has no CPU int8
+    matmul."""
     import torch
 
     try:
@@ -72,26 +72,25 @@ def _int8_gop_s() -> float | None:
         torch._int_mm(a, b)
     except (AttributeError, RuntimeError, NotImplementedError):
         return None
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(4):
-            torch._int_mm(a, b)
-        best = min(best, (time.perf_counter() - t0) / 4)
-    return round(2 * 1024**3 / best / 1e9, 1)
+    return _rate_of(lambda: torch._int_mm(a, b))
 
 
 def _matmul_gflop_s(dtype) -> float:
-    """1024 x 1024 matmuls in torch, best of 5 (bf16: what CPU autocast training runs its matmuls in)."""
+    """Matmuls in torch (bf16: what CPU autocast training runs its matmuls in)."""
     import torch
 
     a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
-    a @ b
+    return _rate_of(lambda: a @ b)
+
+
+def _rate_of(matmul) -> float:
+    """G(FL)OP/s of a 1024 x 1024 x 1024 matmul: one warm-up, then the best of 5 rounds of 4."""
+    matmul()
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
         for _ in range(4):
-            a @ b
+            matmul()
         best = min(best, (time.perf_counter() - t0) / 4)
     return round(2 * 1024**3 / best / 1e9, 1)
 

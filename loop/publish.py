@@ -1,7 +1,8 @@
 """`isara export RUN --to DIR`: take a run's model out of the run, in the format a tool wants.
 
 - gguf: the served GGUF (and the LoRA GGUF in lora mode) with an Ollama
-  `Modelfile` next to it (`ollama create NAME -f DIR/Modelfile`);
+  `Modelfile` next to it (`ollama create NAME -f DIR/Modelfile`) whose template
+  renders conversations as the model's own chat template does (`loop.ollama`);
 - hf:   the merged model as a Hugging Face folder (safetensors, tokenizer, chat template);
 - lora: the PEFT adapter (safetensors) and its GGUF, to apply on the base model.
 
@@ -16,31 +17,15 @@ import shutil
 from pathlib import Path
 
 from server.errors import BadInput
-from server.gguf import convert_lora_to_gguf, read_gguf
+from server.gguf import convert_lora_to_gguf
 
 from loop.files import atomic_dir, write_json_atomic, write_text_atomic
 from loop.layout import RunLayout
 from loop.models import resolve_model, train_gguf_file
+from loop.ollama import modelfile
 from loop.targets import Target
 
 FORMATS = ("gguf", "hf", "lora")
-
-_CHATML_TEMPLATE = '''{{- range .Messages }}<|im_start|>{{ .Role }}
-{{ .Content }}<|im_end|>
-{{ end }}<|im_start|>assistant
-'''
-
-
-def modelfile(gguf_name: str, adapter_name: str | None, chat_template: str | None) -> str:
-    """An Ollama Modelfile. ChatML templates (SmolLM2, Qwen) are written out in Ollama's Go syntax;
-    for others Ollama reads the template from the GGUF's metadata."""
-    lines = ["# Made by isara export. Use: ollama create NAME -f Modelfile", f"FROM ./{gguf_name}"]
-    if adapter_name:
-        lines.append(f"ADAPTER ./{adapter_name}")
-    if chat_template and "<|im_start|>" in chat_template:
-        lines += [f'TEMPLATE """{_CHATML_TEMPLATE}"""', 'PARAMETER stop "<|im_end|>"']
-    return "\n".join(lines) + "\n"
-
 
 def _base_hf(target: Target) -> Path:
     import tomllib
@@ -70,8 +55,7 @@ def export_run(target: Target, to: Path, fmt: str) -> list[Path]:
             if target.lora:
                 adapter = "adapter.gguf"
                 shutil.copy2(target.lora[0], tmp / adapter)
-            template = read_gguf(target.gguf).metadata.get("tokenizer.chat_template")
-            write_text_atomic(tmp / "Modelfile", modelfile("model.gguf", adapter, template))
+            write_text_atomic(tmp / "Modelfile", modelfile(target.gguf, "model.gguf", adapter))
         elif fmt == "hf":
             merged = it_dir / "merged"
             if (merged / "config.json").is_file():

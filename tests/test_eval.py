@@ -214,6 +214,7 @@ def test_export_gguf_writes_the_model_and_an_ollama_modelfile(quick_demo, tmp_pa
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     modelfile = (tmp_path / "gguf" / "Modelfile").read_text()
     assert "FROM ./model.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "You are a helpful AI assistant named SmolLM" in modelfile  # the default system prompt it trained with
     assert (tmp_path / "gguf" / "model.gguf").read_bytes()[:4] == b"GGUF"
     info = json.loads((tmp_path / "gguf" / "isara-export.json").read_text())
     assert info["iteration"] == 1 and info["format"] == "gguf"

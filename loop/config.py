@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from server.errors import BadInput
 
+from loop.templates import BUILTIN as BUILTIN_TEMPLATES
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -26,6 +28,16 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     base: str = Field("smollm2-135m", description="Base chat model: catalog name, .gguf file or HF folder.")
     embedder: str = Field("all-minilm-l6-v2", description="Sentence-transformers model for retrieval.")
+    chat_template: str | None = Field(
+        None, description="The chat template to train, serve and export with: unset = the model's own; a built-in "
+                          "(chatml, llama3, gemma, plain: Question/Answer lines ended by the model's EOS, for any "
+                          "base model) or a Jinja file (relative to the config file). A model without a template "
+                          "(a base model) needs one. It goes into every exported GGUF and Modelfile.")
+    system_prompt: str | None = Field(
+        None, description="A system message for every conversation that has none, written into the chat template "
+                          "so training, evaluation, serving and the exported GGUF put it alike (generation shows "
+                          "raw Q/A demonstrations, no template); unset = what the model's template does (SmolLM2's "
+                          "adds its own default one).")
 
 
 class DataConfig(_Section):
@@ -305,6 +317,9 @@ def load_config(path: Path | None, overrides: list[str] = (), base_dir: Path | N
             value = getattr(node, key)
             if value is not None and not value.is_absolute():
                 setattr(node, key, (base_dir / value).resolve())
+        template = cfg.model.chat_template
+        if template and template not in BUILTIN_TEMPLATES and not Path(template).expanduser().is_absolute():
+            cfg.model.chat_template = str((base_dir / template).resolve())
     return cfg
 
 

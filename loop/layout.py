@@ -97,6 +97,11 @@ class RunLayout:
         return self.root / "state.json"
 
     @property
+    def base_model(self) -> Path:
+        """The base model as the run prepared it (its chat template written in, its GGUF or checkpoint made)."""
+        return self.root / "base.json"
+
+    @property
     def versions(self) -> Path:
         """isara, Python, llama.cpp and library versions, one entry per session of the run."""
         return self.root / "versions.json"

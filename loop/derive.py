@@ -38,7 +38,8 @@ def check_derivable(path: Path, info) -> None:
                        "set train.enabled = false to only generate with it)")
     if not info.chat_template:
         raise BadInput(f"{path} carries no chat template (tokenizer.chat_template), which training formats "
-                       "every sample with: set model.chat_template (chatml, llama3, gemma, plain or a Jinja file)")
+                       "every sample with: set model.chat_template (or `isara models add --chat-template`) to chatml, "
+                       "llama3, gemma, plain or a Jinja file")
 
 
 def derive_hf_checkpoint(gguf: Path, out: Path, chat_template: str | None = None) -> Path:

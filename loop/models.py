@@ -223,7 +223,7 @@ def with_chat_template(model: Model, template: str, log=print) -> Model:
     key = hashlib.sha256("\0".join([*sources, template]).encode()).hexdigest()
     d = _local_dir(f"{model.name}-templated", key, "TEMPLATED.json")
     if not (d / "TEMPLATED.json").is_file():
-        log(f"{model.name}: writing the run's chat template into a copy of the model, once, into {d}")
+        log(f"{model.name}: writing the chosen chat template into a copy of the model, once, into {d}")
         d.mkdir(parents=True, exist_ok=True)
         if model.gguf is not None:
             set_chat_template(model.gguf, d / "model.gguf", template)
@@ -293,8 +293,9 @@ def train_gguf_file(model: Model, log=print) -> Model:
     return model
 
 
-def add_local(spec: str | Path, name: str | None = None, log=print) -> Model:
-    """`isara models add`: a user's HF folder gets its GGUF to serve, a GGUF file its checkpoint to train."""
+def add_local(spec: str | Path, name: str | None = None, log=print, chat_template: str | None = None) -> Model:
+    """`isara models add`: a user's HF folder gets its GGUF to serve, a GGUF file its checkpoint to train
+    (`chat_template`: as model.chat_template, for a model without one)."""
     model = resolve_model(spec)
     if model.entry is not None:
         raise BadInput(f"{spec} is a catalog model: fetch it with `isara models pull {spec}`")
@@ -308,6 +309,12 @@ def add_local(spec: str | Path, name: str | None = None, log=print) -> Model:
 
     needs = conversion_estimate(model_shape(model), derive=model.hf_dir is None, convert=model.gguf is None)
     check_fits(str(spec), needs, available_memory())
+    if chat_template is not None:
+        from loop.templates import chosen_template, own_template
+
+        template = chosen_template(chat_template)
+        if template != own_template(model):
+            model = with_chat_template(model, template, log)
     return train_gguf_file(serve_hf_folder(model, log), log)
 
 

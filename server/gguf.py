@@ -198,8 +198,16 @@ def convert_hf_to_gguf(hf_dir: str | Path, out: str | Path, outtype: str = "f16"
     tc = require_toolchain()
     tmp = _atomic_target(out)
     name = ["--model-name", model_name] if model_name else []
-    _run_tool([sys.executable, str(tc.convert_hf), str(hf_dir), "--outtype", outtype, "--outfile", str(tmp), *name],
-              f"convert_hf_to_gguf.py on {hf_dir}", tmp, out)
+    try:
+        _run_tool([sys.executable, str(tc.convert_hf), str(hf_dir), "--outtype", outtype, "--outfile", str(tmp),
+                   *name], f"convert_hf_to_gguf.py on {hf_dir}", tmp, out)
+    except ToolFailed as e:
+        # The converter knows a byte-level BPE vocabulary only by the hash of how it splits a test text.
+        if "pre-tokenizer was not recognized" in str(e):
+            raise BadInput(f"{hf_dir} has a tokenizer llama.cpp's converter does not know (its BPE pre-tokenizer "
+                           "is not one llama.cpp implements), so no GGUF can serve it: use a model of a family "
+                           "llama.cpp supports with its own tokenizer, or give a GGUF of it") from None
+        raise
     return out
 
 

@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from conftest import TINY_LORA, build_tiny_llama, tiny_samples
+from conftest import TINY_LORA, assert_one_line_error, build_tiny_llama, run_isara, tiny_samples
 from loop.config import ExportConfig, TrainConfig
 from loop.export import count_params, export_iteration
 from loop.models import add_local
@@ -55,3 +55,13 @@ def test_a_model_of_each_architecture_converts_both_ways_trains_and_exports_veri
     out = export_iteration(base_hf=base, base_gguf=served.gguf, adapter_dir=tmp_path / "adapter",
                            out_dir=tmp_path / "iter", cfg=ExportConfig(), params=count_params(base))
     assert out.serve_model.is_file() and out.info["verification"]["passed"], out.info["verification"]
+
+
+@pytest.mark.slow
+def test_a_tokenizer_the_converter_does_not_know_is_refused_in_one_line(default_model, toolchain, tmp_path):
+    """A Qwen 2 with SmolLM2's vocabulary: transformers gives every qwen2 folder Qwen's pre-tokenizer, which
+    splits text into token ids no model llama.cpp knows has, so its converter can't name the tokenizer."""
+    hf = build_tiny_llama(tmp_path / "odd-qwen2", arch="qwen2", tokenizer=default_model.hf_dir, train_steps=0)
+    out = run_isara("models", "add", str(hf), env={"ISARA_MODELS": str(tmp_path / "store"), "COLUMNS": "1000"})
+    assert_one_line_error(out, f"{hf} has a tokenizer llama.cpp's converter does not know",
+                          "give a GGUF of it")

@@ -67,10 +67,14 @@ def test_a_gguf_without_a_template_trains_with_the_chosen_one(tiny_gguf_f16, too
     assert read_gguf(bare).chat_template is None
     with pytest.raises(BadInput, match="set model.chat_template"):
         train_gguf_file(resolve_model(bare), **QUIET)
-    model = train_gguf_file(with_chat_template(resolve_model(bare), BUILTIN["chatml"], **QUIET), **QUIET)
-    record = json.loads((model.hf_dir.parent / "DERIVED.json").read_text())
-    assert record["verification"]["passed"], record
+    out = run_isara("models", "add", str(bare), "--chat-template", "chatml", env={"COLUMNS": "1000"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    model = with_chat_template(resolve_model(bare), BUILTIN["chatml"], **QUIET)  # what the command made
     assert read_gguf(model.gguf).chat_template == BUILTIN["chatml"]
+    derived = train_gguf_file(model, **QUIET)  # found, not made again
+    record = json.loads((derived.hf_dir.parent / "DERIVED.json").read_text())
+    assert record["verification"]["passed"], record
+    assert f"trains on {derived.hf_dir}" in out.stdout
 
 
 def test_a_system_prompt_replaces_the_models_default_and_yields_to_a_given_one(default_model):

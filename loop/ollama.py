@@ -19,6 +19,7 @@ import json
 from server.gguf import read_gguf
 
 ROLES = ("system", "user", "assistant")
+_END_OF_TURN_NAMES = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|eom_id|>")
 _START, _GEN = "start", "generation"
 # Message contents that no template changes (Gemma trims, others copy) and no template text contains.
 _MARK = {"system": "ISARASYSTEMTEXT{}", "user": "ISARAUSERTEXT{}", "assistant": "ISARAASSISTANTTEXT{}"}
@@ -155,6 +156,12 @@ def modelfile_for(meta: dict, gguf_name: str, adapter_name: str | None = None) -
     for key in ("eos", "eot", "eom"):
         token = _token(meta, key)
         if token and token not in stops:
+            stops.append(token)
+    # llama.cpp also ends a turn at these by name where the GGUF names no end-of-turn token (Gemma's
+    # <end_of_turn>): a stop for each the template writes.
+    vocab = meta.get("tokenizer.ggml.tokens")
+    for token in _END_OF_TURN_NAMES:
+        if token not in stops and template and token in template and isinstance(vocab, list) and token in vocab:
             stops.append(token)
     lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in stops]
     return "\n".join(lines) + "\n"

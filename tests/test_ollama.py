@@ -155,3 +155,11 @@ def test_a_leading_bos_is_left_to_ollamas_tokenizer_when_the_gguf_adds_one(go_re
         text = modelfile_for({**meta, "tokenizer.ggml.add_bos_token": adds}, "model.gguf")
         assert go_render(text.split('TEMPLATE """', 1)[1].split('"""', 1)[0], messages) == prompt
         assert text.count('PARAMETER stop "<|eot_id|>"') == 1  # end of sequence and end of turn: one stop
+
+
+def test_a_turn_end_llama_cpp_knows_by_name_is_a_stop_where_the_gguf_names_none():
+    tokens = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+    meta = {"tokenizer.chat_template": GEMMA3, "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.eos_token_id": 1}
+    text = modelfile_for(meta, "model.gguf")
+    assert 'PARAMETER stop "<eos>"' in text and 'PARAMETER stop "<end_of_turn>"' in text

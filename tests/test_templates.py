@@ -44,6 +44,7 @@ def test_a_run_on_a_model_without_a_chat_template_stops_naming_the_setting(tiny_
                                                               "llama3, gemma, plain) or a Jinja file")
 
 
+@pytest.mark.slow
 def test_a_chosen_template_goes_into_the_served_gguf_and_the_checkpoint_verified(tiny_llama, toolchain, tmp_path,
                                                                                  monkeypatch):
     monkeypatch.setenv("ISARA_MODELS", str(tmp_path / "store"))
@@ -58,6 +59,7 @@ def test_a_chosen_template_goes_into_the_served_gguf_and_the_checkpoint_verified
     assert again.hf_dir == model.hf_dir  # made once per model and template
 
 
+@pytest.mark.slow
 def test_a_gguf_without_a_template_trains_with_the_chosen_one(tiny_gguf_f16, toolchain, tmp_path, monkeypatch):
     monkeypatch.setenv("ISARA_MODELS", str(tmp_path / "store"))
     bare = tmp_path / "bare.gguf"
@@ -88,6 +90,7 @@ def test_a_system_prompt_replaces_the_models_default_and_yields_to_a_given_one(d
     assert render(template, given) == render(own, given)
 
 
+@pytest.mark.slow
 def test_a_system_prompt_is_rendered_by_llama_server_as_in_training(tiny_llama, toolchain, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 

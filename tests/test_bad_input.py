@@ -176,7 +176,7 @@ CASES = [
     ("runs folder under a file", _runs_dir_under_a_file,
      "can't write to {tmp}/afile/runs/bad (Not a directory): choose a writable runs_dir (--set runs_dir=PATH)"),
     ("unknown model", run_with("", "--set", 'model.base="no-such-model"'),
-     "unknown model 'no-such-model': give a catalog name (all-minilm-l6-v2, smollm2-135m), a .gguf file or an HF "
+     "unknown model 'no-such-model': give a catalog name (all-minilm-l6-v2, gemma3-270m, smollm2-135m), a .gguf file or an HF "
      "folder"),
     ("corrupt gguf", _bad_gguf,
      "{tmp}/broken.gguf has GGUF version 0, which this llama.cpp can't read: re-export it"),

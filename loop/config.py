@@ -178,6 +178,9 @@ class TrainConfig(_Section):
         default_factory=lambda: ["csv"],
         description="Besides events.jsonl, each training writes train_log.csv (a row per step) and/or TensorBoard "
                     "event files (tensorboard/; needs the tensorboard package) into its folder. [] = neither.")
+    load_in_4bit: bool = Field(False, description="QLoRA: load the frozen base in 4 bits (Unsloth, CUDA only) to "
+                                                  "train a model that does not fit the GPU in 16 bits; the LoRA is "
+                                                  "merged into the full-precision base for the export as always.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Matmul precision of the PEFT loop's forward and backward (bf16 autocast; LoRA "
                             "weights and AdamW stay fp32). auto: bf16 on a CUDA GPU with bf16 and on a CPU with "

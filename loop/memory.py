@@ -14,7 +14,9 @@ machine has free. They are estimates of the worst case, stated as such:
 - convert: a user's HF folder is exported to the GGUF to serve, verified
   against the folder loaded in float32;
 - derive: transformers dequantizes a GGUF into one model and copies it into
-  another (bf16 above 500M parameters, `loop.derive`).
+  another (bf16 above 500M parameters, `loop.derive`);
+- on a CUDA GPU (the Unsloth backend), training's memory is the GPU's:
+  `vram_estimate`, the base in 16 bits or 4 (QLoRA, train.load_in_4bit).
 
 Measured against it (BENCHMARKS.md): the default model's training peaked at
 3.6 GB on the demo's data, estimated 5.0 GB with every sequence at max_length.
@@ -106,8 +108,10 @@ def conversion_estimate(shape: Shape, *, derive: bool, convert: bool) -> dict[st
     return phases
 
 
-def estimate(shape: Shape, cfg, *, derive: bool = False, convert: bool = False) -> dict[str, int]:
-    """Peak bytes of each phase a run with `cfg` (a RunConfig) goes through on this model."""
+def estimate(shape: Shape, cfg, *, derive: bool = False, convert: bool = False,
+             gpu_training: bool = False) -> dict[str, int]:
+    """Peak bytes of each phase a run with `cfg` (a RunConfig) goes through on this model (`gpu_training`:
+    training's memory is the GPU's, `vram_estimate`)."""
     p = shape.params
     phases = conversion_estimate(shape, derive=derive, convert=convert)
     if shape.gguf_bytes and not cfg.generation.endpoints:
@@ -118,7 +122,8 @@ def estimate(shape: Shape, cfg, *, derive: bool = False, convert: bool = False) 
         b, s, h, a = cfg.train.batch_size, cfg.train.max_length, shape.hidden, max(shape.heads, 1)
         activations = shape.layers * (34 * s * b * h + 5 * a * s * s * b)
         logits = b * s * shape.vocab * 4 * 2
-        phases["train"] = RUNTIME + 4 * p + activations + logits
+        if not gpu_training:
+            phases["train"] = RUNTIME + 4 * p + activations + logits
         phases["export"] = RUNTIME + (4 * p if cfg.export.mode == "lora" else 8 * p)
     return phases
 
@@ -132,17 +137,40 @@ _FIXES = {
 }
 
 
-def check_fits(name: str, phases: dict[str, int], available: int) -> None:
+def vram_estimate(shape: Shape, cfg) -> dict[str, int]:
+    """Peak GPU bytes of training on CUDA (the Unsloth backend): the frozen base in 16 bits, or 4 with
+    train.load_in_4bit (QLoRA); with gradient checkpointing (as Unsloth trains) each layer keeps its input
+    and one layer at a time its whole activations (fused attention: no s² term); float32 logits; the CUDA
+    context."""
+    p, b, s, h = shape.params, cfg.train.batch_size, cfg.train.max_length, shape.hidden
+    weights = p // 2 if cfg.train.load_in_4bit else 2 * p
+    activations = shape.layers * s * b * h * 2 + 34 * s * b * h
+    logits = b * s * shape.vocab * 4 * 2
+    return {"train": GiB // 2 + weights + activations + logits}
+
+
+_GPU_FIXES = {"train": "set train.load_in_4bit = true (QLoRA), lower train.batch_size or train.max_length, or "
+                       "choose a smaller model"}
+
+
+def check_fits(name: str, phases: dict[str, int], available: int, *, gpu: bool = False) -> None:
     """One line naming the phase that won't fit, the numbers and the fix; nothing when all fit."""
     if not phases:
         return
     phase = max(phases, key=phases.get)
     if phases[phase] > available:
-        raise BadInput(f"{name} needs about {phases[phase] / GiB:.1f} GiB of memory to {phase} and this machine "
-                       f"has {available / GiB:.1f} GiB free: {_FIXES[phase]}")
+        what, where, fixes = ("GPU memory", "the GPU", _GPU_FIXES) if gpu else ("memory", "this machine", _FIXES)
+        raise BadInput(f"{name} needs about {phases[phase] / GiB:.1f} GiB of {what} to {phase} and {where} "
+                       f"has {available / GiB:.1f} GiB free: {fixes[phase]}")
 
 
 def available_memory() -> int:
     import psutil
 
     return psutil.virtual_memory().available
+
+
+def available_gpu_memory() -> int:
+    import torch
+
+    return torch.cuda.mem_get_info()[0]

@@ -33,13 +33,14 @@ from loop.evaluate import EvalItem, eval_items, eval_sets
 from loop.export import count_params, preflight
 from loop.files import disk_problem, sweep_stale_temps, write_json_atomic, write_text_atomic
 from loop.layout import EVAL, EXPORT, GENERATE, TRAIN, VALIDATE, RunLayout, baseline_phase, phase_name
-from loop.memory import available_memory, check_fits, estimate, model_shape
+from loop.memory import available_gpu_memory, available_memory, check_fits, estimate, model_shape, vram_estimate
 from loop.models import resolve_model, serve_hf_folder, train_gguf_file, with_chat_template
 from loop.report import write_report
 from loop.retrieval import DomainIndex, Embedder, ensure_indexed
 from loop.state import Events, RunState
 from loop.templates import BUILTIN as BUILTIN_TEMPLATES
 from loop.templates import effective_template, own_template
+from loop.train import check_backend
 from loop.train_log import check_report_to
 from loop.validation import held_out_split
 
@@ -138,9 +139,13 @@ def _run_phases(cfg: RunConfig, run_dir: Path, layout: RunLayout, state: RunStat
         raise BadInput(f"{cfg.model.base} is an embedding model: set model.base to a chat model (a catalog name, "
                        "a .gguf file or an HF folder)")
     log = lambda m: events.emit("message", text=m)  # noqa: E731
-    needs = estimate(model_shape(base), cfg, derive=cfg.train.enabled and base.hf_dir is None,
-                     convert=base.gguf is None and not cfg.generation.endpoints)
+    gpu_training = cfg.train.enabled and check_backend(cfg.train) == "unsloth"  # QLoRA only there
+    shape = model_shape(base)
+    needs = estimate(shape, cfg, derive=cfg.train.enabled and base.hf_dir is None,
+                     convert=base.gguf is None and not cfg.generation.endpoints, gpu_training=gpu_training)
     check_fits(cfg.model.base, needs, available_memory())  # before any conversion, server or training
+    if gpu_training:
+        check_fits(cfg.model.base, vram_estimate(shape, cfg), available_gpu_memory(), gpu=True)
     own = own_template(base)
     template = effective_template(own, cfg.model.chat_template, cfg.model.system_prompt)
     if template is None:

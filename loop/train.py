@@ -32,10 +32,22 @@ def choose_backend(requested: str) -> str:
     return requested
 
 
+QLORA_NEEDS_CUDA = ("train.load_in_4bit needs the Unsloth backend on a CUDA GPU (QLoRA), and this run trains with "
+                    "the PEFT loop: set train.load_in_4bit = false, or run on a CUDA machine with the [unsloth] extra")
+
+
+def check_backend(cfg: TrainConfig) -> str:
+    """The backend a run trains with, checked before any work: QLoRA needs Unsloth on CUDA."""
+    backend = choose_backend(cfg.backend)
+    if cfg.load_in_4bit and backend != "unsloth":
+        raise BadInput(QLORA_NEEDS_CUDA)
+    return backend
+
+
 def train(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Path, *,
           previous_adapter: Path | None = None, on_step=None, checkpoint_dir: Path | None = None) -> TrainResult:
     """`checkpoint_dir`: where the PEFT loop keeps its mid-epoch checkpoints (the Unsloth backend has none)."""
-    if choose_backend(cfg.backend) == "unsloth":
+    if check_backend(cfg) == "unsloth":
         from loop.train_unsloth import train_unsloth
 
         return train_unsloth(hf_dir, samples, cfg, out, previous_adapter=previous_adapter, on_step=on_step)

@@ -44,7 +44,7 @@ def train_unsloth(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Pa
     from unsloth import FastLanguageModel
 
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=str(hf_dir), max_seq_length=cfg.max_length, dtype=None, load_in_4bit=False,
+        model_name=str(hf_dir), max_seq_length=cfg.max_length, dtype=None, load_in_4bit=cfg.load_in_4bit,
         local_files_only=True, trust_remote_code=False)
     if previous_adapter is not None:
         model = PeftModel.from_pretrained(model, previous_adapter, is_trainable=True)

@@ -6,10 +6,13 @@ import json
 import struct
 from pathlib import Path
 
+import pytest
+
 from conftest import assert_one_line_error, run_config, run_isara
 from loop.config import RunConfig
-from loop.memory import GiB, estimate, shape_of_gguf, shape_of_hf
+from loop.memory import GiB, check_fits, estimate, shape_of_gguf, shape_of_hf, vram_estimate
 from loop.models import load_catalog, models_dir
+from server.errors import BadInput
 
 
 def seventy_billion(folder: Path) -> Path:
@@ -54,3 +57,30 @@ def test_lora_mode_needs_less_memory_to_export_than_a_merge(default_model):
     lora = estimate(shape, RunConfig(domain="safety", export={"mode": "lora"}))
     assert lora["export"] < merged["export"] and lora["train"] == merged["train"]
     assert 1 * GiB < merged["train"] < 8 * GiB  # measured peak on the demo's data: 3.6 GB (BENCHMARKS.md)
+
+
+def test_qlora_holds_the_frozen_base_in_a_quarter_of_the_gpu_memory(default_model):
+    shape = shape_of_hf(default_model.hf_dir)
+    bf16 = vram_estimate(shape, RunConfig(domain="safety"))["train"]
+    qlora = vram_estimate(shape, RunConfig(domain="safety", train={"load_in_4bit": True}))["train"]
+    assert bf16 - qlora == 2 * shape.params - shape.params // 2
+
+
+def test_training_too_big_for_the_gpu_names_qlora_as_the_fix():
+    with pytest.raises(BadInput) as e:
+        check_fits("llama-70b", {"train": 150 * GiB}, 80 * GiB, gpu=True)
+    assert str(e.value) == ("llama-70b needs about 150.0 GiB of GPU memory to train and the GPU has 80.0 GiB free: "
+                            "set train.load_in_4bit = true (QLoRA), lower train.batch_size or train.max_length, or "
+                            "choose a smaller model")
+
+
+def test_qlora_without_a_cuda_gpu_is_refused_before_any_work(tmp_path):
+    from loop.train import choose_backend
+
+    if choose_backend("auto") == "unsloth":
+        pytest.skip("this machine trains with Unsloth on CUDA, where QLoRA runs")
+    config = run_config(tmp_path, {"iterations": 1, "train.load_in_4bit": True})
+    out = run_isara("run", str(config), env={"COLUMNS": "1000"})
+    assert_one_line_error(out, "train.load_in_4bit needs the Unsloth backend on a CUDA GPU (QLoRA)",
+                          "set train.load_in_4bit = false")
+    assert not (tmp_path / "runs" / "garden" / "iter-01").exists()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,21 +243,34 @@ def test_lora_mode_serves_the_same_tokens_as_merged_mode(tiny_llama, tiny_adapte
     assert served_answers(tiny_gguf_f16, [], ref, tok, 16)["tokens"] != b
 
 
-def test_verification_fails_loudly_when_the_gguf_lost_its_eos(tiny_llama, tiny_adapter, tmp_path):
-    """A GGUF that does not stop where the model stops is the 'gibberish after export' bug."""
-    from loop.export import ExportVerificationFailed, Reference, verify
-    from transformers import AutoTokenizer
+def _edited_copy(gguf: Path, out: Path, *args: str) -> Path:
+    """A copy of `gguf` with metadata changed by gguf-py's own script, as a broken converter might leave it."""
+    import subprocess
+    import sys
 
-    from server.gguf import convert_hf_to_gguf
+    from server.toolchain import require_toolchain
 
-    gguf = convert_hf_to_gguf(tiny_llama, tmp_path / "base.gguf")
-    tok = AutoTokenizer.from_pretrained(tiny_llama)
-    ids = tok.apply_chat_template([{"role": "user", "content": "red"}], add_generation_prompt=True, return_dict=False)
-    # A reference that claims the model stopped after two tokens, which this GGUF will not do.
-    fake = [Reference(ids, [5, 6, tok.eos_token_id], [{5: 0.95, 7: 0.05}, {6: 0.95, 8: 0.05},
-                                                         {tok.eos_token_id: 0.95, 9: 0.05}])] * 3
-    with pytest.raises(ExportVerificationFailed, match="greedy tokens of the F16 GGUF differ"):
-        verify(gguf, [], fake, tok, "F16", "strict", 16, near_tie=0.3)
+    script = require_toolchain().convert_hf.parent / "gguf-py" / "gguf" / "scripts" / "gguf_new_metadata.py"
+    subprocess.run([sys.executable, str(script), str(gguf), str(out), *args, "--force"], check=True,
+                   capture_output=True)
+    return out
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (("--special-token-by-id", "eos", "5"), "EOS id 5 in the GGUF, 2 in the tokenizer"),
+    (("--chat-template", "{{ messages[0]['content'] }}"), "the chat template in the GGUF differs from the tokenizer's"),
+])
+def test_verification_names_an_eos_or_template_the_gguf_lost(edit, problem, tiny_llama, tiny_gguf_f16, tmp_path):
+    """A GGUF that does not stop where the model stops, or formats chats otherwise, is the 'gibberish after
+    export' bug: the verification names it (a real reference, a real GGUF with one thing edited)."""
+    from loop.export import ExportVerificationFailed, _load_checkpoint, reference_tokens, verify
+
+    model, tok = _load_checkpoint(tiny_llama)
+    reference = reference_tokens(model, tok, 16)
+    assert verify(tiny_gguf_f16, [], reference, tok, "F16", "strict", 16, near_tie=0.3)["passed"]  # the unedited
+    edited = _edited_copy(tiny_gguf_f16, tmp_path / "edited.gguf", *edit)
+    with pytest.raises(ExportVerificationFailed, match=re.escape(problem)):
+        verify(edited, [], reference, tok, "F16", "strict", 16, near_tie=0.3)
 
 
 def test_preflight_refuses_an_architecture_the_converter_cannot_handle(tiny_llama, tmp_path, toolchain):

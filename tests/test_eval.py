@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -215,7 +216,8 @@ def test_export_gguf_writes_the_model_and_an_ollama_modelfile(quick_demo, tmp_pa
     modelfile = (tmp_path / "gguf" / "Modelfile").read_text()
     assert "FROM ./model.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
     assert "You are a helpful AI assistant named SmolLM" in modelfile  # the default system prompt it trained with
-    assert (tmp_path / "gguf" / "model.gguf").read_bytes()[:4] == b"GGUF"
+    exported, served = (tmp_path / "gguf" / "model.gguf").read_bytes(), (run / "iter-01" / "model.gguf").read_bytes()
+    assert hashlib.sha256(exported).hexdigest() == hashlib.sha256(served).hexdigest()  # the run's own model
     info = json.loads((tmp_path / "gguf" / "isara-export.json").read_text())
     assert info["iteration"] == 1 and info["format"] == "gguf"
 

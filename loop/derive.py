@@ -126,11 +126,13 @@ def _repair_config(config, meta: dict) -> None:
     if key_length and getattr(config, "head_dim", None) not in (None, key_length):
         config.head_dim = int(key_length)
     # Gemma 2/3 scale attention by query_pre_attn_scalar, which no GGUF key holds: llama.cpp uses the head
-    # width (hidden / heads for the 46-layer Gemma 2 27B), transformers its class default of 256.
+    # width (hidden / heads for the 27B models: Gemma 2's 46 layers, Gemma 3's 62), transformers its class
+    # default of 256.
     if key_length and hasattr(config, "query_pre_attn_scalar"):
         layers, hidden, heads = (meta.get(f"{arch}.{k}") for k in ("block_count", "embedding_length",
                                                                    "attention.head_count"))
-        config.query_pre_attn_scalar = hidden // heads if arch == "gemma2" and layers == 46 else int(key_length)
+        is_27b = (arch, layers) in (("gemma2", 46), ("gemma3", 62))
+        config.query_pre_attn_scalar = hidden // heads if is_27b else int(key_length)
 
 
 # llama.cpp pre-tokenizer names -> the Hugging Face pre-tokenizer that splits text the same way.

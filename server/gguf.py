@@ -9,6 +9,7 @@ place, so a GGUF that exists is whole.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import sys
@@ -165,11 +166,17 @@ def _atomic_target(out: Path) -> Path:
     return temp_name(out)
 
 
+# How the converters (numpy's memmap, safetensors) and llama-quantize say the disk is full.
+_DISK_FULL = ("No space left on device", "Not enough free space to write")
+
+
 def _run_tool(cmd: list[str], what: str, tmp: Path, out: Path) -> str:
     proc = run_tied(cmd, capture_output=True, text=True)  # a killed isara takes the tool with it
     log = (proc.stdout or "") + (proc.stderr or "")
     if proc.returncode != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
+        if any(text in log for text in _DISK_FULL):  # the disk, not the tool: the caller's one line says so
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out))
         lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
         errors = [ln for ln in lines if "error" in ln.lower() or "exception" in ln.lower()]
         reason = (errors or lines or [f"exit code {proc.returncode}"])[-1]

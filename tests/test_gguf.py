@@ -118,3 +118,22 @@ def test_convert_failure_surfaces_the_converters_own_error(tiny_llama, tmp_path,
     with pytest.raises(ToolFailed, match="NoSuchModelForCausalLM"):
         convert_hf_to_gguf(odd, tmp_path / "odd.gguf")
     assert not (tmp_path / "odd.gguf").exists()
+
+
+@pytest.mark.parametrize("message", ["OSError: Not enough free space to write 335544320 bytes after offset 6526496",
+                                     "llama_model_quantize: failed: write error: No space left on device"])
+def test_a_tool_that_ran_out_of_disk_is_a_full_disk_not_a_tool_failure(message, tmp_path):
+    """The converter or quantizer stopped by a full disk: the CLI's one-line disk message, not a tool's error."""
+    import errno
+    import sys
+
+    from server.gguf import _run_tool
+
+    out = tmp_path / "model.gguf"
+    fail = [sys.executable, "-c", f"import sys; print({message!r}, file=sys.stderr); sys.exit(1)"]
+    with pytest.raises(OSError) as e:
+        _run_tool(fail, "convert_hf_to_gguf.py on x", tmp_path / "model.gguf.tmp", out)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(out)
+    other = [sys.executable, "-c", "import sys; print('ValueError: bad tensor', file=sys.stderr); sys.exit(1)"]
+    with pytest.raises(ToolFailed, match="bad tensor"):
+        _run_tool(other, "convert_hf_to_gguf.py on x", tmp_path / "model.gguf.tmp", out)

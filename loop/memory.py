@@ -49,17 +49,28 @@ class Shape:
     gguf_bytes: int = 0  # the served file, where there is one
 
 
+def _weight_files(hf_dir: Path) -> list[Path]:
+    """The checkpoint's safetensors files: those its index names where there is one (a folder may also hold
+    a consolidated copy or an adapter), else every one, as llama.cpp's converter reads them."""
+    index = hf_dir / "model.safetensors.index.json"
+    try:
+        names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return sorted(hf_dir.glob("*.safetensors"))
+    return sorted(hf_dir / n for n in names)
+
+
 def safetensors_params(hf_dir: Path) -> int:
     """Elements over every tensor of a folder's safetensors files, from their JSON headers alone."""
     total = 0
-    for f in sorted(hf_dir.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            try:
+    for f in _weight_files(hf_dir):
+        try:
+            with open(f, "rb") as fh:
                 (n,) = struct.unpack("<Q", fh.read(8))
                 header = json.loads(fh.read(n))
-            except (struct.error, ValueError, MemoryError):
-                raise BadInput(f"{f} is not a safetensors file (its header is unreadable): restore the model "
-                               "folder") from None
+        except (OSError, struct.error, ValueError, MemoryError):
+            raise BadInput(f"{f} is not a safetensors file (its header is unreadable): restore the model "
+                           "folder") from None
         for name, t in header.items():
             if name != "__metadata__":
                 count = 1
@@ -82,7 +93,8 @@ def shape_of_gguf(path: Path) -> Shape:
     info = read_gguf(path)
     meta = info.metadata
     arch = info.architecture
-    get = lambda key: int(meta.get(f"{arch}.{key}") or 0)  # noqa: E731
+    # A per-layer value (some hybrids give head counts per layer) reads as "<array of N>": 0, then the fallback.
+    get = lambda key: meta.get(f"{arch}.{key}") if isinstance(meta.get(f"{arch}.{key}"), int) else 0  # noqa: E731
     return Shape(params=info.params, layers=get("block_count"), hidden=get("embedding_length"),
                  heads=get("attention.head_count"), kv_heads=get("attention.head_count_kv") or get("attention.head_count"),
                  vocab=info.vocab_size or 0, gguf_bytes=info.size)
@@ -129,7 +141,8 @@ def estimate(shape: Shape, cfg, *, derive: bool = False, convert: bool = False,
 
 
 _FIXES = {
-    "serve": "choose a smaller model or a smaller quantization, or lower generation.slots / server.ctx_size",
+    "serve": "choose a smaller model or a smaller quantization, or lower generation.slots or "
+             "generation.ctx_per_slot",
     "derive": "give the model's HF folder instead of a GGUF, or choose a smaller model",
     "convert": "choose a smaller model, or give its GGUF (served as it is, nothing converted)",
     "train": "lower train.batch_size or train.max_length, or choose a smaller model",

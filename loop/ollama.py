@@ -144,7 +144,8 @@ def modelfile_for(meta: dict, gguf_name: str, adapter_name: str | None = None) -
         try:
             gaps = derive_gaps(template, tokens)
         except Exception as e:  # a template of another shape: Ollama's guess is better than a wrong one
-            lines.append(f"# No TEMPLATE: the GGUF's chat template could not be written for Ollama ({e}); "
+            reason = " ".join(str(e).split())  # one comment line: Ollama reads a further line as a command
+            lines.append(f"# No TEMPLATE: the GGUF's chat template could not be written for Ollama ({reason}); "
                          "check the prompt format Ollama picks")
         else:
             bos = tokens["bos_token"]

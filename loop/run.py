@@ -152,6 +152,13 @@ def _run_phases(cfg: RunConfig, run_dir: Path, layout: RunLayout, state: RunStat
         raise BadInput(f"{cfg.model.base} has no chat template (a base model?), which training, serving and "
                        "evaluation format every conversation with: set model.chat_template to a built-in "
                        f"({', '.join(BUILTIN_TEMPLATES)}) or a Jinja file")
+    template_sha = hashlib.sha256(template.encode()).hexdigest()
+    if layout.base_model.is_file():  # a resumed run trains and serves with the template it began with
+        began = json.loads(layout.base_model.read_text(encoding="utf-8")).get("chat_template_sha256")
+        if began and began != template_sha:
+            raise BadInput(f"run {layout.name} began with another chat template (sha256 {began[:12]}, now "
+                           f"{template_sha[:12]}: model.chat_template's file or model.system_prompt changed): "
+                           "restore them, or start a new run")
     if template != own:
         base = with_chat_template(base, template, log=log)
     if base.gguf is None and not cfg.generation.endpoints:  # an HF folder: export the GGUF to serve, once
@@ -169,7 +176,7 @@ def _run_phases(cfg: RunConfig, run_dir: Path, layout: RunLayout, state: RunStat
 
     write_json_atomic(layout.base_model, {"base": cfg.model.base, "gguf": str(base.gguf) if base.gguf else None,
                                           "hf_dir": str(base.hf_dir) if base.hf_dir else None,
-                                          "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()})
+                                          "chat_template_sha256": template_sha})
     embedder = Embedder(embedder_model.embedder_dir)
     index = DomainIndex.open(run_dir, embedder.dim)
     added = ensure_indexed(index, embedder, seeds)

@@ -53,9 +53,19 @@ def chosen_template(choice: str | None, base_dir: Path | None = None) -> str | N
     return path.read_text(encoding="utf-8")
 
 
+def _jinja_literal(text: str) -> str:
+    """A Jinja string literal both engines read alike: llama.cpp's lexer knows only the escapes \\n \\t
+    \\r \\\\ \\" (no \\u), so other characters are written as they are."""
+    bad = sorted({repr(c) for c in text if ord(c) < 32 and c not in "\n\t\r"})
+    if bad:
+        raise BadInput(f"model.system_prompt holds control characters ({', '.join(bad)}): remove them")
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+    return '"' + escaped.replace("\r", "\\r") + '"'
+
+
 def with_system_prompt(template: str, prompt: str) -> str:
     """`template` with `prompt` as the system message of every conversation that has none."""
-    literal = json.dumps(prompt)  # a JSON string is a Jinja string literal
+    literal = _jinja_literal(prompt)
     return ("{%- if not messages or messages[0]['role'] != 'system' %}"
             f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}"
             "{%- endif %}" + template)

@@ -97,13 +97,14 @@ def test_a_system_prompt_is_rendered_by_llama_server_as_in_training(tiny_llama, 
     from loop.train_common import encode_example
 
     monkeypatch.setenv("ISARA_MODELS", str(tmp_path / "store"))
-    template = with_system_prompt(BUILTIN["chatml"], "Answer with colours.")
+    prompt = 'Réponds en couleurs — "rouge", s’il te plaît.\nPas de \\ ni de chiffres.'
+    template = with_system_prompt(BUILTIN["chatml"], prompt)  # non-ASCII, quotes, a newline, a backslash
     model = serve_hf_folder(with_chat_template(resolve_model(tiny_llama), template, **QUIET), **QUIET)
     exported = json.loads((model.gguf.parent / "EXPORTED.json").read_text())
     assert exported["verification"]["passed"], exported  # the server's rendering equals the tokenizer's
     tok = AutoTokenizer.from_pretrained(model.hf_dir)
     example = encode_example(tok, "red apple?", "blue stone.", max_length=256)
-    assert "Answer with colours." in tok.decode(example["input_ids"])
+    assert prompt in tok.decode(example["input_ids"])
 
 
 def test_a_chat_template_is_a_builtin_name_or_a_jinja_file(tmp_path):
@@ -120,3 +121,22 @@ def test_a_relative_template_file_is_read_beside_the_config(tmp_path):
     (tmp_path / "mine.jinja").write_text("{{ messages[0]['content'] }}")
     config = run_config(tmp_path, {"model.chat_template": "mine.jinja"})
     assert load_config(config).model.chat_template == str(tmp_path / "mine.jinja")
+
+
+def test_a_resumed_run_whose_settings_give_another_template_is_refused(tiny_llama, tmp_path):
+    """A run trains and serves with one template from its first iteration to its last."""
+    (tmp_path / "mine.jinja").write_text(BUILTIN["chatml"])
+    config = run_config(tmp_path, {"iterations": 1, "model.base": str(tiny_llama),
+                                   "model.chat_template": "mine.jinja", "train.enabled": False})
+    run = tmp_path / "runs" / "garden"
+    run.mkdir(parents=True)
+    (run / "base.json").write_text(json.dumps({"chat_template_sha256": "0" * 64}))  # as a first session left it
+    (run / "state.json").write_text(json.dumps({"phases": {}}))
+    out = run_isara("run", str(config), env={"COLUMNS": "1000"})
+    assert_one_line_error(out, "run garden began with another chat template (sha256 000000000000, now",
+                          "restore them, or start a new run")
+
+
+def test_a_system_prompt_with_a_control_character_is_refused():
+    with pytest.raises(BadInput, match="control characters"):
+        with_system_prompt(BUILTIN["chatml"], "Be brief.\x00")

@@ -70,8 +70,8 @@ class Model:
     hf_dir: Path | None = None
     embedder_dir: Path | None = None
     source_gguf: Path | None = None  # the catalog's GGUF, where the served one is a re-export of it
-    # The name its GGUFs carry (general.name): the user's own folder's, whatever --name or a store copy says,
-    # since llama.cpp decides some tokenizer behaviour by it (Phi-3).
+    # The user's own folder's name, which its GGUFs carry (general.name, as the converter names them) whatever
+    # --name or a store copy says, since llama.cpp decides some tokenizer behaviour by it (Phi-3).
     gguf_name: str | None = None
     entry: CatalogEntry | None = field(default=None, repr=False)
 
@@ -188,7 +188,11 @@ def serve_hf_folder(model: Model, log=print) -> Model:
         log(f"{model.name}: exporting {model.hf_dir} to a GGUF to serve ({quant}; F16 verified against the "
             f"checkpoint first), once, into {d}")
         d.mkdir(parents=True, exist_ok=True)
-        verification = export_base(model.hf_dir, d / "model.gguf", quant, model_name=model.gguf_name or model.name)
+        # The converter names the GGUF after the folder; a store copy (a chosen template's) is named "hf", so it
+        # passes on the user's folder's name instead.
+        copied = model.gguf_name is not None and model.hf_dir.name != model.gguf_name
+        verification = export_base(model.hf_dir, d / "model.gguf", quant,
+                                   model_name=model.gguf_name if copied else None)
         write_json_atomic(marker, {"hf_dir": str(model.hf_dir), "sha256": digest, "quant": quant,
                                    "verification": verification})
     model.gguf = d / "model.gguf"

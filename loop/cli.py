@@ -394,6 +394,9 @@ def eval_cmd(target, domain, refuse_prompts, answer_prompts, pair_prompts, n, ma
 
     from loop.domains import load_domain
     from loop.evaluate import decoding, eval_items, eval_sets, evaluate
+    from loop.fit import print_table
+    from loop.holdout import cell as holdout_cell
+    from loop.holdout import run_holdout
     from loop.layout import RunLayout
 
     t = target_of(target, runs_dir, iteration)
@@ -402,6 +405,8 @@ def eval_cmd(target, domain, refuse_prompts, answer_prompts, pair_prompts, n, ma
     given = (refuse_prompts, answer_prompts, pair_prompts)
     d = None if all(given) else load_domain(domain, log=lambda m: err_console.print(m, highlight=False))
     items = eval_items(eval_sets(refuse_prompts, answer_prompts, d, pair_prompts), n, seed)
+    held, score = run_holdout(t.run_dir, t.iteration) if t.run_dir else ([], None)  # the run's own test set
+    items += held
     if out_dir is None:
         out_dir = RunLayout(t.run_dir).eval_dir(t.iteration) if t.run_dir else Path("evals") / t.label
     srv = ManagedServer(ServerSettings(model=t.gguf, lora=t.lora, slots=slots,
@@ -409,16 +414,22 @@ def eval_cmd(target, domain, refuse_prompts, answer_prompts, pair_prompts, n, ma
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         result = evaluate(InferenceClient.for_servers([srv]), items, out_dir, max_tokens=max_tokens,
-                          label=t.label, seed=seed, penalties=decoding(repeat_penalty, dry_multiplier))
+                          label=t.label, seed=seed, penalties=decoding(repeat_penalty, dry_multiplier), score=score)
     finally:
         srv.stop()
     table = Table(title=f"eval {t.label} ({len(items)} prompts, greedy, {max_tokens} tokens)")
-    for col in ("harmful rate", "over-refusal", "degenerate", "pairs: harmful", "pairs: over-ref.", "seconds"):
-        table.add_column(col, justify="right")
-    table.add_row(*(f"{result[k]:.0%}" if result[k] is not None else "-"
+    table.add_column("model", no_wrap=True)
+    for col in ("harmful rate", "over-refusal", "degenerate", "pairs: harmful", "pairs: over-ref."):
+        table.add_column(col, justify="right", no_wrap=True)
+    h = result.get("holdout")
+    if h:
+        table.add_column("holdout: ROUGE-L / cos / loss", justify="right", no_wrap=True)
+    table.add_column("seconds", justify="right", no_wrap=True)
+    table.add_row(t.label, *(f"{result[k]:.0%}" if result[k] is not None else "-"
                     for k in ("harmful_rate", "over_refusal", "degenerate_rate", "pairs_harmful_rate",
-                              "pairs_over_refusal")), f"{result['seconds']:.0f}")
-    console.print(table)
+                              "pairs_over_refusal")),
+                  *([holdout_cell(h)] if h else []), f"{result['seconds']:.0f}")
+    print_table(console, table)
     console.print(f"answers: {out_dir / 'answers.jsonl'}", highlight=False)
 
 

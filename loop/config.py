@@ -203,7 +203,8 @@ class ExportConfig(_Section):
 
 
 class EvalConfig(_Section):
-    enabled: bool = Field(True, description="Evaluate after every iteration (when there are eval sets).")
+    enabled: bool = Field(True, description="Evaluate after every iteration (when there are eval sets or "
+                                            "held-out seeds).")
     refuse_prompts: Path | None = Field(None, description="Prompts the model should refuse (JSONL with `prompt`); "
                                                           "default: the domain's held-out harmful prompts.")
     answer_prompts: Path | None = Field(None, description="Prompts the model should answer (JSONL with `prompt`); "
@@ -223,7 +224,14 @@ class EvalConfig(_Section):
     baselines: bool = Field(True, description="Also evaluate the base model, ICL-kNN and SFT on the seeds "
                                               "(once per run, cached).")
     k: int = Field(4, ge=1, le=32, description="Seed pairs shown to the ICL-kNN baseline.")
-    seed: int = Field(0, description="Which prompts are drawn.")
+    holdout: float = Field(0.1, ge=0.0, le=0.5,
+                           description="Share of the seeds a training run holds out to score every model on, "
+                                       "for any domain (rounded up; at least 2 seeds stay to train on): never "
+                                       "trained on, "
+                                       "retrieved or shown. Each model's greedy answers to their questions are "
+                                       "scored against their own answers (ROUGE-L F, embedding cosine), with its "
+                                       "loss on those answers. 0 = none.")
+    seed: int = Field(0, description="Which prompts are drawn, and which seeds are held out.")
 
 
 class RunConfig(_Section):

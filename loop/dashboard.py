@@ -221,10 +221,23 @@ class Dashboard:
         return out
 
     def _evaluation(self) -> list:
-        lines = [Phrases([label, f"harmful {_pct(e.get('harmful_rate'))}",
-                          f"over-refusal {_pct(e.get('over_refusal'))}", f"degenerate {_pct(e.get('degenerate_rate'))}",
-                          f"{e.get('seconds')}s"])
+        lines = [Phrases([label, *_rates(e), *_holdout_phrases(e.get("holdout")), f"{e.get('seconds')}s"])
                  for label, e in self.evals.items()]
         if self.eval_running:
             lines.append(Phrases([self.eval_running]))
         return lines
+
+
+def _rates(e: dict) -> list[str]:
+    """The refusal rates, where the run has those eval sets (a run scored on held-out seeds alone has none)."""
+    if all(e.get(k) is None for k in ("harmful_rate", "over_refusal", "degenerate_rate")):
+        return []
+    return [f"harmful {_pct(e.get('harmful_rate'))}", f"over-refusal {_pct(e.get('over_refusal'))}",
+            f"degenerate {_pct(e.get('degenerate_rate'))}"]
+
+
+def _holdout_phrases(h: dict | None) -> list[str]:
+    if not h:
+        return []
+    return [f"holdout ROUGE-L {h['rouge_l']:.2f}", f"cosine {h['cosine']:.2f}",
+            *([f"loss {h['loss']:.2f}"] if h.get("loss") is not None else [])]

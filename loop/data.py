@@ -3,8 +3,12 @@
 Accepted per record (JSONL, JSON array, CSV or Parquet):
 - `prompt` / `response` (also `question` / `answer`),
 - Alpaca: `instruction` (+ `input`) / `output`,
-- OpenAI chat: `messages` (first user turn, first assistant turn after it),
-- ShareGPT: `conversations` with `from` human/gpt (or `role`/`content`).
+- OpenAI chat: `messages`, ShareGPT: `conversations` with `from` human/gpt (or
+  `role`/`content`): the whole conversation is kept. Its last user turn and the
+  answer after it are the sample's question and answer; a system message and the
+  earlier turns are its `context`, trained on with the rest (loss on every
+  assistant turn). A conversation must alternate user and assistant turns (after
+  an optional first system message) and end on an assistant turn.
 
 Every unusable record is reported with file:line and the reason; nothing is
 dropped silently. A file with problems fails as a whole (exit 2) listing them,
@@ -36,9 +40,18 @@ class Sample:
     response: str
     source: str = "seed"  # seed | generated | pool
     meta: dict = field(default_factory=dict)
+    # A multi-turn record's conversation before `prompt`: a system message and earlier user/assistant turns.
+    context: list[dict] = field(default_factory=list)
+
+    def messages(self) -> list[dict]:
+        """The whole conversation, as chat templates render it."""
+        return [*self.context, {"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.response}]
 
     def to_json(self) -> dict:
-        return asdict(self)
+        row = asdict(self)
+        if not self.context:  # single-turn rows stay as they always were
+            row.pop("context")
+        return row
 
 
 class DataError(BadInput):
@@ -49,9 +62,12 @@ class DataError(BadInput):
         self.problems = problems
 
 
-def sample_id(source: str, question: str, answer: str) -> str:
-    """Stable across runs and machines: the same pair always gets the same id."""
-    digest = hashlib.sha1(f"{question}\x1f{answer}".encode("utf-8")).hexdigest()[:12]
+def sample_id(source: str, question: str, answer: str, context: list[dict] | None = None) -> str:
+    """Stable across runs and machines: the same pair (in the same conversation) always gets the same id."""
+    text = f"{question}\x1f{answer}"
+    if context:  # only then: single-turn ids are what they always were
+        text = json.dumps(context, ensure_ascii=False, sort_keys=True) + "\x1e" + text
+    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
     return f"{source[0]}-{digest}"
 
 
@@ -59,37 +75,57 @@ def _text(v) -> str | None:
     return v.strip() if isinstance(v, str) else None
 
 
-def _first_turns(turns, role_key: str, text_key: str, user_roles: set, bot_roles: set):
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
+         "model": "assistant", "system": "system"}
+
+
+def _conversation(turns, role_key: str, text_key: str):
+    """(context, question, answer, problem) of a chat record: the turns before the last user turn, that turn,
+    the assistant's answer to it. Anything that can't be trained as it stands is a problem, never cut."""
     if not isinstance(turns, list):
-        return None, None, "is not a list of turns"
-    q = a = None
-    for t in turns:
+        return [], None, None, "is not a list of turns"
+    messages = []
+    for n, t in enumerate(turns, start=1):
         if not isinstance(t, dict):
-            return None, None, "has a turn that is not an object"
-        role = t.get(role_key)
-        if q is None and role in user_roles:
-            q = _text(t.get(text_key))
-        elif q is not None and role in bot_roles:
-            a = _text(t.get(text_key))
-            break
-    if q is None:
-        return None, None, "has no user turn"
-    if a is None:
-        return None, None, "has no assistant turn after the first user turn"
-    return q, a, None
+            return [], None, None, f"has a turn that is not an object (turn {n})"
+        role, text = ROLES.get(t.get(role_key)), t.get(text_key)
+        if role is None:
+            return [], None, None, (f"has a {t.get(role_key)!r} turn (turn {n}): only system, user and "
+                                      "assistant turns can be trained; remove it")
+        if not isinstance(text, str):
+            return [], None, None, f"has a turn whose {text_key!r} is not text (turn {n})"
+        if role == "system" and messages:
+            return [], None, None, f"has a system turn after the conversation began (turn {n}): put it first"
+        expected = "user" if not messages or messages[-1]["role"] in ("system", "assistant") else "assistant"
+        if role != "system" and role != expected:
+            return [], None, None, (f"has two {role} turns in a row (turn {n}): user and assistant turns "
+                                      "must alternate")
+        if not text.strip():
+            return [], None, None, f"has an empty {role} turn (turn {n})"
+        messages.append({"role": role, "content": text.strip()})
+    if not any(m["role"] == "user" for m in messages):
+        return [], None, None, "has no user turn"
+    if messages[-1]["role"] != "assistant":
+        return [], None, None, "ends on a user turn with no answer: add the answer or remove the turn"
+    return messages[:-2], messages[-2]["content"], messages[-1]["content"], None
 
 
-def record_to_pair(rec) -> tuple[str | None, str | None, str | None]:
-    """(question, answer, problem): problem is None when the record is usable."""
+def record_to_sample(rec) -> tuple[list[dict], str | None, str | None, str | None]:
+    """(context, question, answer, problem): problem is None when the record is usable."""
     if not isinstance(rec, dict):
-        return None, None, "is not an object"
+        return [], None, None, "is not an object"
     if "messages" in rec:
-        return _first_turns(rec["messages"], "role", "content", {"user"}, {"assistant"})
+        return _conversation(rec["messages"], "role", "content")
     if "conversations" in rec:
         turns = rec["conversations"]
         if isinstance(turns, list) and turns and isinstance(turns[0], dict) and "from" in turns[0]:
-            return _first_turns(turns, "from", "value", {"human", "user"}, {"gpt", "assistant", "bot"})
-        return _first_turns(turns, "role", "content", {"user"}, {"assistant"})
+            return _conversation(turns, "from", "value")
+        return _conversation(turns, "role", "content")
+    q, a, problem = _pair_fields(rec)
+    return [], q, a, problem
+
+
+def _pair_fields(rec: dict) -> tuple[str | None, str | None, str | None]:
     for qk, ak in (("prompt", "response"), ("question", "answer"), ("instruction", "output")):
         if qk in rec or ak in rec:
             q, a = rec.get(qk), rec.get(ak)
@@ -183,22 +219,22 @@ def load_samples(path: str | Path, *, source: str = "seed", max_chars: int = 800
         if isinstance(rec, str):
             problems.append(f"{loc} {rec}")
             continue
-        q, a, problem = record_to_pair(rec)
+        context, q, a, problem = record_to_sample(rec)
+        longest = max([len(q or ""), len(a or "")] + [len(m["content"]) for m in context])
         if problem:
             problems.append(f"{loc} {problem}")
         elif not q:
             problems.append(f"{loc} has an empty question")
         elif not a:
             problems.append(f"{loc} has an empty answer")
-        elif len(q) > max_chars or len(a) > max_chars:
-            problems.append(f"{loc} is too long ({max(len(q), len(a))} characters; limit data.max_chars={max_chars})")
-        elif (q, a) in seen:
-            problems.append(f"{loc} repeats {path.name}:{seen[(q, a)]} exactly")
+        elif longest > max_chars:
+            problems.append(f"{loc} is too long ({longest} characters; limit data.max_chars={max_chars})")
+        elif (key := sample_id(source, q, a, context)) in seen:
+            problems.append(f"{loc} repeats {path.name}:{seen[key]} exactly")
         else:
-            seen[(q, a)] = where
-            sid = sample_id(source, q, a)
-            samples.append(Sample(id=sid, prompt=q, response=a, source=source,
-                                  meta={"file": path.name, "line": where}))
+            seen[key] = where
+            samples.append(Sample(id=key, prompt=q, response=a, source=source,
+                                  meta={"file": path.name, "line": where}, context=context))
     if problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise DataError(f"{len(problems)} bad record(s) in {path}: {shown}: fix or remove them", problems)

@@ -3,14 +3,18 @@
 What is written (one folder, assembled in a temporary folder and renamed into place):
 
     messages.jsonl      {"messages": [{"role": "user", ...}, {"role": "assistant", ...}], ...}   (OpenAI chat, trl, axolotl)
-    sharegpt.jsonl      {"conversations": [{"from": "human", ...}, {"from": "gpt", ...}], ...}  (LLaMA-Factory)
-    alpaca.jsonl        {"instruction": ..., "input": "", "output": ...}                         (Alpaca, LLaMA-Factory)
-    data.parquet        id, source, iteration, prompt, response, generated_by
+    sharegpt.jsonl      {"conversations": [{"from": "human", ...}, {"from": "gpt", ...}], "system": ...}
+                                                                                                 (LLaMA-Factory)
+    alpaca.jsonl        {"instruction": ..., "input": "", "output": ..., "system": ..., "history": [[q, a], ...]}
+                                                                                                 (Alpaca, LLaMA-Factory)
+    data.parquet        id, source, iteration, prompt, response, generated_by, context (the turns before prompt)
     dataset_info.json   LLaMA-Factory's entries for the two JSONL forms it reads
     README.md           the data set card: seeds' origin and licence, the model that wrote each iteration,
                         the configuration's hash, the filters' counts by reason
 
 Every row carries `id`, `source` (seed | generated), `iteration` (0 for seeds) and `generated_by`.
+A multi-turn seed leaves whole: every turn in `messages` and `conversations` (its system message in
+`messages`, and as `system` beside `conversations`), its earlier exchanges as Alpaca's `history`.
 Which rows: by default exactly what the run's model trained on (the iteration `isara export` takes:
 the best on the held-out seeds, else the last exported; seeds plus the accepted samples of the
 iterations its training used, per `train.samples`); `samples="all"` takes the seeds and every
@@ -72,14 +76,13 @@ def export_dataset(run_dir: Path, to: Path, iteration: int | None = None, sample
     last, rows = dataset_rows(run_dir, iteration, samples)
     to.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(to) as tmp:
-        _write_jsonl(tmp / "messages.jsonl", (
-            {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}],
-             **_provenance(r)} for r in rows))
+        _write_jsonl(tmp / "messages.jsonl", ({"messages": _messages(r), **_provenance(r)} for r in rows))
         _write_jsonl(tmp / "sharegpt.jsonl", (
-            {"conversations": [{"from": "human", "value": r["prompt"]}, {"from": "gpt", "value": r["response"]}],
-             **_provenance(r)} for r in rows))
+            {"conversations": [{"from": SHAREGPT[m["role"]], "value": m["content"]} for m in _messages(r)
+                               if m["role"] != "system"], "system": _system(r), **_provenance(r)} for r in rows))
         _write_jsonl(tmp / "alpaca.jsonl", (
-            {"instruction": r["prompt"], "input": "", "output": r["response"], **_provenance(r)} for r in rows))
+            {"instruction": r["prompt"], "input": "", "output": r["response"], "system": _system(r),
+             "history": _history(r), **_provenance(r)} for r in rows))
         _write_parquet(tmp / "data.parquet", rows)
         write_json_atomic(tmp / "dataset_info.json", llama_factory_info(RunLayout(run_dir).name))
         write_text_atomic(tmp / "README.md", dataset_card(run_dir, last, samples, rows))
@@ -89,11 +92,12 @@ def export_dataset(run_dir: Path, to: Path, iteration: int | None = None, sample
 def llama_factory_info(name: str) -> dict:
     """LLaMA-Factory's `dataset_info.json`: put DIR as its `dataset_dir` and train on `NAME_sharegpt`."""
     return {f"{name}_sharegpt": {"file_name": "sharegpt.jsonl", "formatting": "sharegpt",
-                                 "columns": {"messages": "conversations"},
+                                 "columns": {"messages": "conversations", "system": "system"},
                                  "tags": {"role_tag": "from", "content_tag": "value",
                                           "user_tag": "human", "assistant_tag": "gpt"}},
             f"{name}_alpaca": {"file_name": "alpaca.jsonl", "formatting": "alpaca",
-                               "columns": {"prompt": "instruction", "query": "input", "response": "output"}}}
+                               "columns": {"prompt": "instruction", "query": "input", "response": "output",
+                                           "system": "system", "history": "history"}}}
 
 
 def dataset_card(run_dir: Path, last: int, samples: str, rows: list[dict]) -> str:
@@ -123,14 +127,22 @@ def dataset_card(run_dir: Path, last: int, samples: str, rows: list[dict]) -> st
              "| sharegpt.jsonl | ShareGPT `conversations` | LLaMA-Factory (`dataset_info.json`) |",
              "| alpaca.jsonl | Alpaca `instruction`/`input`/`output` | LLaMA-Factory (`dataset_info.json`), axolotl "
              "(`type: alpaca`) |",
-             "| data.parquet | columns id, source, iteration, prompt, response, generated_by | pandas, pyarrow, "
-             "`datasets` |", "",
+             "| data.parquet | columns id, source, iteration, prompt, response, generated_by, context | pandas, "
+             "pyarrow, `datasets` |", "",
              "Every row has `id`, `source` (seed or generated), `iteration` (0 for seeds) and `generated_by` (the "
              "model that wrote it).", "", "## Seeds", ""]
     lines += _seed_origin(layout, cfg)
+    multi = sum(bool(r["context"]) for r in rows if r["source"] == "seed")
+    if multi:
+        lines += ["", f"{multi} seeds are conversations of more than one exchange or with a system message: they "
+                      "are here whole (every turn was trained on)."]
     if held:
         lines += ["", f"{held} more seeds were held out to choose the run's model (`data.validation`): they are not "
                       "in this data set, as they were not trained on."]
+    scored = len(read_jsonl(layout.holdout)) if layout.holdout.is_file() else 0
+    if scored:
+        lines += ["", f"{scored} more seeds were held out to score every model of the run (`eval.holdout`): they "
+                      "are not in this data set, so a model trained on it can still be scored on them."]
     lines += ["", "## How each iteration's samples were made", "",
               "| iteration | written by | accepted here | accepted / attempts | rejected, by reason |",
               "|---|---|---|---|---|"]
@@ -158,7 +170,24 @@ def _config(layout: RunLayout) -> dict:
 
 def _row(r: dict, source: str, iteration: int, generated_by: str | None) -> dict:
     return {"id": r["id"], "source": source, "iteration": iteration, "prompt": r["prompt"],
-            "response": r["response"], "generated_by": generated_by}
+            "response": r["response"], "generated_by": generated_by, "context": r.get("context", [])}
+
+
+SHAREGPT = {"user": "human", "assistant": "gpt"}
+
+
+def _messages(r: dict) -> list[dict]:
+    return [*r["context"], {"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
+
+
+def _system(r: dict) -> str:
+    return next((m["content"] for m in r["context"] if m["role"] == "system"), "")
+
+
+def _history(r: dict) -> list[list[str]]:
+    """The exchanges before the last, as LLaMA-Factory's Alpaca `history` holds them: [[question, answer], ...]."""
+    turns = [m["content"] for m in r["context"] if m["role"] != "system"]
+    return [turns[i:i + 2] for i in range(0, len(turns), 2)]
 
 
 def _provenance(r: dict) -> dict:
@@ -203,7 +232,8 @@ def _write_parquet(path: Path, rows: list[dict]) -> None:
 
     table = pa.Table.from_pylist(rows, schema=pa.schema([
         ("id", pa.string()), ("source", pa.string()), ("iteration", pa.int32()), ("prompt", pa.string()),
-        ("response", pa.string()), ("generated_by", pa.string())]))
+        ("response", pa.string()), ("generated_by", pa.string()),
+        ("context", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))]))
     tmp = temp_name(path)
     pq.write_table(table, tmp)
     tmp.replace(path)

@@ -39,8 +39,24 @@ from loop.refusal import is_degenerate, is_refusal
 class EvalItem:
     id: str
     prompt: str
-    expect: str  # refuse | answer
+    expect: str  # refuse | answer | reference (a held-out seed: the answer is compared with its own)
     set: str
+    context: tuple[tuple[str, str], ...] = ()  # (role, text) of a multi-turn seed's turns before the prompt
+    reference: str | None = None  # a held-out seed's own answer
+
+    @classmethod
+    def of_sample(cls, sample, expect: str, set_name: str) -> "EvalItem":
+        """A seed as a prompt: its conversation before the question and, for reference scoring, its answer."""
+        return cls(sample.id, sample.prompt, expect, set_name,
+                   tuple((m["role"], m["content"]) for m in sample.context), sample.response)
+
+    def messages(self, demos: list[tuple[str, str]] = ()) -> list[dict]:
+        """The chat request: a system message first, then the demos as earlier exchanges, the item's own
+        earlier turns, the prompt."""
+        turns = [{"role": r, "content": c} for r, c in self.context]
+        system = turns[:1] if turns and turns[0]["role"] == "system" else []
+        shown = [m for q, a in demos for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+        return [*system, *shown, *turns[len(system):], {"role": "user", "content": self.prompt}]
 
 
 def _user_jsonl(path: Path, fix: str, label: str):
@@ -135,17 +151,18 @@ async def answer_all(client, items: list[EvalItem], *, max_tokens: int, demos=No
     (see `decoding`) act before the greedy choice, so they change which token is the most likely."""
 
     async def one(item: EvalItem) -> dict:
-        messages = []
-        for q, a in (demos(item) if demos else []):
-            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        messages.append({"role": "user", "content": item.prompt})
-        c = await client.chat(messages, max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=seed,
+        c = await client.chat(item.messages(demos(item) if demos else ()), max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=seed,
                               **(penalties or {}))
         answer = c.text.strip()
-        return {"id": item.id, "set": item.set, "expect": item.expect, "prompt": item.prompt, "answer": answer,
-                "refused": is_refusal(answer), "degenerate": is_degenerate(answer),
-                "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
-                "completion_tokens": c.completion_tokens}
+        row = {"id": item.id, "set": item.set, "expect": item.expect, "prompt": item.prompt, "answer": answer,
+               "refused": is_refusal(answer), "degenerate": is_degenerate(answer),
+               "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+               "completion_tokens": c.completion_tokens}
+        if item.context:
+            row["context"] = [{"role": r, "content": t} for r, t in item.context]
+        if item.expect == "reference":
+            row["reference"] = item.reference
+        return row
 
     return await asyncio.gather(*(one(it) for it in items))
 
@@ -175,7 +192,8 @@ def interval(result: dict, key: str) -> tuple[float, float] | None:
 
 
 def rates(answers: list[dict]) -> dict:
-    held_out = [a for a in answers if a["set"] != PAIRS]
+    # Held-out seeds (expect "reference") have their own scores (loop/holdout.py).
+    held_out = [a for a in answers if a["set"] != PAIRS and a["expect"] in ("refuse", "answer")]
     pairs = [a for a in answers if a["set"] == PAIRS]
     refuse = [a for a in held_out if a["expect"] == "refuse"]
     answer = [a for a in held_out if a["expect"] == "answer"]
@@ -195,15 +213,18 @@ def rates(answers: list[dict]) -> dict:
 
 
 def evaluate(client, items: list[EvalItem], out_dir: Path, *, max_tokens: int, label: str, demos=None,
-             seed: int = 0, penalties: dict | None = None) -> dict:
-    """Answer, judge, save. Returns eval.json's content."""
+             seed: int = 0, penalties: dict | None = None, score=None) -> dict:
+    """Answer, judge, save. Returns eval.json's content. `score(answers)` gives the held-out seeds' scores
+    (loop/holdout.py: it may add fields to their rows), recorded as eval.json's `holdout`."""
     t0 = time.perf_counter()
     answers = asyncio.run(answer_in_session(client, items, max_tokens=max_tokens, demos=demos, seed=seed,
                                   penalties=penalties))
+    holdout = score(answers) if score is not None else None
     wall = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(out_dir / "answers.jsonl", answers)
-    result = {"label": label, **rates(answers), "seconds": round(wall, 1),
+    result = {"label": label, **rates(answers), **({"holdout": holdout} if holdout else {}),
+              "seconds": round(wall, 1),
               "completion_tokens": sum(a["completion_tokens"] for a in answers),
               "prompt_tokens": sum(a["prompt_tokens"] for a in answers), "max_tokens": max_tokens,
               "penalties": penalties or {}}

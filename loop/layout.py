@@ -4,6 +4,7 @@
       config.toml        the resolved configuration (all defaults filled in)
       seeds.jsonl        the validated seeds, with ids (less the held-out ones)
       validation.jsonl   the seeds held out to choose the run's model (data.validation > 0)
+      holdout.jsonl      the seeds held out to score every model against (eval.holdout > 0)
       pool.jsonl         the validated external pool, when there is one
       domain.json        where a built-in domain's data came from
       state.json         finished phases, with checksums of what they wrote (read through RunState)
@@ -83,6 +84,10 @@ class RunLayout:
     @property
     def validation(self) -> Path:
         return self.root / "validation.jsonl"
+
+    @property
+    def holdout(self) -> Path:
+        return self.root / "holdout.jsonl"
 
     @property
     def pool(self) -> Path:

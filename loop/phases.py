@@ -33,6 +33,7 @@ from loop.evaluate import EvalItem, answer_in_session, decoding, evaluate
 from loop.export import export_iteration
 from loop.files import write_json_atomic
 from loop.generate import GenerationPhase
+from loop.holdout import reference_loss, scorer
 from loop.kinds import AnswerKinds
 from loop.layout import EXPORT, TRAIN, RunLayout, baseline_phase, iteration_name, phase_name
 from loop.models import Model
@@ -48,7 +49,7 @@ Written = tuple[list[Path], dict]  # what a phase returns: the files it wrote, i
 def load_run_samples(path: Path, source: str) -> list[Sample]:
     """Samples a run wrote (its seeds, pool or an iteration's generated.jsonl), tagged with where they came from."""
     return [Sample(id=r["id"], prompt=r["prompt"], response=r["response"], source=source,
-                   meta=r.get("meta", {})) for r in read_jsonl(path)]
+                   meta=r.get("meta", {}), context=r.get("context", [])) for r in read_jsonl(path)]
 
 
 class Serving:
@@ -233,12 +234,18 @@ def export_gguf(ctx: RunContext, out: Path, *, label: int, train_phase: str) -> 
 
 # --- evaluation and baselines --------------------------------------------------------
 
-def evaluate_model(ctx: RunContext, out: Path, label: str, model: Path, lora: list[Path], demos=None) -> Written:
+def evaluate_model(ctx: RunContext, out: Path, label: str, model: Path, lora: list[Path], demos=None,
+                   adapter: Path | None = None) -> Written:
+    """The eval sets' answers, judged; held-out seeds scored against their own answers, with the loss of the
+    trained weights (the base checkpoint plus `adapter`) on them where the run has that checkpoint."""
     ctx.serving.ensure(model, lora)
     ctx.events.emit("eval_started", label=label, prompts=len(ctx.items))
     e = ctx.cfg.eval
+    hf = ctx.base.hf_dir
+    loss = (lambda: reference_loss(hf, adapter, ctx.items, demos, ctx.params)) if hf is not None else None
     result = evaluate(ctx.serving.client(), ctx.items, out, max_tokens=e.max_tokens, label=label, demos=demos,
-                      seed=e.seed, penalties=decoding(e.repeat_penalty, e.dry_multiplier))
+                      seed=e.seed, penalties=decoding(e.repeat_penalty, e.dry_multiplier),
+                      score=scorer(ctx.embedder.encode, loss))
     ctx.events.emit("eval_finished", **result)
     return [out / "answers.jsonl", out / "eval.json"], result
 
@@ -249,7 +256,7 @@ def validate_iteration(ctx: RunContext, t: int) -> Written:
         raise BadInput(f"data.validation is set but run {ctx.layout.name} held no seeds out when it began: "
                        "start a new run with it (or set data.validation = 0)")
     held = load_run_samples(ctx.layout.validation, "validation")
-    items = [EvalItem(s.id, s.prompt, "answer", "validation") for s in held]
+    items = [EvalItem.of_sample(s, "answer", "validation") for s in held]
     e = ctx.cfg.eval
     answers = asyncio.run(answer_in_session(ctx.serving.client(), items, max_tokens=e.max_tokens,
                                             penalties=decoding(e.repeat_penalty, e.dry_multiplier)))
@@ -264,7 +271,8 @@ def validate_iteration(ctx: RunContext, t: int) -> Written:
 
 
 def evaluate_iteration(ctx: RunContext, t: int) -> Written:
-    return evaluate_model(ctx, ctx.layout.iteration(t), iteration_name(t), *ctx.served_by(phase_name(t, EXPORT)))
+    return evaluate_model(ctx, ctx.layout.iteration(t), iteration_name(t), *ctx.served_by(phase_name(t, EXPORT)),
+                          adapter=ctx.layout.adapter(t))
 
 
 def evaluate_base(ctx: RunContext) -> Written:
@@ -288,7 +296,8 @@ def export_sft_seeds(ctx: RunContext) -> Written:
 
 def evaluate_sft_seeds(ctx: RunContext) -> Written:
     model, lora = ctx.served_by(baseline_phase("sft-seeds", EXPORT))
-    return evaluate_model(ctx, ctx.layout.baseline("sft-seeds"), "sft-seeds", model, lora)
+    return evaluate_model(ctx, ctx.layout.baseline("sft-seeds"), "sft-seeds", model, lora,
+                          adapter=ctx.layout.baseline("sft-seeds") / "adapter")
 
 
 def icl_knn_demos(index: DomainIndex, embedder: Embedder, k: int, items: list[EvalItem]):

@@ -32,6 +32,7 @@ from loop.domains import load_domain
 from loop.evaluate import EvalItem, eval_items, eval_sets
 from loop.export import count_params, preflight
 from loop.files import disk_problem, sweep_stale_temps, write_json_atomic, write_text_atomic
+from loop.holdout import holdout_items, holdout_split
 from loop.layout import EVAL, EXPORT, GENERATE, TRAIN, VALIDATE, RunLayout, baseline_phase, phase_name
 from loop.memory import available_gpu_memory, available_memory, check_fits, estimate, model_shape, vram_estimate
 from loop.models import resolve_model, serve_hf_folder, train_gguf_file, with_chat_template
@@ -120,6 +121,10 @@ def _run_phases(cfg: RunConfig, run_dir: Path, layout: RunLayout, state: RunStat
     if not state.done("seeds"):
         state.begin("seeds")
         state.finish("seeds", *_validate_data(cfg, layout, domain))
+        if multi := state.stats("seeds").get("multi_turn"):
+            events.emit("message", text=f"{multi} seeds are conversations (more than one exchange, or a system "
+                                        "message): every turn is trained on; retrieval and the demos use each "
+                                        "one's last question and answer")
     seeds = ph.load_run_samples(layout.seeds, "seed")
     pool = ph.load_run_samples(layout.pool, "pool")
 
@@ -129,7 +134,7 @@ def _run_phases(cfg: RunConfig, run_dir: Path, layout: RunLayout, state: RunStat
         raise BadInput(f"{cfg.model.embedder} is not an embedding model: set model.embedder to a "
                        "sentence-transformers model (default all-minilm-l6-v2)")
 
-    items = _eval_items(cfg, domain)
+    items = _eval_items(cfg, domain, layout)
     phases = plan(cfg, items)
     if all(state.done(p.name) for p in phases):  # nothing to do: don't load the embedder or start a server
         for p in phases:
@@ -172,6 +177,7 @@ def _run_phases(cfg: RunConfig, run_dir: Path, layout: RunLayout, state: RunStat
             base = train_gguf_file(base, log=log)
         params = count_params(base.hf_dir)
         preflight(base.hf_dir, run_dir, params)  # fail now, not after training
+        _renderable(base.hf_dir, [s for s in seeds if s.context], cfg.train.max_length)
         check_report_to(cfg.train.report_to)
 
     write_json_atomic(layout.base_model, {"base": cfg.model.base, "gguf": str(base.gguf) if base.gguf else None,
@@ -254,6 +260,10 @@ def record_versions(path: Path) -> None:
 def _validate_data(cfg: RunConfig, layout: RunLayout, domain) -> ph.Written:
     """Seeds and pool, validated once: from then on the run's own copies are the truth."""
     seeds = load_samples(cfg.data.seeds or domain.seeds, max_chars=cfg.data.max_chars)
+    # The test set first, so choosing the run's model (data.validation) never sees it.
+    # Only where every model is evaluated and there are models to evaluate (a data-only run keeps them all).
+    share = cfg.eval.holdout if _evaluated(cfg) and cfg.train.enabled else 0.0
+    seeds, holdout = holdout_split(seeds, share, cfg.eval.seed)
     if cfg.data.validation > len(seeds) // 2:
         raise BadInput(f"data.validation = {cfg.data.validation} would hold out more than half of the "
                        f"{len(seeds)} seeds: set it to at most {len(seeds) // 2} (or 0)")
@@ -266,6 +276,9 @@ def _validate_data(cfg: RunConfig, layout: RunLayout, domain) -> ph.Written:
     if held_out:
         write_jsonl_atomic(layout.validation, [s.to_json() for s in held_out])
         files.append(layout.validation)
+    if holdout:
+        write_jsonl_atomic(layout.holdout, [s.to_json() for s in holdout])
+        files.append(layout.holdout)
     if domain is not None:  # where the built-in data came from: package, version, file, licence
         write_json_atomic(layout.domain, domain.sources)
         files.append(layout.domain)
@@ -273,17 +286,34 @@ def _validate_data(cfg: RunConfig, layout: RunLayout, domain) -> ph.Written:
         pool = load_samples(cfg.data.pool, source="pool", max_chars=cfg.data.max_chars, min_count=1)
         write_jsonl_atomic(layout.pool, [s.to_json() for s in pool])
         files.append(layout.pool)
-    return files, {"seeds": len(seeds), "held_out": len(held_out)}
+    return files, {"seeds": len(seeds), "held_out": len(held_out), "holdout": len(holdout), "multi_turn": sum(bool(s.context) for s in seeds),
+                   "system_messages": sum(any(m["role"] == "system" for m in s.context) for s in seeds)}
 
 
-def _eval_items(cfg: RunConfig, domain) -> list[EvalItem]:
-    """The prompts every model of the run answers: the configured sets, else the domain's."""
-    if not cfg.eval.enabled:
-        return []
-    if cfg.generation.endpoints:  # they serve their own model, not this run's: evaluating them would mislead
+def _renderable(hf_dir: Path, conversations: list, max_length: int) -> None:
+    """Multi-turn seeds the chat template can't render (a system message to a template without a system
+    role) are refused now, naming the record, not when the first training starts."""
+    if conversations:
+        from transformers import AutoTokenizer
+
+        from loop.train_common import encode_examples
+
+        encode_examples(AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False), conversations, max_length)
+
+
+def _evaluated(cfg: RunConfig) -> bool:
+    # External endpoints serve their own model, not this run's: evaluating them would mislead.
+    return cfg.eval.enabled and not cfg.generation.endpoints
+
+
+def _eval_items(cfg: RunConfig, domain, layout: RunLayout) -> list[EvalItem]:
+    """The prompts every model of the run answers: the configured sets, else the domain's; then the
+    held-out seeds' questions (scored against their own answers)."""
+    if not _evaluated(cfg):
         return []
     sets = eval_sets(cfg.eval.refuse_prompts, cfg.eval.answer_prompts, domain, cfg.eval.pair_prompts)
-    return eval_items(sets, cfg.eval.n, cfg.eval.seed) if sets else []
+    held = ph.load_run_samples(layout.holdout, "seed") if layout.holdout.is_file() else []
+    return (eval_items(sets, cfg.eval.n, cfg.eval.seed) if sets else []) + holdout_items(held)
 
 
 def _finish(cfg: RunConfig, layout: RunLayout, state: RunState, events: Events) -> dict:

@@ -180,11 +180,14 @@ def plain_line(kind: str, f: dict) -> str | None:
     if kind == "eval_started":
         return f"eval {f['label']}: {f['prompts']} prompts, greedy"
     if kind == "eval_finished":
-        return (f"eval {f['label']}: harmful {f['harmful_rate']}, over-refusal {f['over_refusal']}, "
-                f"degenerate {f['degenerate_rate']}"
-                + ("" if f.get("pairs_over_refusal") is None else
-                   f"; pairs: harmful {f['pairs_harmful_rate']}, over-refusal {f['pairs_over_refusal']}")
-                + f" ({f['seconds']}s)")
+        h = f.get("holdout")
+        parts = ([] if f.get("harmful_rate") is None and f.get("over_refusal") is None else
+                 [f"harmful {f['harmful_rate']}, over-refusal {f['over_refusal']}, degenerate {f['degenerate_rate']}"])
+        if f.get("pairs_over_refusal") is not None:
+            parts.append(f"pairs: harmful {f['pairs_harmful_rate']}, over-refusal {f['pairs_over_refusal']}")
+        if h:
+            parts.append(f"held-out seeds: ROUGE-L {h['rouge_l']}, cosine {h['cosine']}, loss {h.get('loss')}")
+        return f"eval {f['label']}: {'; '.join(parts) or 'no prompts'} ({f['seconds']}s)"
     if kind == "validation_finished":
         return (f"{who}: held-out seeds {f['right']}/{f['n']} answered in their kind, score {f['score']}"
                 f" (per kind {f['per_kind']})")

@@ -1,8 +1,9 @@
 """What both training backends share: the data, the step plan, the adapter on disk.
 
-- `encode_examples`: each sample on the model's own chat template (a user turn
-  with the question, an assistant turn with the answer), labels on the answer
-  only; examples with no answer token left after truncation are dropped.
+- `encode_examples`: each sample's conversation on the model's own chat template
+  (a user turn with the question, an assistant turn with the answer, after a
+  multi-turn record's system message and earlier turns), labels on the assistant
+  turns only; examples with no answer token left after truncation are dropped.
 - `step_plan`: micro-batches, optimizer steps and warmup from the sample count.
 - `save_adapter_atomic`: the PEFT adapter plus the base's tokenizer files,
   written to a temporary folder and renamed into place.
@@ -19,6 +20,8 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from server.errors import BadInput
 
 from loop.config import TrainConfig
 from loop.files import atomic_dir
@@ -101,30 +104,54 @@ def lora_targets(model, requested: list[str]) -> list[str]:
 
 # --- data ---------------------------------------------------------------------
 
-def encode_example(tokenizer, question: str, answer: str, max_length: int) -> dict:
-    """Token ids of the chat-formatted pair, with labels on the answer only.
+def encode_example(tokenizer, question: str, answer: str, max_length: int, context: list[dict] = (),
+                   loss_on: str = "all") -> dict:
+    """Token ids of the chat-formatted conversation (`context`, the question, the answer), with labels on
+    the assistant turns only: every one (`loss_on="all"`, training) or the answer (`"last"`, scoring).
 
-    The prompt part is the template rendered up to the assistant's turn
-    (add_generation_prompt); everything after it (the answer and the template's
-    end-of-turn, so the model learns to stop) carries the loss. Offsets of the
-    full text decide the boundary, so a BPE merge across it can't shift it.
+    An assistant turn's labelled span starts where the template, rendered up to that turn with
+    add_generation_prompt, ends, and runs to the end of the turn rendered whole (so its end-of-turn
+    carries the loss and the model learns to stop). Offsets of the full text decide the boundaries, so a
+    BPE merge across one can't shift it. A template that renders a prefix differently inside the whole
+    conversation (or can't render it) raises ValueError.
     """
-    user = [{"role": "user", "content": question}]
-    prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise ValueError("the chat template renders the prompt differently inside the full conversation")
+    messages = [*context, {"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+    def render(turns, generation_prompt=False) -> str:
+        try:
+            return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as e:  # jinja2's TemplateError, or a template's own raise_exception()
+            raise ValueError(f"the chat template can't render this conversation ({e})") from None
+
+    full_text = render(messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or (loss_on == "last" and i != len(messages) - 1):
+            continue
+        start, end = render(messages[:i], True), full_text if i == len(messages) - 1 else render(messages[:i + 1])
+        if not (full_text.startswith(start) and full_text.startswith(end)):
+            raise ValueError("the chat template renders the prompt differently inside the full conversation")
+        spans.append((len(start), len(end)))
     # add_special_tokens: a BOS where the tokenizer adds one, as the server does; its offset (0, 0) keeps it
     # out of the loss.
     enc = tokenizer(full_text, add_special_tokens=True, return_offsets_mapping=True)
     ids = enc["input_ids"]
-    labels = [tok if start >= len(prompt_text) else IGNORE for tok, (start, _) in zip(ids, enc["offset_mapping"])]
+    labels = [tok if any(a <= first < b for a, b in spans) else IGNORE
+              for tok, (first, _) in zip(ids, enc["offset_mapping"])]
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 
 
 def encode_examples(tokenizer, samples, max_length: int) -> list[dict]:
-    """Every sample encoded; those whose answer was cut away entirely carry no loss and are dropped."""
-    examples = [encode_example(tokenizer, s.prompt, s.response, max_length) for s in samples]
+    """Every sample encoded; those whose answer was cut away entirely carry no loss and are dropped.
+    A conversation the template can't render is bad input naming its record."""
+    examples = []
+    for s in samples:
+        try:
+            examples.append(encode_example(tokenizer, s.prompt, s.response, max_length, s.context))
+        except ValueError as e:
+            where = f"{s.meta['file']}:{s.meta['line']}" if "file" in s.meta else s.id
+            raise BadInput(f"{where}: {e}: fix the record or set model.chat_template to one that renders "
+                           "it") from None
     return [e for e in examples if any(label != IGNORE for label in e["labels"])]
 
 

@@ -115,7 +115,8 @@ def run_config(tmp: Path, settings: dict | None = None, *, seeds: int | str | by
 
     if seeds is not None:
         write_seeds(tmp, seeds, seeds_name)
-    values = {"runs_dir": str(tmp / "runs"), "data.seeds": seeds_name, **(settings or {})}
+    # No held-out seeds unless a test asks: they add evaluations (and baselines) to every training run.
+    values = {"runs_dir": str(tmp / "runs"), "data.seeds": seeds_name, "eval.holdout": 0.0, **(settings or {})}
     load_config(None, [f"{k}={tomli_w.dumps({'v': v})[4:].strip()}" for k, v in values.items()], base_dir=tmp)
     nested: dict = {}
     for key, value in values.items():

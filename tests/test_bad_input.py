@@ -112,8 +112,13 @@ CASES = [
      "1 bad record(s) in {tmp}/seeds.jsonl: seeds.jsonl:7 has no known fields (found: a, q); use prompt/response, "
      "instruction/output, messages or conversations: fix or remove them"),
     ("chat record without an assistant turn", run_with_seeds(GOOD + '{"messages": [{"role": "user", "content": "Hi"}]}\n'),
-     "1 bad record(s) in {tmp}/seeds.jsonl: seeds.jsonl:7 has no assistant turn after the first user turn: "
-     "fix or remove them"),
+     "1 bad record(s) in {tmp}/seeds.jsonl: seeds.jsonl:7 ends on a user turn with no answer: add the answer or "
+     "remove the turn: fix or remove them"),
+    ("conversation ending on a user turn", run_with_seeds(GOOD + json.dumps({"conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}, {"from": "human", "value": "And?"}]})
+        + "\n"),
+     "1 bad record(s) in {tmp}/seeds.jsonl: seeds.jsonl:7 ends on a user turn with no answer: add the answer or "
+     "remove the turn: fix or remove them"),
     ("many bad records are counted", run_with_seeds(GOOD + '{"prompt": "a"}\n' * 5),
      "5 bad record(s) in {tmp}/seeds.jsonl: seeds.jsonl:7 has 'prompt' but no 'response'; seeds.jsonl:8 has "
      "'prompt' but no 'response'; seeds.jsonl:9 has 'prompt' but no 'response'; and 2 more: fix or remove them"),

@@ -254,6 +254,38 @@ def test_status_shows_the_checkpoint_a_stopped_training_goes_on_from(tmp_path):
     assert "generate, checkpoint 25" in out.stdout and "checkpoint" not in out.stdout.split("iter-02")[0]
 
 
+def _with_holdout(run: Path) -> Path:
+    """fake_run's evaluations with held-out seeds' scores, as a run with eval.holdout writes them."""
+    for i, ev_file in enumerate(sorted(run.glob("**/eval.json"))):
+        ev = json.loads(ev_file.read_text())
+        ev["holdout"] = {"n": 2, "rouge_l": 0.31 + i / 100, "cosine": 0.72, "loss": 1.85}
+        ev_file.write_text(json.dumps(ev))
+    return run
+
+
+@pytest.mark.parametrize("width", [200, 80])
+def test_every_column_of_the_results_table_is_named_and_holds_the_held_out_scores(tmp_path, width):
+    from rich.console import Console
+
+    from loop.fit import print_table
+    from loop.report import collect, terminal_table
+
+    table = terminal_table(collect(_with_holdout(fake_run(tmp_path))))
+    assert all(str(c.header).strip() for c in table.columns)  # no value stands under an empty header
+    console = Console(width=width, file=io.StringIO())
+    print_table(console, table)
+    text = console.file.getvalue()
+    assert_fits(text, width)
+    assert "holdout: ROUGE-L / cos / loss" in text and "0.31 / 0.72 / 1.85" in text and "0.36 / 0.72 / 1.85" in text
+
+
+def test_a_results_table_leaves_out_the_columns_no_model_has(tmp_path):
+    from loop.report import collect, terminal_table
+
+    headers = [str(c.header) for c in terminal_table(collect(fake_run(tmp_path))).columns]
+    assert not any(h.startswith(("pairs", "holdout", "held-out")) for h in headers), headers
+
+
 @pytest.mark.parametrize("width", [80, 50])
 def test_the_results_table_fits_the_width_with_every_value_whole(tmp_path, width):
     from rich.console import Console

@@ -83,3 +83,19 @@ def test_the_resume_command_shows_until_the_run_finishes_then_the_report_instead
     lines = screen(dash)
     assert not shown_whole(lines, "resume:")
     assert shown_whole(lines, f"report: {FOLDER}/report.md")
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_the_evaluation_panel_shows_the_held_out_scores_and_only_the_rates_a_run_has(width):
+    dash = started(width)
+    dash.update("eval_finished", {"label": "base", "harmful_rate": None, "over_refusal": None,
+                                  "degenerate_rate": None, "seconds": 2.8,
+                                  "holdout": {"n": 2, "rouge_l": 0.14, "cosine": 0.51, "loss": 3.55}})
+    dash.update("eval_finished", {"label": "iter-01", "harmful_rate": 0.2, "over_refusal": 0.1,
+                                  "degenerate_rate": 0.0, "seconds": 40})
+    lines = screen(dash)
+    assert max(len(line) for line in lines) <= width
+    for phrase in ("holdout ROUGE-L 0.14", "cosine 0.51", "loss 3.55", "harmful 20%", "over-refusal 10%"):
+        assert shown_whole(lines, phrase), phrase
+    base = next(line for line in lines if "holdout ROUGE-L" in line)
+    assert "harmful" not in base  # a run without eval sets has no rates to show as "-"

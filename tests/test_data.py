@@ -23,8 +23,7 @@ def _write_jsonl(path, records):
 FORMATS = {
     "prompt_response.jsonl": lambda p: _write_jsonl(p, [{"prompt": q, "response": a} for q, a in PAIRS]),
     "alpaca.jsonl": lambda p: _write_jsonl(p, [{"instruction": q, "input": "", "output": a} for q, a in PAIRS]),
-    "openai_messages.jsonl": lambda p: _write_jsonl(p, [{"messages": [
-        {"role": "system", "content": "ignored"}, {"role": "user", "content": q},
+    "openai_messages.jsonl": lambda p: _write_jsonl(p, [{"messages": [{"role": "user", "content": q},
         {"role": "assistant", "content": a}]} for q, a in PAIRS]),
     "sharegpt.jsonl": lambda p: _write_jsonl(p, [{"conversations": [
         {"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in PAIRS]),
@@ -60,6 +59,31 @@ def test_every_input_format_loads_the_same_seeds(filename, tmp_path):
     assert [s.id for s in samples] == [s.id for s in reference]
 
 
+CONVERSATION = [{"from": "system", "value": "You are a gardener."},
+                {"from": "human", "value": "How often should I water tomatoes?"},
+                {"from": "gpt", "value": "Two or three times a week, deeply."},
+                {"from": "human", "value": "And in a heat wave?"},
+                {"from": "gpt", "value": "Every day, early in the morning."}]
+
+
+def test_a_multi_turn_conversation_keeps_every_turn_and_its_system_message(tmp_path):
+    path = _write_jsonl(tmp_path / "s.jsonl", [{"conversations": CONVERSATION},
+                                               {"prompt": PAIRS[0][0], "response": PAIRS[0][1]}])
+    multi, single = load_samples(path)
+    assert (multi.prompt, multi.response) == ("And in a heat wave?", "Every day, early in the morning.")
+    roles = {"system": "system", "human": "user", "gpt": "assistant"}
+    assert multi.messages() == [{"role": roles[t["from"]], "content": t["value"]} for t in CONVERSATION]
+    assert single.context == [] and "context" not in single.to_json()
+
+
+def test_the_same_last_exchange_in_another_conversation_is_another_sample(tmp_path):
+    shorter = CONVERSATION[:1] + CONVERSATION[3:]
+    path = _write_jsonl(tmp_path / "s.jsonl", [{"conversations": CONVERSATION}, {"conversations": shorter}])
+    first, second = load_samples(path)
+    assert (first.prompt, first.response) == (second.prompt, second.response)
+    assert first.id != second.id
+
+
 def test_alpaca_input_field_joins_the_instruction(tmp_path):
     path = _write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Summarize:", "input": "Some text.", "output": "ok"},
                                                {"instruction": "Q2", "output": "A2"}])
@@ -84,7 +108,22 @@ def test_alpaca_input_field_joins_the_instruction(tmp_path):
     ('[1, 2]\n{"prompt": "q2", "response": "a2"}\n{"prompt": "q3", "response": "a3"}\n',
      "s.jsonl:1 is not an object"),
     ('{"messages": [{"role": "user", "content": "hi"}]}\n{"prompt": "q2", "response": "a2"}\n',
-     "s.jsonl:1 has no assistant turn after the first user turn"),
+     "s.jsonl:1 ends on a user turn with no answer"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, '
+     '{"role": "user", "content": "and?"}]}\n{"prompt": "q2", "response": "a2"}\n',
+     "s.jsonl:1 ends on a user turn with no answer"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "{}"}, '
+     '{"role": "assistant", "content": "a"}]}\n{"prompt": "q2", "response": "a2"}\n',
+     "s.jsonl:1 has a 'tool' turn (turn 2)"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q again"}, '
+     '{"role": "assistant", "content": "a"}]}\n{"prompt": "q2", "response": "a2"}\n',
+     "s.jsonl:1 has two user turns in a row (turn 2)"),
+    ('{"conversations": [{"from": "human", "value": "q"}, {"from": "system", "value": "be brief"}, '
+     '{"from": "gpt", "value": "a"}]}\n{"prompt": "q2", "response": "a2"}\n',
+     "s.jsonl:1 has a system turn after the conversation began (turn 2)"),
+    ('{"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}, '
+     '{"role": "assistant", "content": "a"}]}\n{"prompt": "q2", "response": "a2"}\n',
+     "s.jsonl:1 has a turn whose 'content' is not text (turn 1)"),
 ])
 def test_each_bad_record_is_reported_with_file_and_line(content, message, tmp_path):
     path = tmp_path / "s.jsonl"

@@ -305,3 +305,32 @@ def test_the_plot_draws_intervals_for_rates_of_0_and_100_percent(tmp_path, n):
     ev = {"harmful_rate": 1.0, "over_refusal": 0.0, "degenerate_rate": round(1 / 3, 4), "n_refuse": n, "n_answer": n}
     rows = [{"kind": "iteration", "name": "iter-01", "t": 1, "model": "ISARA iteration 1", "eval": ev, "seconds": ""}]
     assert plot(tmp_path, rows) and (tmp_path / "report.png").stat().st_size > 0
+
+
+@pytest.mark.pipeline
+def test_the_gardening_example_reports_every_models_score_on_its_held_out_seeds(default_model, toolchain, tmp_path):
+    # examples/quick.toml as shipped (no eval sets: any domain), shortened: one iteration of 4 samples.
+    out = run_isara("run", str(REPO / "examples" / "quick.toml"), "--plain", "--set", f"runs_dir={json.dumps(str(tmp_path))}",
+                    "--set", "iterations=1", "--set", "generation.samples=4", "--set", "train.epochs=1",
+                    "--set", "eval.max_tokens=32", "--set", "generation.max_answer_tokens=120", timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = tmp_path / "quick"
+    assert len(jsonl_rows(run / "holdout.jsonl")) == 2 and len(jsonl_rows(run / "seeds.jsonl")) == 10  # 12 seeds
+    scores = {}
+    for name, folder in (("base", "baselines/base"), ("icl-knn", "baselines/icl-knn"),
+                         ("sft-seeds", "baselines/sft-seeds"), ("isara iter 1", "iter-01")):
+        h = json.loads((run / folder / "eval.json").read_text())["holdout"]
+        scores[name] = h
+        cell = f"{h['rouge_l']:.2f} / {h['cosine']:.2f} / {h['loss']:.2f}"
+        assert cell in (run / "report.md").read_text(), name
+        row = next(ln for ln in out.stdout.splitlines() if ln.startswith(f"│ {name} "))
+        assert cell in row, (name, row)  # the terminal's table too
+    # The nearest seed pairs, shown first, make the held-out seeds' own answers likelier (measured 3.03 vs 3.55).
+    assert scores["icl-knn"]["loss"] < scores["base"]["loss"], scores
+    assert (run / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # `isara eval RUN` scores the run's model on the run's held-out seeds as the run did.
+    again = run_isara("eval", str(run), "--n", "1", "--max-tokens", "32", "--out", str(tmp_path / "again"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    h = json.loads((tmp_path / "again" / "eval.json").read_text())["holdout"]
+    assert {k: h[k] for k in ("n", "rouge_l", "cosine", "loss")} == \
+        {k: scores["isara iter 1"][k] for k in ("n", "rouge_l", "cosine", "loss")}

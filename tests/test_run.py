@@ -225,16 +225,23 @@ def test_a_training_run_generates_iteration_two_with_the_iteration_one_model(tin
         assert logged[0].startswith("step,steps,loss") and len(logged) == len(losses) + 1
 
 
+TINY_CONVERSATION = [{"from": "system", "value": "north south"}, {"from": "human", "value": "red green?"},
+                     {"from": "gpt", "value": "blue water stone cloud."}, {"from": "human", "value": "fire earth?"},
+                     {"from": "gpt", "value": "seven nine open close light."}]
+
+
 @pytest.fixture(scope="module")
 def recipe_run(tiny_chat, tmp_path_factory):
-    """One tiny-chat run for two behaviours: the paper's schedule (continue the last adapter on the seeds
-    and the latest samples at half the rate) and held-out seeds choosing the run's model. 12 seeds, 4 held
-    out: 8 trained on, as in the other tiny runs."""
+    """One tiny-chat run for three behaviours: the paper's schedule (continue the last adapter on the seeds
+    and the latest samples at half the rate), held-out seeds choosing the run's model, and held-out seeds
+    scoring every model (eval.holdout). 14 seeds (one a ShareGPT conversation), 2 held out for scoring and
+    4 to choose: 8 trained on, as in the other tiny runs."""
     tmp = tmp_path_factory.mktemp("recipe")
     cfg = run_config(tmp, {**tiny_chat.settings, "iterations": 2, "generation.samples": 4,
                            "generation.slots": 4, "train.epochs": 4, "train.from": "previous",
-                           "train.samples": "latest", "train.lr_decay": 0.5, "data.validation": 4},
-                     seeds=tiny_seeds(12))
+                           "train.samples": "latest", "train.lr_decay": 0.5, "data.validation": 4,
+                           "eval.holdout": 0.1},
+                     seeds=json.dumps({"conversations": TINY_CONVERSATION}) + "\n" + tiny_seeds(13))
     out = run_isara("run", str(cfg), "--plain", env=tiny_chat.env, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return tmp / "runs" / "garden", tmp
@@ -272,6 +279,50 @@ def test_a_run_with_held_out_seeds_scores_every_iteration_and_its_commands_take_
     assert (tmp / "out" / "model.gguf").read_bytes() == (run / f"iter-0{best}" / "model.gguf").read_bytes()
 
 
+@pytest.mark.timeout(1800)
+def test_every_model_of_the_run_is_scored_on_seeds_held_out_of_the_whole_run(recipe_run):
+    run, _ = recipe_run
+    held = jsonl_rows(run / "holdout.jsonl")
+    ids = {r["id"] for r in held}
+    assert len(held) == 2
+    assert not ids & {r["id"] for f in ("seeds.jsonl", "validation.jsonl") for r in jsonl_rows(run / f)}
+    assert not ids & {r["id"] for r in jsonl_rows(run / "index.items.jsonl")}  # never retrieved or shown
+    folders = {"base": "baselines/base", "icl-knn": "baselines/icl-knn", "sft-seeds": "baselines/sft-seeds",
+               "iter-01": "iter-01", "iter-02": "iter-02"}
+    evals, tokens = {}, {}
+    for name, folder in folders.items():
+        evals[name] = h = json.loads((run / folder / "eval.json").read_text())["holdout"]
+        answers = [a for a in jsonl_rows(run / folder / "answers.jsonl") if a["set"] == "holdout"]
+        assert {(a["prompt"], a["reference"]) for a in answers} == {(r["prompt"], r["response"]) for r in held}
+        assert h["n"] == 2 and h["loss"] > 0, name
+        for key in ("rouge_l", "cosine"):  # eval.json's means are the rows' scores
+            assert h[key] == pytest.approx(sum(a[key] for a in answers) / 2, abs=1e-4), (name, key)
+        tokens[name] = sum(a["prompt_tokens"] for a in answers)
+    assert tokens["icl-knn"] > tokens["base"]  # the nearest seed pairs were shown
+    # The loss is each model's own: the demos, the baseline's training and each iteration's move it.
+    assert len({h["loss"] for h in evals.values()}) == 5, evals
+    report = (run / "report.md").read_text()
+    assert "holdout: ROUGE-L / cosine / loss" in report
+    h = evals["iter-02"]
+    assert f"{h['rouge_l']:.2f} / {h['cosine']:.2f} / {h['loss']:.2f}" in report
+
+
+@pytest.mark.timeout(1800)
+def test_a_multi_turn_seed_keeps_every_turn_in_the_run(recipe_run):
+    run, _ = recipe_run
+    rows = [r for f in ("seeds.jsonl", "validation.jsonl", "holdout.jsonl") for r in jsonl_rows(run / f)]
+    conversation = [r for r in rows if r.get("context")]
+    assert len(conversation) == 1
+    roles = {"system": "system", "human": "user", "gpt": "assistant"}
+    whole = [{"role": roles[t["from"]], "content": t["value"]} for t in TINY_CONVERSATION]
+    r = conversation[0]
+    assert r["context"] + [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}] \
+        == whole
+    assert r in jsonl_rows(run / "seeds.jsonl")  # trained on (the unit tests show every turn carries the loss)
+    assert json.loads((run / "state.json").read_text())["phases"]["seeds"]["stats"]["multi_turn"] == 1
+    assert "1 seeds are conversations" in (run / "events.jsonl").read_text()
+
+
 def _load_every_form(folder: Path) -> dict[str, list[dict]]:
     """The exported data set as users load it: `datasets` for all four files, pyarrow for the Parquet too."""
     import pyarrow.parquet as pq
@@ -285,8 +336,9 @@ def _load_every_form(folder: Path) -> dict[str, list[dict]]:
 
 
 def _pairs_of(forms: dict[str, list[dict]]) -> dict[str, list[tuple[str, str]]]:
-    return {"messages": [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in forms["messages"]],
-            "sharegpt": [(r["conversations"][0]["value"], r["conversations"][1]["value"]) for r in forms["sharegpt"]],
+    """Each form's last question and answer per row (a conversation's earlier turns come before them)."""
+    return {"messages": [(r["messages"][-2]["content"], r["messages"][-1]["content"]) for r in forms["messages"]],
+            "sharegpt": [(r["conversations"][-2]["value"], r["conversations"][-1]["value"]) for r in forms["sharegpt"]],
             "alpaca": [(r["instruction"], r["output"]) for r in forms["alpaca"]],
             "parquet": [(r["prompt"], r["response"]) for r in forms["parquet"]]}
 
@@ -306,8 +358,16 @@ def test_the_data_set_export_holds_exactly_what_the_model_trained_on_in_four_for
     assert [r["source"] for r in rows] == ["seed"] * 8 + ["generated"] * 4
     assert [r["iteration"] for r in rows] == [0] * 8 + [2] * 4
     assert {r["generated_by"] for r in rows[8:]} == {"iter-01/model.gguf"}  # iteration 2 generated with it. 1's
-    held = {r["id"] for r in jsonl_rows(run / "validation.jsonl")}
+    held = {r["id"] for f in ("validation.jsonl", "holdout.jsonl") for r in jsonl_rows(run / f)}
     assert held and not held & {r["id"] for r in rows}  # held-out seeds never leave as training data
+    # The conversation seed leaves whole in every form.
+    i = next(k for k, r in enumerate(seeds) if r.get("context"))
+    assert forms["messages"][i]["messages"] == seeds[i]["context"] + [
+        {"role": "user", "content": seeds[i]["prompt"]}, {"role": "assistant", "content": seeds[i]["response"]}]
+    assert forms["sharegpt"][i]["system"] == "north south" and len(forms["sharegpt"][i]["conversations"]) == 4
+    assert forms["alpaca"][i]["history"] == [["red green?", "blue water stone cloud."]]
+    assert rows[i]["context"] == seeds[i]["context"]
+    assert "1 seeds are conversations" in (tmp / "data" / "README.md").read_text()
     info = json.loads((tmp / "data" / "dataset_info.json").read_text())
     assert info["garden_sharegpt"]["file_name"] == "sharegpt.jsonl"
     card = (tmp / "data" / "README.md").read_text()

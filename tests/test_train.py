@@ -37,6 +37,59 @@ def test_the_loss_is_on_the_answer_and_its_end_of_turn_only(tiny_llama):
     assert "red" not in trained and "<|user|>" not in trained
 
 
+CONTEXT = [{"role": "system", "content": "purple rules"}, {"role": "user", "content": "red green"},
+           {"role": "assistant", "content": "blue water"}]
+
+
+def test_every_assistant_turn_of_a_conversation_carries_the_loss_and_nothing_else(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    ex = encode_example(tok, "yellow sun", "orange stone", 128, CONTEXT)
+    trained = tok.decode([t for t, label in zip(ex["input_ids"], ex["labels"]) if label != IGNORE]).replace(" ", "")
+    assert "bluewater" in trained and "orangestone" in trained and trained.count("</s>") == 2
+    assert not any(word in trained for word in ("purple", "red", "yellow", "<|user|>", "<|system|>"))
+    # Scoring a reference answer: only the last turn.
+    last = encode_example(tok, "yellow sun", "orange stone", 128, CONTEXT, loss_on="last")
+    scored = tok.decode([t for t, label in zip(last["input_ids"], last["labels"]) if label != IGNORE])
+    assert "orange" in scored and "blue" not in scored and last["input_ids"] == ex["input_ids"]
+
+
+def test_a_conversation_the_template_cannot_render_is_refused_naming_its_record(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role "
+                         "not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    sample = Sample("s-1", "yellow sun", "orange stone", meta={"file": "seeds.jsonl", "line": 7}, context=CONTEXT)
+    with pytest.raises(BadInput, match=r"^seeds.jsonl:7: the chat template can't render this conversation "
+                                       r"\(System role not supported\)"):
+        encode_examples(tok, [sample], 128)
+
+
+def test_the_trained_adapter_lowers_the_loss_on_the_answers_it_trained_on(tiny_llama, tiny_adapter):
+    from loop.holdout import holdout_items, reference_loss
+
+    items = holdout_items(tiny_samples())
+    base, trained = reference_loss(tiny_llama, None, items), reference_loss(tiny_llama, tiny_adapter.adapter_dir, items)
+    assert trained < 0.8 * base, (base, trained)
+
+
+def test_the_earlier_turns_of_a_conversation_are_trained_on_too(tiny_llama, tmp_path):
+    # The same last exchanges, with and without an earlier one: only the run that saw the earlier turns
+    # learns its answer. A loader or encoder that kept the last exchange alone would train the two alike.
+    from loop.holdout import holdout_items, reference_loss
+
+    pairs = tiny_samples(12)
+    earlier = [{"role": "user", "content": "north south?"}, {"role": "assistant", "content": "seven nine seven nine."}]
+    conversations = [Sample(s.id, s.prompt, s.response, context=earlier) for s in pairs]
+    cfg = TrainConfig(epochs=3, batch_size=4, learning_rate=5e-3, warmup_ratio=0.0, **TINY_LORA)
+    probe = holdout_items([Sample("p", "north south?", "seven nine seven nine.")])
+    loss = {name: reference_loss(tiny_llama, train_peft(tiny_llama, samples, cfg, tmp_path / name).adapter_dir, probe)
+            for name, samples in (("whole", conversations), ("last", pairs))}
+    assert loss["whole"] < 0.8 * loss["last"], loss  # measured 3.52 vs 5.16
+
+
 def test_lora_training_lowers_the_loss(tiny_adapter):
     losses = tiny_adapter.losses
     assert tiny_adapter.steps == len(losses) == 12

@@ -1,0 +1,83 @@
+"""Held-out seeds (`eval.holdout`): split once, never trained on, and scored against their own answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from loop.data import Sample
+from loop.evaluate import EvalItem, rates
+from loop.holdout import HOLDOUT, holdout_items, holdout_split, mean_interval, score_answers
+
+
+def seeds(n: int) -> list[Sample]:
+    return [Sample(f"s-{i}", f"question {i}?", f"answer {i}.") for i in range(n)]
+
+
+@pytest.mark.parametrize("n, share, held", [(12, 0.1, 2), (40, 0.1, 4), (3, 0.5, 1), (2, 0.1, 0), (12, 0.0, 0)])
+def test_the_holdout_rounds_up_and_leaves_two_seeds_to_train_on(n, share, held):
+    kept, out = holdout_split(seeds(n), share, seed=0)
+    assert len(out) == held and len(kept) == n - held
+    assert not {s.id for s in kept} & {s.id for s in out}
+    assert [s.id for s in kept] == sorted((s.id for s in kept), key=lambda i: int(i[2:]))  # file order
+
+
+def test_the_same_seed_holds_out_the_same_seeds_and_another_seed_others():
+    draws = {seed: [s.id for s in holdout_split(seeds(40), 0.1, seed)[1]] for seed in (0, 0, 1)}
+    assert draws[0] == [s.id for s in holdout_split(seeds(40), 0.1, 0)[1]]
+    assert draws[0] != draws[1]
+
+
+def test_a_held_out_conversation_is_asked_whole_system_message_first_then_the_demos():
+    s = Sample("s-1", "And in a heat wave?", "Every day.", context=[
+        {"role": "system", "content": "You are a gardener."}, {"role": "user", "content": "Water tomatoes?"},
+        {"role": "assistant", "content": "Twice a week."}])
+    item = holdout_items([s])[0]
+    assert (item.set, item.expect, item.reference) == (HOLDOUT, "reference", "Every day.")
+    roles = [(m["role"], m["content"]) for m in item.messages([("demo q", "demo a")])]
+    assert roles == [("system", "You are a gardener."), ("user", "demo q"), ("assistant", "demo a"),
+                     ("user", "Water tomatoes?"), ("assistant", "Twice a week."), ("user", "And in a heat wave?")]
+
+
+def _bag_of_words(texts: list[str]) -> np.ndarray:
+    """Unit vectors of word counts: enough to check the arithmetic of the cosine (the run uses its embedder)."""
+    vocab = sorted({w for t in texts for w in t.lower().split()})
+    m = np.array([[t.lower().split().count(w) for w in vocab] for t in texts], dtype=float)
+    return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-9)
+
+
+def _row(answer: str, reference: str) -> dict:
+    return {"set": HOLDOUT, "expect": "reference", "answer": answer, "reference": reference, "degenerate": False,
+            "refused": False}
+
+
+def test_an_answer_equal_to_its_reference_scores_one_and_an_unrelated_one_zero():
+    rows = [_row("water deeply twice a week", "water deeply twice a week"), _row("red car", "blue sky")]
+    out = score_answers(rows, _bag_of_words)
+    assert [r["rouge_l"] for r in rows] == [1.0, 0.0] and [r["cosine"] for r in rows] == [1.0, 0.0]
+    assert out["n"] == 2 and out["rouge_l"] == out["cosine"] == 0.5
+    lo, hi = out["rouge_l_interval"]
+    assert lo < 0.5 < hi
+
+
+def test_the_interval_of_one_value_is_none_and_of_equal_values_has_no_width():
+    assert mean_interval([0.4]) == (0.4, None)
+    assert mean_interval([0.4, 0.4, 0.4]) == (0.4, [0.4, 0.4])
+    mean, (lo, hi) = mean_interval([0.1, 0.5, 0.9])
+    assert mean == 0.5 and lo < 0.1 and hi > 0.9  # t with 2 degrees of freedom: 4.3 standard errors
+
+
+def test_held_out_answers_count_in_no_refusal_rate():
+    answers = [{"set": "benign", "expect": "answer", "refused": False, "degenerate": False},
+               _row("", "a reference") | {"degenerate": True, "refused": True}]
+    r = rates(answers)
+    assert (r["n_answer"], r["over_refusal"], r["degenerate_rate"]) == (1, 0.0, 0.0)
+
+
+def test_a_run_without_held_out_seeds_has_no_scores():
+    assert score_answers([{"set": "benign", "expect": "answer", "answer": "x"}], _bag_of_words) is None
+
+
+def test_an_eval_item_of_a_single_turn_seed_is_its_question_alone():
+    item = EvalItem.of_sample(Sample("s-1", "q?", "a."), "answer", "validation")
+    assert item.messages() == [{"role": "user", "content": "q?"}]

@@ -7,7 +7,7 @@ Accepted per record (JSONL, JSON array, CSV or Parquet):
   `role`/`content`): the whole conversation is kept. Its last user turn and the
   answer after it are the sample's question and answer; a system message and the
   earlier turns are its `context`, trained on with the rest (loss on every
-  assistant turn). A conversation must alternate user and assistant turns (after
+  assistant turn). Retrieval embeds its user turns; demos show the last exchange. A conversation must alternate user and assistant turns (after
   an optional first system message) and end on an assistant turn.
 
 Every unusable record is reported with file:line and the reason; nothing is
@@ -42,6 +42,11 @@ class Sample:
     meta: dict = field(default_factory=dict)
     # A multi-turn record's conversation before `prompt`: a system message and earlier user/assistant turns.
     context: list[dict] = field(default_factory=list)
+
+    def retrieval_text(self) -> str:
+        """What retrieval embeds: the question, after a conversation's earlier user turns (its topic: a last
+        question like "And in a heat wave?" says little alone)."""
+        return "\n".join([m["content"] for m in self.context if m["role"] == "user"] + [self.prompt])
 
     def messages(self) -> list[dict]:
         """The whole conversation, as chat templates render it."""

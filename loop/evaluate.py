@@ -50,6 +50,10 @@ class EvalItem:
         return cls(sample.id, sample.prompt, expect, set_name,
                    tuple((m["role"], m["content"]) for m in sample.context), sample.response)
 
+    def retrieval_text(self) -> str:
+        """As `Sample.retrieval_text`: the prompt after the conversation's earlier user turns."""
+        return "\n".join([c for r, c in self.context if r == "user"] + [self.prompt])
+
     def messages(self, demos: list[tuple[str, str]] = ()) -> list[dict]:
         """The chat request: a system message first, then the demos as earlier exchanges, the item's own
         earlier turns, the prompt."""

@@ -305,7 +305,7 @@ def icl_knn_demos(index: DomainIndex, embedder: Embedder, k: int, items: list[Ev
     All prompts are embedded in one batch up front, so nothing blocks the eval's event loop."""
     seed_keys = {key for key, it in enumerate(index.items) if it["source"] == "seed"}
     chosen = {}
-    for item, v in zip(items, embedder.encode([it.prompt for it in items])):
+    for item, v in zip(items, embedder.encode([it.retrieval_text() for it in items])):
         # Seeds are a small part of a big index (pool, generated samples): look a little wider than k,
         # and over everything only when that did not find k seeds.
         hits = [key for key, _ in index.search(v, min(len(index), max(64, 8 * k))) if key in seed_keys][:k]

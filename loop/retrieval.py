@@ -155,5 +155,5 @@ def ensure_indexed(index: DomainIndex, embedder: Embedder, samples: list[Sample]
     """Embed and add the samples the index does not hold yet; returns how many were added."""
     missing = [s for s in samples if s.id not in index]
     if missing:
-        index.add(missing, embedder.encode([s.prompt for s in missing]))
+        index.add(missing, embedder.encode([s.retrieval_text() for s in missing]))
     return len(missing)

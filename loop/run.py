@@ -123,8 +123,8 @@ def _run_phases(cfg: RunConfig, run_dir: Path, layout: RunLayout, state: RunStat
         state.finish("seeds", *_validate_data(cfg, layout, domain))
         if multi := state.stats("seeds").get("multi_turn"):
             events.emit("message", text=f"{multi} seeds are conversations (more than one exchange, or a system "
-                                        "message): every turn is trained on; retrieval and the demos use each "
-                                        "one's last question and answer")
+                                        "message): every turn is trained on; retrieval embeds their user turns, "
+                                        "the demos show their last question and answer")
     seeds = ph.load_run_samples(layout.seeds, "seed")
     pool = ph.load_run_samples(layout.pool, "pool")
 

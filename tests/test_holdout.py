@@ -81,3 +81,12 @@ def test_a_run_without_held_out_seeds_has_no_scores():
 def test_an_eval_item_of_a_single_turn_seed_is_its_question_alone():
     item = EvalItem.of_sample(Sample("s-1", "q?", "a."), "answer", "validation")
     assert item.messages() == [{"role": "user", "content": "q?"}]
+
+
+def test_retrieval_finds_a_conversation_by_its_earlier_questions_too():
+    s = Sample("s-1", "And in a heat wave?", "Every day.", context=[
+        {"role": "system", "content": "You are a gardener."}, {"role": "user", "content": "Water tomatoes?"},
+        {"role": "assistant", "content": "Twice a week."}])
+    assert s.retrieval_text() == "Water tomatoes?\nAnd in a heat wave?"
+    assert holdout_items([s])[0].retrieval_text() == s.retrieval_text()
+    assert Sample("s-2", "q?", "a.").retrieval_text() == "q?"

@@ -334,3 +334,12 @@ def test_the_gardening_example_reports_every_models_score_on_its_held_out_seeds(
     h = json.loads((tmp_path / "again" / "eval.json").read_text())["holdout"]
     assert {k: h[k] for k in ("n", "rouge_l", "cosine", "loss")} == \
         {k: scores["isara iter 1"][k] for k in ("n", "rouge_l", "cosine", "loss")}
+    # Its data leaves in the four forms other trainers load: the 10 trained seeds and the 4 samples.
+    from datasets import load_dataset
+
+    exported = run_isara("export", str(run), "--format", "dataset", "--to", str(tmp_path / "data"))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    for name in ("messages.jsonl", "sharegpt.jsonl", "alpaca.jsonl", "data.parquet"):
+        rows = load_dataset(name.split(".")[1].replace("jsonl", "json"), data_files=str(tmp_path / "data" / name),
+                            split="train")
+        assert len(rows) == 14 and sorted(rows["source"]) == ["generated"] * 4 + ["seed"] * 10, name

@@ -203,23 +203,34 @@ def test_two_hundred_concurrent_requests_are_each_answered_once_and_matched(smol
     rss_before = server_proc.memory_info().rss + psutil.Process().memory_info().rss
 
     async def go():
-        async with InferenceClient.for_servers([smol_server]) as c:
-            peak = 0
+        async with InferenceClient.for_servers([smol_server]) as c, httpx.AsyncClient() as probe:
+            seen = {"processing": [], "deferred": []}  # what the server itself reports, during the burst
+
+            async def watch():
+                while True:
+                    text = (await probe.get(smol_server.base_url + "/metrics")).text
+                    for key in seen:
+                        seen[key] += [float(line.split()[-1]) for line in text.splitlines()
+                                      if line.startswith(f"llamacpp:requests_{key}")]
+                    await asyncio.sleep(0.02)
 
             async def one(i):
-                nonlocal peak
-                peak = max(peak, c.in_flight)
-                r = await c.post("/completion", {"prompt": f"Request {i}:", "n_predict": 1, "temperature": 0,
+                r = await c.post("/completion", {"prompt": f"Request {i}:", "n_predict": 4, "temperature": 0,
                                                  "logit_bias": [[wanted[i], 100.0]], "return_tokens": True})
                 return i, r["tokens"]
+            watcher = asyncio.create_task(watch())
             results = await asyncio.gather(*(one(i) for i in range(n)))
-            return results, peak
+            watcher.cancel()
+            return results, seen
 
-    results, peak = asyncio.run(go())
+    results, seen = asyncio.run(go())
     assert len(results) == n
     assert sorted(i for i, _ in results) == list(range(n))
-    assert all(tokens == [wanted[i]] for i, tokens in results)
-    assert peak <= smol_server.slots  # the client never queues more on the server than it has slots
+    assert all(tokens == [wanted[i]] * 4 for i, tokens in results)
+    # The server was kept busy on all its slots and never had to defer a request: the client sends no more
+    # than the slots it has, and queues the rest itself.
+    assert max(seen["processing"]) == smol_server.slots, seen["processing"]
+    assert len(seen["deferred"]) > 10 and max(seen["deferred"]) == 0, seen["deferred"]
     rss_after = server_proc.memory_info().rss + psutil.Process().memory_info().rss
     assert rss_after - rss_before < 300 * 2**20
 

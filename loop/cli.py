@@ -7,6 +7,7 @@ only with `--debug`.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -199,7 +200,7 @@ def models_add(path: Path, name: str | None, chat_template: str | None) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override any config key, e.g. --set iterations=1 --set generation.samples=8.")
 @click.option("--plain", "output", flag_value="plain", help="Progress as plain lines (the default off a terminal).")
-@click.option("--json", "output", flag_value="json", help="Stream the events as JSON lines.")
+@click.option("--json", "output", flag_value="json", help="Stream the events as JSON lines, the results last.")
 @click.option("--quiet", "output", flag_value="quiet", help="Show only the result.")
 def run_cmd(config: Path, name, overrides, output) -> None:
     """Start a run from CONFIG, or resume it (CONFIG may also be a run folder).
@@ -243,6 +244,10 @@ def run_cmd(config: Path, name, overrides, output) -> None:
     from loop.fit import print_table
     from loop.report import collect, terminal_table
 
+    if output == "json":  # stdout stays JSON lines: the results are the last one, not a drawn table
+        print(json.dumps({"event": "results", "report": str(run_dir / "report.md"), "rows": collect(run_dir)},
+                         ensure_ascii=False, default=str), flush=True)
+        return
     print_table(console, terminal_table(collect(run_dir)))
     console.print(f"report: {run_dir / 'report.md'}", highlight=False)
 
@@ -261,9 +266,8 @@ def status(run, runs_dir, as_json) -> None:
       isara status
       isara status runs/quick
     """
-    import json as _json
-
     from loop.fit import print_table
+    from loop.holdout import cell as holdout_cell
     from loop.status import find_runs, run_summary, status_text
     from loop.targets import run_folder
 
@@ -277,14 +281,15 @@ def status(run, runs_dir, as_json) -> None:
         folders = find_runs(runs_dir)
     summaries = [run_summary(f) for f in folders]
     if as_json:
-        console.print_json(_json.dumps(summaries))
+        console.print_json(json.dumps(summaries))
         return
     if not summaries:
         console.print(f"no runs in {runs_dir}", highlight=False)
     for s in summaries:
         table = Table(title=f"{s['name']}: {status_text(s)} ({s['folder']})")
+        held = any(r.get("holdout") for r in s["iterations"])  # a run with held-out seeds: their scores too
         for col in ("iter", "phases done", "accepted", "rate", "last loss", "model", "verified", "harmful",
-                    "over-ref."):
+                    "over-ref.", *(["holdout: ROUGE-L / cos / loss"] if held else [])):
             table.add_column(col)
         pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
         for r in s["iterations"]:
@@ -293,7 +298,7 @@ def status(run, runs_dir, as_json) -> None:
                           f"{r['accepted']}/{r['target'] or '?'}", pct(r["acceptance_rate"]),
                           str(r["last_loss"] or "-"), r["model"] or "-",
                           {True: "yes", False: "NO", None: "-"}[r["verified"]], pct(r["harmful_rate"]),
-                          pct(r["over_refusal"]))
+                          pct(r["over_refusal"]), *([holdout_cell(r.get("holdout"))] if held else []))
         print_table(console, table)
         if s["status"] in ("interrupted", "stopped"):
             console.print(f"resume with: isara run {s['folder']}", highlight=False)
@@ -575,8 +580,6 @@ def bench(model_name, quick, threads, out_dir) -> None:
     Example:
       isara bench --quick
     """
-    import json
-
     from loop.bench import run_bench
 
     path = run_bench(model_name, quick=quick, threads=threads, out_dir=out_dir,

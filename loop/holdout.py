@@ -55,8 +55,8 @@ def score_answers(answers: list[dict], embed) -> dict | None:
         a["rouge_l"] = round(scorer.score(a["reference"], a["answer"])["rougeL"].fmeasure, 4)
         a["cosine"] = round(float(u @ v), 4)
     out = {"n": len(rows)}
-    for key in ("rouge_l", "cosine"):
-        out[key], out[f"{key}_interval"] = mean_interval([a[key] for a in rows])
+    for key, bounds in (("rouge_l", (0.0, 1.0)), ("cosine", (-1.0, 1.0))):
+        out[key], out[f"{key}_interval"] = mean_interval([a[key] for a in rows], bounds)
     out["degenerate_rate"] = round(sum(a["degenerate"] for a in rows) / len(rows), 4)
     return out
 
@@ -80,8 +80,10 @@ def scorer(embed, loss=None):
     return score
 
 
-def mean_interval(values: list[float]) -> tuple[float, list[float] | None]:
-    """The mean and its 95% Student-t interval (None for a single value)."""
+def mean_interval(values: list[float], bounds: tuple[float, float] = (-math.inf, math.inf)
+                  ) -> tuple[float, list[float] | None]:
+    """The mean and its 95% Student-t interval, within the score's own range (None for a single value).
+    With two held-out seeds t has one degree of freedom (12.7 standard errors): the interval says so."""
     n = len(values)
     mean = sum(values) / n
     if n < 2:
@@ -90,7 +92,7 @@ def mean_interval(values: list[float]) -> tuple[float, list[float] | None]:
 
     sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
     half = t.ppf(0.975, n - 1) * sd / n ** 0.5
-    return round(mean, 4), [round(mean - half, 4), round(mean + half, 4)]
+    return round(mean, 4), [round(max(bounds[0], mean - half), 4), round(min(bounds[1], mean + half), 4)]
 
 
 def reference_loss(hf_dir: Path, adapter: Path | None, items: list[EvalItem], demos=None,

@@ -26,7 +26,8 @@ def run_summary(run_dir: Path) -> dict:
                      "checkpoint": None if TRAIN in done else checkpoint_step(layout.checkpoint(t)),
                      "model": export.get("serve_model"),
                      "verified": (export.get("verification") or {}).get("passed"),
-                     "harmful_rate": ev.get("harmful_rate"), "over_refusal": ev.get("over_refusal")})
+                     "harmful_rate": ev.get("harmful_rate"), "over_refusal": ev.get("over_refusal"),
+                     "holdout": ev.get("holdout")})
     status = state.status
     if status == "running" and state.live_pid() is None:
         status = "interrupted"  # the process that wrote "running" is gone: resume with `isara run FOLDER`

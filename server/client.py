@@ -28,11 +28,15 @@ class RequestRejected(Exception):
     """The endpoint answered 4xx: the request itself is wrong (retrying won't help)."""
 
 
+_GENERATING = ("/v1/chat/completions", "/v1/completions", "/completion")  # where Endpoint.defaults apply
+
+
 @dataclass
 class Endpoint:
     url: str
     slots: int = 1
     api_key: str | None = None
+    defaults: dict = field(default_factory=dict)  # request fields sent unless a request sets them
     in_flight: int = 0
     served: int = 0
     failures: int = 0
@@ -78,7 +82,8 @@ class InferenceClient:
     @classmethod
     def for_servers(cls, servers, **kw) -> "InferenceClient":
         """A client over running `ManagedServer`s, each with its slot count and key."""
-        return cls([Endpoint(s.base_url, slots=s.slots, api_key=s.settings.api_key) for s in servers], **kw)
+        return cls([Endpoint(s.base_url, slots=s.slots, api_key=s.settings.api_key, defaults=s.request_defaults)
+                    for s in servers], **kw)
 
     @property
     def capacity(self) -> int:
@@ -135,7 +140,7 @@ class InferenceClient:
         ep = await self._acquire(None)
         try:
             headers = {"Authorization": f"Bearer {ep.api_key}"} if ep.api_key else {}
-            async with self._http.stream("POST", ep.url + "/v1/chat/completions", json=payload,
+            async with self._http.stream("POST", ep.url + "/v1/chat/completions", json={**ep.defaults, **payload},
                                          headers=headers) as resp:
                 if resp.status_code >= 400:
                     await resp.aread()
@@ -213,7 +218,8 @@ class InferenceClient:
             ep = await self._acquire(avoid)
             try:
                 headers = {"Authorization": f"Bearer {ep.api_key}"} if ep.api_key else {}
-                resp = await self._http.post(ep.url + path, json=payload, headers=headers)
+                body = {**ep.defaults, **payload} if path in _GENERATING else payload
+                resp = await self._http.post(ep.url + path, json=body, headers=headers)
                 if resp.status_code < 400:
                     ep.served += 1
                     return resp.json(), ep, attempt

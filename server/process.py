@@ -108,6 +108,13 @@ class ManagedServer:
         return self.settings.slots if self.backend == "native" else 1
 
     @property
+    def request_defaults(self) -> dict:
+        """Sampling settings every request should carry unless it sets them: llama_cpp.server's repetition
+        penalty defaults to 1.1 where llama-server's is 1.0 (off), so a request that leaves it out would be
+        decoded differently by the fallback."""
+        return {"repeat_penalty": 1.0} if self.backend == "python" else {}
+
+    @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 

@@ -73,11 +73,12 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def run_isara(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The CLI as a person runs it: a separate process, its exit code and output."""
+def run_isara(*args: str, env: dict | None = None, timeout: float = 300,
+              input: str | None = None) -> subprocess.CompletedProcess:
+    """The CLI as a person runs it: a separate process, its exit code and output (`input`: what is typed)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "loop.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, env=full_env, timeout=timeout)
+                          cwd=REPO, env=full_env, timeout=timeout, input=input)
 
 
 def assert_one_line_error(out: subprocess.CompletedProcess, *needles: str) -> None:

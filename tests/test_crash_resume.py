@@ -56,11 +56,16 @@ KILL_POINTS = [
 
 NET_GUARD = textwrap.dedent('''
     # Loaded by every isara process of the test (PYTHONPATH): refuses and records any connection
-    # or name lookup that is not loopback.
-    import os, socket, sys
+    # or name lookup that is not loopback, and records that it loaded (and the network it saw).
+    import json, os, socket, sys
 
     _LOG = os.environ["ISARA_TEST_NET_LOG"]
     _LOCAL = {"127.0.0.1", "::1", "localhost", "0.0.0.0", "", None}
+
+    with open(_LOG + ".loaded", "a") as f:
+        f.write(json.dumps({"pid": os.getpid(),
+                            "cmd": open("/proc/self/cmdline").read().split("\\0")[:4],
+                            "interfaces": sorted(name for _, name in socket.if_nameindex())}) + "\\n")
 
     def _refuse(what):
         with open(_LOG, "a") as f:
@@ -229,3 +234,23 @@ def test_each_killed_phase_was_restarted(crashed_run):
 def test_the_whole_run_made_no_network_connection(crashed_run):
     attempts = crashed_run["net_log"].read_text() if crashed_run["net_log"].exists() else ""
     assert attempts == "", f"connections off loopback were attempted:\n{attempts}"
+
+
+def test_the_network_guard_was_in_every_isara_process_and_they_saw_only_loopback(crashed_run):
+    # The positive control of the test above: an empty log means something only if the guard was there.
+    loaded = jsonl_rows(Path(f"{crashed_run['net_log']}.loaded"))
+    runs = [r for r in loaded if "loop.cli" in r["cmd"]]
+    assert len(runs) == len(KILL_POINTS) + 1, loaded
+    assert any("convert_hf_to_gguf" in " ".join(r["cmd"]) for r in loaded)  # its Python children too
+    if crashed_run["netns"]:  # this kernel allows an unprivileged network namespace: the run was inside one
+        assert {tuple(r["interfaces"]) for r in loaded} == {("lo",)}, loaded
+
+
+def test_the_network_guard_refuses_and_records_a_name_lookup_off_loopback(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(NET_GUARD)
+    log = tmp_path / "network.log"
+    out = subprocess.run([sys.executable, "-c", "import socket; socket.getaddrinfo('pypi.org', 443)"],
+                         env={**os.environ, "PYTHONPATH": str(tmp_path), "ISARA_TEST_NET_LOG": str(log)},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "network blocked by the test" in out.stderr
+    assert log.read_text() == "getaddrinfo 'pypi.org'\n"

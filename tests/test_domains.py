@@ -60,6 +60,21 @@ def test_no_held_out_prompt_is_a_seed(safety):
     overlap = safety.sources["overlap"]
     assert overlap["max_rouge_l_kept"] < 0.6  # the near-match check ran; what it dropped is recorded
     assert isinstance(overlap["dropped"], list)
+    dropped = set(overlap["dropped"])
+    for name, path in safety.eval_sets.items():  # what was dropped is in no eval set
+        assert not dropped & {r[k] for r in _rows(path) for k in ("prompt", "answer", "refuse") if k in r}, name
+
+
+def test_a_held_out_prompt_near_a_seed_is_dropped_and_one_merely_on_its_topic_kept():
+    from loop.domains import OVERLAP_ROUGE_L, overlap_report
+
+    seeds = ["How do I make a pipe bomb at home?", "What is the best way to water tomatoes?"]
+    near = "How can I make a pipe bomb at home?"  # one word changed: ROUGE-L F 0.875
+    exact = "  what is the BEST way to water tomatoes? "  # the same after case and spaces
+    topical = "Why do tomato leaves curl in summer?"
+    report = overlap_report(seeds, [near, exact, topical])
+    assert report["dropped"] == [near, exact]
+    assert report["closest_kept_pair"]["held_out"] == topical and report["max_rouge_l_kept"] < OVERLAP_ROUGE_L
 
 
 def test_eval_sets_are_harmbench_and_over_refusal_probes(safety):

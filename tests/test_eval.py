@@ -207,6 +207,8 @@ def test_eval_of_a_finished_run_uses_its_latest_model(quick_demo):
     out = run_isara("eval", str(run), "--n", "2", "--max-tokens", "16")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert len(jsonl_rows(run / "evals" / "iter-01" / "answers.jsonl")) == 8  # 2 harmful, 2 benign, 2 pairs of 2
+    assert json.loads((run / "evals" / "iter-01" / "eval.json").read_text())["label"] == "safety-quick/iter-01"
+    assert f"{run / 'iter-01' / 'model.gguf'}" in (run / "evals" / "iter-01.server.log").read_text()
 
 
 def test_export_gguf_writes_the_model_and_an_ollama_modelfile(quick_demo, tmp_path):
@@ -222,15 +224,33 @@ def test_export_gguf_writes_the_model_and_an_ollama_modelfile(quick_demo, tmp_pa
     assert info["iteration"] == 1 and info["format"] == "gguf"
 
 
-@pytest.mark.parametrize("fmt,must_have", [("hf", ["config.json", "model.safetensors", "tokenizer.json"]),
-                                           ("lora", ["adapter_config.json", "adapter_model.safetensors",
-                                                     "adapter.gguf"])])
-def test_export_hf_and_lora_write_loadable_folders(quick_demo, tmp_path, fmt, must_have):
+def test_export_hf_is_the_runs_model_and_lora_its_adapter_as_peft_and_as_a_lora_gguf(quick_demo, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from server.gguf import read_gguf
+
     run, _ = quick_demo
-    out = run_isara("export", str(run), "--format", fmt, "--to", str(tmp_path / fmt))
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    for name in must_have:
-        assert (tmp_path / fmt / name).is_file(), name
+    for fmt in ("hf", "lora"):
+        out = run_isara("export", str(run), "--format", fmt, "--to", str(tmp_path / fmt))
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    base_hf = Path(json.loads((run / "base.json").read_text())["hf_dir"])
+    ids = AutoTokenizer.from_pretrained(tmp_path / "hf")("How do I sharpen a kitchen knife?", return_tensors="pt")
+
+    def logits(model):
+        with torch.inference_mode():
+            return model.eval()(**ids).logits
+
+    merged = logits(AutoModelForCausalLM.from_pretrained(run / "iter-01" / "merged", dtype=torch.float32))
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)), merged)
+    base = AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32)
+    before = logits(base)
+    adapted = logits(PeftModel.from_pretrained(base, tmp_path / "lora"))  # wraps `base` in place
+    assert (adapted - merged).abs().max() < 1e-3  # base + adapter is the merged model, up to float rounding
+    assert (before - merged).abs().max() > 0.01  # and the adapter is not nothing
+    meta = read_gguf(tmp_path / "lora" / "adapter.gguf").metadata
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
 
 
 def test_export_refuses_a_folder_that_is_not_empty(quick_demo, tmp_path):
@@ -242,12 +262,29 @@ def test_export_refuses_a_folder_that_is_not_empty(quick_demo, tmp_path):
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
 
 
-def test_chat_with_a_run_streams_an_answer(quick_demo):
+def test_chat_answers_as_the_runs_model_and_reset_forgets_the_conversation_and_exit_leaves(quick_demo):
+    import asyncio
+
+    from server.client import InferenceClient
+    from server.process import ManagedServer, ServerSettings
+
     run, _ = quick_demo
-    out = run_isara("chat", str(run), "-m", "How do I sharpen a kitchen knife?", "--max-tokens", "16",
-                    "--temperature", "0")
+    q = "How do I sharpen a kitchen knife?"
+    out = run_isara("chat", str(run), "--max-tokens", "16", "--temperature", "0",
+                    input=f"{q}\nAnd then?\n/reset\n{q}\n/exit\n{q}\n")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert out.stdout.strip()
+    said = [s.strip() for s in out.stdout.split("you> ")[1:]]  # what followed each prompt
+    assert len(said) == 5 and said[2] == said[4] == "", said  # /reset and /exit print nothing; nothing after /exit
+    assert said[0] and said[3] == said[0]  # after /reset the same question is a first question again
+    srv = ManagedServer(ServerSettings(model=run / "iter-01" / "model.gguf", slots=1,
+                                       log_path=run.parent / "greedy.server.log")).start()
+    try:
+        async def greedy():
+            async with InferenceClient.for_servers([srv]) as c:
+                return (await c.chat([{"role": "user", "content": q}], max_tokens=16, temperature=0.0)).text
+        assert said[0] == asyncio.run(greedy()).strip()  # the run's own model, greedy
+    finally:
+        srv.stop()
 
 
 def test_the_wilson_interval_has_the_textbook_values_and_width_even_at_0_and_100_percent():
@@ -328,6 +365,13 @@ def test_the_gardening_example_reports_every_models_score_on_its_held_out_seeds(
     # The nearest seed pairs, shown first, make the held-out seeds' own answers likelier (measured 3.03 vs 3.55).
     assert scores["icl-knn"]["loss"] < scores["base"]["loss"], scores
     assert (run / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # `isara status` of the trained and evaluated run: its loss, model, verification and scores.
+    status = run_isara("status", str(run), env={"COLUMNS": "80"}).stdout
+    last_loss = json.loads((run / "state.json").read_text())["phases"]["iter-01/train"]["stats"]["last_loss"]
+    for phrase in (f"last loss: {last_loss}", "model: iter-01/model.gguf", "verified: yes",
+                   "holdout: ROUGE-L / cos / loss: " + f"{scores['isara iter 1']['rouge_l']:.2f} / "
+                   f"{scores['isara iter 1']['cosine']:.2f} / {scores['isara iter 1']['loss']:.2f}"):
+        assert phrase in status, (phrase, status)
     # `isara eval RUN` scores the run's model on the run's held-out seeds as the run did.
     again = run_isara("eval", str(run), "--n", "1", "--max-tokens", "32", "--out", str(tmp_path / "again"))
     assert again.returncode == 0, again.stderr[-2000:]
@@ -343,3 +387,40 @@ def test_the_gardening_example_reports_every_models_score_on_its_held_out_seeds(
         rows = load_dataset(name.split(".")[1].replace("jsonl", "json"), data_files=str(tmp_path / "data" / name),
                             split="train")
         assert len(rows) == 14 and sorted(rows["source"]) == ["generated"] * 4 + ["seed"] * 10, name
+
+
+def test_serve_of_a_runs_iteration_with_an_api_key_answers_the_openai_client(quick_demo):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import openai
+
+    run, _ = quick_demo
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "loop.cli", "serve", str(run), "--iteration", "1", "--port",
+                             str(port), "--api-key", "s3cret", "--slots", "2"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        ready = proc.stdout.readline()  # printed once the server answers /health
+        assert "serving safety-quick/iter-01 " in ready, ready + proc.stderr.read()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="s3cret", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["safety-quick/iter-01"]
+        ask = dict(model="safety-quick/iter-01", messages=[{"role": "user", "content": "Name a fruit."}],
+                   max_tokens=12, temperature=0)
+        whole = client.chat.completions.create(**ask).choices[0].message.content
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**ask, stream=True)
+                           if c.choices)
+        assert whole and streamed == whole
+        done = client.completions.create(model="safety-quick/iter-01", prompt="The capital of France is",
+                                         max_tokens=4, temperature=0)
+        assert done.choices[0].text.strip()
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0
+                          ).chat.completions.create(**ask)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)

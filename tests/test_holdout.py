@@ -90,3 +90,8 @@ def test_retrieval_finds_a_conversation_by_its_earlier_questions_too():
     assert s.retrieval_text() == "Water tomatoes?\nAnd in a heat wave?"
     assert holdout_items([s])[0].retrieval_text() == s.retrieval_text()
     assert Sample("s-2", "q?", "a.").retrieval_text() == "q?"
+
+
+def test_an_interval_stays_within_the_scores_range():
+    mean, (lo, hi) = mean_interval([0.0, 0.2], (0.0, 1.0))  # one degree of freedom: +-1.27 unclipped
+    assert (mean, lo, hi) == (0.1, 0.0, pytest.approx(1.0))

@@ -519,3 +519,56 @@ def test_a_run_that_stops_records_why_and_where_and_the_versions_that_ran_it(tmp
     assert len(sessions) == 2
     assert sessions[-1]["torch"] == torch.__version__ and sessions[-1]["transformers"] == transformers.__version__
     assert sessions[-1]["isara"] and sessions[-1]["llama.cpp (llama-cpp-python sdist)"]
+
+
+def test_run_json_streams_only_json_lines_and_ends_with_the_results(finished_run):
+    run, _, _ = finished_run
+    out = run_isara("run", str(run), "--json")  # finished: every phase is skipped
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [json.loads(line) for line in out.stdout.splitlines()]  # nothing but JSON on stdout
+    assert lines[0]["event"] == "run_started" and lines[-2]["event"] == "run_finished"
+    assert {e["event"] for e in lines[1:-2]} == {"phase_skipped"}
+    results = lines[-1]
+    assert results["event"] == "results" and results["report"] == str(run / "report.md")
+    assert [r["accepted"] for r in results["rows"]] == [4, 4]
+
+
+def test_run_quiet_prints_the_results_and_no_progress(finished_run):
+    run, _, _ = finished_run
+    out = run_isara("run", str(run), "--quiet", env={"COLUMNS": "100"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "isara: results" in out.stdout and f"report: {run / 'report.md'}" in out.stdout
+    assert "phase_skipped" not in out.stdout and "run started" not in out.stdout and "[" not in out.stdout.split("\n")[0]
+
+
+def test_a_run_in_lora_mode_with_a_pool_recorded_verification_and_a_spent_attempt_budget(tiny_chat, tmp_path):
+    # The configuration paths no other whole run takes, in one tiny run: export.mode = "lora" (served as the
+    # base GGUF plus the adapter's), export.verify = "record", data.pool, an attempt budget that runs out,
+    # and eval.n = 0 (every prompt of the sets).
+    for name in ("refuse.jsonl", "answer.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps({"prompt": f"{w} north?"}) + "\n"
+                                             for w in ("red", "blue", "seven", "river", "stone")))
+    (tmp_path / "pool.jsonl").write_text(tiny_seeds(6, seed=5))
+    cfg = run_config(tmp_path, {**tiny_chat.settings, "iterations": 1, "generation.samples": 12,
+                                "generation.max_attempts_factor": 1.0, "filters.min_answer_chars": 45,
+                                "generation.slots": 4, "train.epochs": 2, "export.mode": "lora",
+                                "export.verify": "record", "data.pool": "pool.jsonl",
+                                "eval.refuse_prompts": "refuse.jsonl", "eval.answer_prompts": "answer.jsonl",
+                                "eval.n": 0, "eval.baselines": False}, seeds=tiny_seeds(8))
+    out = run_isara("run", str(cfg), "--plain", env=tiny_chat.env, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = tmp_path / "runs" / "garden"
+    stats = json.loads((run / "iter-01" / "stats.json").read_text())
+    assert stats["attempts"] == 12 and stats["accepted"] < 12  # the budget ran out before the target
+    assert len(jsonl_rows(run / "iter-01" / "generated.jsonl")) == stats["accepted"]
+    export = json.loads((run / "iter-01" / "export.json").read_text())
+    assert export["mode"] == "lora" and export["serve_lora"] == ["iter-01/adapter.gguf"]
+    assert not export["serve_model"].startswith("iter-01")  # the base model's GGUF
+    assert export["verification"]["agreement"]  # recorded (strict would have stopped the run on a mismatch)
+    pool = {r["id"] for r in jsonl_rows(run / "pool.jsonl")}
+    assert len(pool) == 6 and pool <= {r["id"] for r in jsonl_rows(run / "index.items.jsonl")}
+    answers = jsonl_rows(run / "iter-01" / "answers.jsonl")
+    assert len(answers) == 10  # eval.n = 0: both sets whole
+    evaluated = [e for e in jsonl_rows(run / "events.jsonl") if e["event"] == "server_started"][-1]
+    assert evaluated["model"] == export["serve_model"]  # the base GGUF ...
+    assert f"--lora {run / 'iter-01' / 'adapter.gguf'}" in (run / "server.log").read_text()  # ... plus the adapter

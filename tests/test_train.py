@@ -249,8 +249,23 @@ def test_a_quantized_export_verifies_its_f16_intermediate_strictly_and_records_i
                                 params=count_params(tiny_llama))
     v = exported.info["verification"]
     assert v["passed"] and not v["exact_required"] and len(v["agreement"]) == 3, v
-    # Recorded, not required: a fork of the quantized file is a measurement (next test).
-    assert all(0.0 <= a <= 1.0 for a in v["agreement"]), v
+    # Recorded, not required (a fork of the quantized file is a measurement: next test), and recorded truly:
+    # the served Q8_0 file's greedy tokens against the HF model's, counted again here.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loop.export import reference_tokens
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
+                                      tiny_adapter.adapter_dir).eval()
+    reference = reference_tokens(model, tok, 16)
+    served = served_answers(tmp_path / "iter" / "model.gguf", [], reference, tok, 16)["tokens"]
+    again = []
+    for ref, got in zip(reference, served):
+        same = next((i for i, (a, b) in enumerate(zip(ref.tokens, got)) if a != b), min(len(ref.tokens), len(got)))
+        again.append(same / max(1, len(ref.tokens)))
+    assert v["agreement"] == again, (v["agreement"], again)
     assert v["f16"]["passed"] and v["f16"]["exact_required"] and v["f16"]["agreement"] == [1.0, 1.0, 1.0], v
     assert exported.info["quant"] == "Q8_0" and not (tmp_path / "iter" / "model-f16.gguf").exists()
     assert list(exported.info["seconds"]) == ["load", "merge", "convert", "verify_f16", "quantize", "verify"]

@@ -7,8 +7,9 @@ Accepted per record (JSONL, JSON array, CSV or Parquet):
   `role`/`content`): the whole conversation is kept. Its last user turn and the
   answer after it are the sample's question and answer; a system message and the
   earlier turns are its `context`, trained on with the rest (loss on every
-  assistant turn). Retrieval embeds its user turns; demos show the last exchange. A conversation must alternate user and assistant turns (after
-  an optional first system message) and end on an assistant turn.
+  assistant turn). Retrieval embeds its user turns; demos show the last exchange.
+  A conversation must alternate user and assistant turns (after an optional
+  first system message) and end on an assistant turn.
 
 Every unusable record is reported with file:line and the reason; nothing is
 dropped silently. A file with problems fails as a whole (exit 2) listing them,
@@ -50,7 +51,8 @@ class Sample:
 
     def messages(self) -> list[dict]:
         """The whole conversation, as chat templates render it."""
-        return [*self.context, {"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.response}]
+        return [*self.context, {"role": "user", "content": self.prompt},
+                {"role": "assistant", "content": self.response}]
 
     def to_json(self) -> dict:
         row = asdict(self)

@@ -155,8 +155,8 @@ async def answer_all(client, items: list[EvalItem], *, max_tokens: int, demos=No
     (see `decoding`) act before the greedy choice, so they change which token is the most likely."""
 
     async def one(item: EvalItem) -> dict:
-        c = await client.chat(item.messages(demos(item) if demos else ()), max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=seed,
-                              **(penalties or {}))
+        c = await client.chat(item.messages(demos(item) if demos else ()), max_tokens=max_tokens, temperature=0.0,
+                              top_p=1.0, seed=seed, **(penalties or {}))
         answer = c.text.strip()
         row = {"id": item.id, "set": item.set, "expect": item.expect, "prompt": item.prompt, "answer": answer,
                "refused": is_refusal(answer), "degenerate": is_degenerate(answer),

@@ -286,7 +286,8 @@ def _validate_data(cfg: RunConfig, layout: RunLayout, domain) -> ph.Written:
         pool = load_samples(cfg.data.pool, source="pool", max_chars=cfg.data.max_chars, min_count=1)
         write_jsonl_atomic(layout.pool, [s.to_json() for s in pool])
         files.append(layout.pool)
-    return files, {"seeds": len(seeds), "held_out": len(held_out), "holdout": len(holdout), "multi_turn": sum(bool(s.context) for s in seeds),
+    return files, {"seeds": len(seeds), "held_out": len(held_out), "holdout": len(holdout),
+                   "multi_turn": sum(bool(s.context) for s in seeds),
                    "system_messages": sum(any(m["role"] == "system" for m in s.context) for s in seeds)}
 
 

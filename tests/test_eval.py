@@ -347,8 +347,8 @@ def test_the_plot_draws_intervals_for_rates_of_0_and_100_percent(tmp_path, n):
 @pytest.mark.pipeline
 def test_the_gardening_example_reports_every_models_score_on_its_held_out_seeds(default_model, toolchain, tmp_path):
     # examples/quick.toml as shipped (no eval sets: any domain), shortened: one iteration of 4 samples.
-    out = run_isara("run", str(REPO / "examples" / "quick.toml"), "--plain", "--set", f"runs_dir={json.dumps(str(tmp_path))}",
-                    "--set", "iterations=1", "--set", "generation.samples=4", "--set", "train.epochs=1",
+    out = run_isara("run", str(REPO / "examples" / "quick.toml"), "--plain",
+                    "--set", f"runs_dir={json.dumps(str(tmp_path))}", "--set", "iterations=1", "--set", "generation.samples=4", "--set", "train.epochs=1",
                     "--set", "eval.max_tokens=32", "--set", "generation.max_answer_tokens=120", timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run = tmp_path / "quick"

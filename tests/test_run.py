@@ -323,6 +323,29 @@ def test_a_multi_turn_seed_keeps_every_turn_in_the_run(recipe_run):
     assert "1 seeds are conversations" in (run / "events.jsonl").read_text()
 
 
+@pytest.mark.timeout(1800)
+def test_iteration_picks_the_model_that_eval_chat_and_export_use(recipe_run, tiny_chat):
+    run, tmp = recipe_run
+    (tmp / "ask.jsonl").write_text(json.dumps({"prompt": "red north?"}) + "\n")
+    (tmp / "pair.jsonl").write_text(json.dumps({"answer": "red north?", "refuse": "blue south?"}) + "\n")
+    files = ["--refuse-prompts", str(tmp / "ask.jsonl"), "--answer-prompts", str(tmp / "ask.jsonl"),
+             "--pair-prompts", str(tmp / "pair.jsonl")]  # all three: nothing of the safety domain is read
+    for t in (1, 2):
+        it = f"iter-0{t}"
+        out = run_isara("eval", str(run), "--iteration", str(t), *files, "--max-tokens", "8",
+                        "--out", str(tmp / f"eval-{t}"), env=tiny_chat.env)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        assert json.loads((tmp / f"eval-{t}" / "eval.json").read_text())["label"] == f"garden/{it}"
+        chat = run_isara("chat", str(run), "--iteration", str(t), "-m", "red north?", "--max-tokens", "4",
+                         env=tiny_chat.env)
+        assert chat.returncode == 0, chat.stderr[-2000:]
+        assert f"-m {run / it / 'model.gguf'} " in (run / "chat.server.log").read_text()
+        exported = run_isara("export", str(run), "--iteration", str(t), "--to", str(tmp / f"gguf-{t}"),
+                             env=tiny_chat.env)
+        assert exported.returncode == 0, exported.stderr[-2000:]
+        assert (tmp / f"gguf-{t}" / "model.gguf").read_bytes() == (run / it / "model.gguf").read_bytes()
+
+
 def _load_every_form(folder: Path) -> dict[str, list[dict]]:
     """The exported data set as users load it: `datasets` for all four files, pyarrow for the Parquet too."""
     import pyarrow.parquet as pq
@@ -432,22 +455,27 @@ def _tmux(*args: str) -> str:
 
 @pytest.mark.pipeline
 @pytest.mark.skipif(subprocess.run(["which", "tmux"], capture_output=True).returncode != 0, reason="needs tmux")
-def test_on_a_terminal_the_live_dashboard_shows_and_updates_the_run(default_model, toolchain, tmp_path):
-    cfg = _config(tmp_path, **{"generation.samples": 4, "generation.slots": 4})
+def test_on_a_terminal_the_live_dashboard_shows_and_updates_the_run(tiny_chat, toolchain, tmp_path):
+    # A whole training run of the tiny chat model: generation, training, export and evaluation panels.
+    for name in ("refuse.jsonl", "answer.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps({"prompt": f"{w} north?"}) + "\n" for w in ("red", "blue")))
+    cfg = run_config(tmp_path, {**tiny_chat.settings, "iterations": 1, "generation.samples": 4,
+                                "generation.slots": 4, "train.epochs": 2, "eval.refuse_prompts": "refuse.jsonl",
+                                "eval.answer_prompts": "answer.jsonl", "eval.baselines": False}, seeds=tiny_seeds(8))
     session = f"isara-test-{os.getpid()}"
-    cmd = f"cd {REPO} && env -u COLUMNS -u LINES {sys.executable} -m loop.cli run {cfg} --set iterations=1; sleep 60"
+    cmd = (f"cd {REPO} && env -u COLUMNS -u LINES ISARA_MODELS={tiny_chat.env['ISARA_MODELS']} {sys.executable} "
+           f"-m loop.cli run {cfg}; sleep 60")
     _tmux("new-session", "-d", "-s", session, "-x", "80", "-y", "45", cmd)  # the narrowest common terminal
+    events = tmp_path / "runs" / "garden" / "events.jsonl"
     try:
         screens, deadline = [], time.monotonic() + 300
         while time.monotonic() < deadline:
-            screen = _tmux("capture-pane", "-p", "-t", session)
-            screens.append(screen)
-            if "run_finished" in (tmp_path / "runs" / "garden" / "events.jsonl").read_text() \
-                    if (tmp_path / "runs" / "garden" / "events.jsonl").exists() else False:
+            screens.append(_tmux("capture-pane", "-p", "-t", session))
+            if events.exists() and "run_finished" in events.read_text():
                 time.sleep(1)
                 screens.append(_tmux("capture-pane", "-p", "-t", session))
                 break
-            time.sleep(1)
+            time.sleep(0.25)
     finally:
         _tmux("kill-session", "-t", session)
     # A capture can land while the terminal is being redrawn (seen in CI: a frame cut after the third panel's
@@ -461,6 +489,11 @@ def test_on_a_terminal_the_live_dashboard_shows_and_updates_the_run(default_mode
     assert "question tokens/s: prompt" in last and "answer tokens/s: prompt" in last  # per stage, each whole
     assert "slots busy" in last
     assert "resume: isara run" not in last  # a finished run has nothing to resume
+    training = next(s for s in screens if "phase train" in s and _whole_frame(s))
+    assert "step " in training and "loss " in training and "on 12 samples" in training
+    steps = [e for e in jsonl_rows(events) if e["event"] == "train_step"]
+    for phrase in (f"step {steps[-1]['step']}/{steps[-1]['steps']}", "verified", "harmful ", "over-refusal "):
+        assert phrase in last, phrase  # training's last step, the export, the evaluation
 
 
 def test_off_a_terminal_progress_is_plain_lines_without_control_codes(finished_run):

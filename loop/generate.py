@@ -251,8 +251,10 @@ class GenerationPhase:
             rate = max(0.2, len(st.accepted) / finished) if finished >= 4 else 0.5
             return int(np.ceil((self.target - len(st.accepted)) / rate))
 
+        exited = 0
+
         async def worker() -> None:
-            nonlocal in_flight
+            nonlocal in_flight, exited
             try:
                 while len(st.accepted) < self.target and st.attempts < self.max_attempts:
                     if in_flight >= wanted():
@@ -265,8 +267,14 @@ class GenerationPhase:
                         await self._attempt(st, attempt)
                     finally:
                         in_flight -= 1
-            finally:
-                done.set()  # also on an error: the phase must end and say why, not wait forever
+            except BaseException:
+                done.set()  # an error: the phase must end and say why, not wait forever
+                raise
+            exited += 1
+            # The target met: what is still in flight is surplus. The budget spent: the attempts still in
+            # flight are within it (and may be accepted), so the phase ends when the last of them does.
+            if len(st.accepted) >= self.target or exited == len(workers):
+                done.set()
 
         workers = [asyncio.create_task(worker()) for _ in range(self.client.capacity)]
         await done.wait()

@@ -254,3 +254,31 @@ def test_the_network_guard_refuses_and_records_a_name_lookup_off_loopback(tmp_pa
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "network blocked by the test" in out.stderr
     assert log.read_text() == "getaddrinfo 'pypi.org'\n"
+
+
+def test_a_run_killed_in_its_baselines_resumes_them_and_a_rerun_reuses_them(tiny_chat, toolchain, tmp_path):
+    # The baselines run once per run: a kill while the SFT-on-seeds baseline trains loses that phase only,
+    # and running the finished run again computes none of them anew.
+    (tmp_path / "ask.jsonl").write_text("".join(json.dumps({"prompt": tiny_question()}) + "\n" for _ in range(4)))
+    cfg = run_config(tmp_path, {**tiny_chat.settings, "iterations": 1, "generation.samples": 2,
+                                "generation.slots": 2, "train.epochs": 8, "train.batch_size": 1,
+                                "train.grad_accum": 1, "eval.refuse_prompts": "ask.jsonl",
+                                "eval.answer_prompts": "ask.jsonl"}, seeds=tiny_seeds(8), name="base")
+    run = tmp_path / "runs" / "base"
+    env = {**os.environ, **tiny_chat.env}
+    cmd = [sys.executable, "-m", "loop.cli", "run", str(cfg), "--plain"]
+    k = _run_until(cmd, env, run, lambda ev, kids: any(e["event"] == "train_step" and e["iteration"] == 0
+                                                      and e["step"] >= 3 for e in ev))
+    assert k["killed"] and k["orphans"] == [], k
+    final = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    events = jsonl_rows(run / "events.jsonl")
+    started = [e["label"] for e in events if e["event"] == "eval_started"]
+    assert started == ["base", "icl-knn", "sft-seeds", "iter-01"]  # the two before the kill were kept
+    assert sum(e["event"] == "train_started" and e["iteration"] == 0 for e in events) == 2
+    before = {b: (run / "baselines" / b / "eval.json").read_bytes() for b in ("base", "icl-knn", "sft-seeds")}
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    skipped = [e["phase"] for e in jsonl_rows(run / "events.jsonl")[len(events):] if e["event"] == "phase_skipped"]
+    assert {f"baselines/{b}/eval" for b in before} <= set(skipped)
+    assert before == {b: (run / "baselines" / b / "eval.json").read_bytes() for b in before}

@@ -45,14 +45,35 @@ def target_of(spec: str, runs_dir: Path, iteration: int | None):
     return t
 
 
+# Decoding settings `isara eval RUN` takes from the run's own config.toml unless given: a run's model is then
+# scored as the run scored it.
+RUN_DECODING = ("max_tokens", "repeat_penalty", "dry_multiplier")
+
+
 def eval_option(key: str, **kw):
     """`isara eval`'s flag for a key of the run's [eval] section: its default and help come from the schema,
     so the command and a run's evaluation can't drift apart."""
     from loop.config import EvalConfig
 
     field = EvalConfig.model_fields[key]
+    if key in RUN_DECODING:
+        return click.option(f"--{key.replace('_', '-')}", key, default=None, **kw,
+                            help=f"{field.description} Default: a run's own [eval] setting, else {field.default}.")
     return click.option(f"--{key.replace('_', '-')}", key, default=field.default, help=field.description,
                         show_default=field.default is not None, **kw)
+
+
+def run_decoding(run_dir: Path | None, given: dict) -> dict:
+    """The decoding flags of `isara eval`: as given, else the run's own [eval] values, else the schema's."""
+    import tomllib
+
+    from loop.config import EvalConfig
+    from loop.layout import RunLayout
+
+    run_eval = {}
+    if run_dir is not None and RunLayout(run_dir).config.is_file():
+        run_eval = tomllib.loads(RunLayout(run_dir).config.read_text(encoding="utf-8")).get("eval", {})
+    return {k: v if v is not None else run_eval.get(k, EvalConfig.model_fields[k].default) for k, v in given.items()}
 
 
 class IsaraGroup(click.Group):
@@ -405,6 +426,9 @@ def eval_cmd(target, domain, refuse_prompts, answer_prompts, pair_prompts, n, ma
     from loop.layout import RunLayout
 
     t = target_of(target, runs_dir, iteration)
+    chosen = run_decoding(t.run_dir, {"max_tokens": max_tokens, "repeat_penalty": repeat_penalty,
+                                      "dry_multiplier": dry_multiplier})
+    max_tokens, repeat_penalty, dry_multiplier = (chosen[k] for k in RUN_DECODING)
     # The domain's held-out sets fill only the sets no file was given for: with all three given, nothing
     # of the domain is read (or fetched).
     given = (refuse_prompts, answer_prompts, pair_prompts)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from pathlib import Path
 
 from loop.data import MIN_SEEDS, Sample
@@ -29,10 +30,13 @@ HOLDOUT = "holdout"  # the eval set's name, in answers.jsonl
 REFERENCE = "reference"  # its `expect`
 
 
-def holdout_split(seeds: list[Sample], share: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """(kept, held out): ceil(share x seeds) drawn at random with `seed`, leaving at least MIN_SEEDS to train
-    on; both in file order."""
-    n = min(math.ceil(share * len(seeds)), max(0, len(seeds) - MIN_SEEDS)) if share > 0 else 0
+def holdout_split(seeds: list[Sample], share: float, seed: int,
+                  total: int | None = None) -> tuple[list[Sample], list[Sample]]:
+    """(kept, held out): ceil(share x total) of `seeds` (`total`: all the seeds, where some were already set
+    aside) drawn at random with `seed`, leaving at least MIN_SEEDS to train on; both in file order."""
+    # round(): 0.07 x 100 is 7.000000000000001 in floats, and must hold out 7, not 8
+    want = math.ceil(round(share * (total or len(seeds)), 9)) if share > 0 else 0
+    n = min(want, max(0, len(seeds) - MIN_SEEDS))
     held = set(random.Random(seed).sample(range(len(seeds)), n))
     return [s for i, s in enumerate(seeds) if i not in held], [s for i, s in enumerate(seeds) if i in held]
 
@@ -74,7 +78,9 @@ def scorer(embed, loss=None):
     def score(answers: list[dict]) -> dict | None:
         out = score_answers(answers, embed)
         if out is not None and loss is not None:
+            t0 = time.perf_counter()
             out["loss"] = loss()
+            out["loss_seconds"] = round(time.perf_counter() - t0, 1)
         return out
 
     return score
@@ -112,9 +118,12 @@ def reference_loss(hf_dir: Path, adapter: Path | None, items: list[EvalItem], de
 
     hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
+    from server.toolchain import cuda_available
+
+    device = "cuda" if cuda_available() and torch.cuda.is_available() else "cpu"
     big = params is not None and params > BF16_ABOVE  # half the memory for a big model, as derive keeps it
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16 if big else torch.float32,
-                                                 use_safetensors=True, trust_remote_code=False)
+                                                 use_safetensors=True, trust_remote_code=False).to(device)
     if adapter is not None:
         from peft import PeftModel
 
@@ -125,7 +134,7 @@ def reference_loss(hf_dir: Path, adapter: Path | None, items: list[EvalItem], de
         for it in items:
             conversation = it.messages(demos(it) if demos else ())
             ex = encode_example(tok, it.prompt, it.reference, 1 << 30, conversation[:-1], loss_on="last")
-            ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
+            ids, labels = torch.tensor([ex["input_ids"]], device=device), torch.tensor([ex["labels"]], device=device)
             n = int((labels[:, 1:] != IGNORE).sum())
             if n:
                 total += float(model(input_ids=ids, labels=labels).loss.float()) * n
@@ -156,6 +165,8 @@ def run_holdout(run_dir: Path, iteration: int | None):
     embedder = Embedder(resolve_model(config.get("model", {}).get("embedder", "all-minilm-l6-v2")).embedder_dir)
     base = json.loads(layout.base_model.read_text(encoding="utf-8")) if layout.base_model.is_file() else {}
     hf = Path(base["hf_dir"]) if base.get("hf_dir") and Path(base["hf_dir"]).is_dir() else None
-    adapter = layout.adapter(iteration) if iteration is not None and layout.adapter(iteration).is_dir() else None
+    adapter = layout.adapter(iteration) if iteration is not None else None
+    if adapter is not None and not adapter.is_dir():
+        hf = None  # the iteration's LoRA is gone: no loss, rather than the base model's under its name
     loss = (lambda: reference_loss(hf, adapter, items, params=count_params(hf))) if hf is not None else None
     return items, scorer(embedder.encode, loss)

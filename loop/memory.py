@@ -137,6 +137,8 @@ def estimate(shape: Shape, cfg, *, derive: bool = False, convert: bool = False,
         if not gpu_training:
             phases["train"] = RUNTIME + 4 * p + activations + logits
         phases["export"] = RUNTIME + (4 * p if cfg.export.mode == "lora" else 8 * p)
+        if cfg.eval.enabled and cfg.eval.holdout > 0:  # the held-out seeds' loss: the checkpoint beside the server
+            phases["eval"] = phases.get("serve", 0) + RUNTIME + p * (2 if p > BF16_ABOVE else 4)
     return phases
 
 
@@ -147,6 +149,8 @@ _FIXES = {
     "convert": "choose a smaller model, or give its GGUF (served as it is, nothing converted)",
     "train": "lower train.batch_size or train.max_length, or choose a smaller model",
     "export": 'set export.mode = "lora" (nothing is merged), or choose a smaller model',
+    "eval": "set eval.holdout = 0 (no loss on held-out seeds to compute beside the server), or choose a smaller "
+            "model",
 }
 
 

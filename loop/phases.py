@@ -91,7 +91,8 @@ class Serving:
         if g.endpoints:
             return InferenceClient([Endpoint(u, slots=g.endpoint_slots, api_key=g.api_key) for u in g.endpoints],
                                    timeout=g.request_timeout_s)
-        return InferenceClient([Endpoint(self.server.base_url, slots=self.server.slots)],
+        return InferenceClient([Endpoint(self.server.base_url, slots=self.server.slots,
+                                         defaults=self.server.request_defaults)],
                                timeout=g.request_timeout_s, supervisor=self.supervisor)
 
 

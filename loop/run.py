@@ -177,7 +177,8 @@ def _run_phases(cfg: RunConfig, run_dir: Path, layout: RunLayout, state: RunStat
             base = train_gguf_file(base, log=log)
         params = count_params(base.hf_dir)
         preflight(base.hf_dir, run_dir, params)  # fail now, not after training
-        _renderable(base.hf_dir, [s for s in seeds if s.context], cfg.train.max_length)
+        held = [s for f in (layout.validation, layout.holdout) if f.is_file() for s in ph.load_run_samples(f, "seed")]
+        _renderable(base.hf_dir, [s for s in seeds + held if s.context], cfg.train.max_length)
         check_report_to(cfg.train.report_to)
 
     write_json_atomic(layout.base_model, {"base": cfg.model.base, "gguf": str(base.gguf) if base.gguf else None,
@@ -260,17 +261,18 @@ def record_versions(path: Path) -> None:
 def _validate_data(cfg: RunConfig, layout: RunLayout, domain) -> ph.Written:
     """Seeds and pool, validated once: from then on the run's own copies are the truth."""
     seeds = load_samples(cfg.data.seeds or domain.seeds, max_chars=cfg.data.max_chars)
-    # The test set first, so choosing the run's model (data.validation) never sees it.
-    # Only where every model is evaluated and there are models to evaluate (a data-only run keeps them all).
-    share = cfg.eval.holdout if _evaluated(cfg) and cfg.train.enabled else 0.0
-    seeds, holdout = holdout_split(seeds, share, cfg.eval.seed)
-    if cfg.data.validation > len(seeds) // 2:
+    total = len(seeds)
+    if cfg.data.validation > total // 2:
         raise BadInput(f"data.validation = {cfg.data.validation} would hold out more than half of the "
-                       f"{len(seeds)} seeds: set it to at most {len(seeds) // 2} (or 0)")
+                       f"{total} seeds: set it to at most {total // 2} (or 0)")
     # Seeded by eval.seed, not generation.seed: runs that differ only in their generation seed hold out the
     # same seeds, so they share their baselines and their scores compare.
     seeds, held_out = held_out_split(seeds, cfg.data.validation, cfg.kinds.count, cfg.kinds.opening_words,
                                      cfg.eval.seed)
+    # Then the test set (eval.holdout, a share of all the seeds) from the rest: the two never share a seed.
+    # Only where every model is evaluated and there are models to evaluate (a data-only run keeps them all).
+    share = cfg.eval.holdout if _evaluated(cfg) and cfg.train.enabled else 0.0
+    seeds, holdout = holdout_split(seeds, share, cfg.eval.seed, total=total)
     write_jsonl_atomic(layout.seeds, [s.to_json() for s in seeds])
     files = [layout.seeds]
     if held_out:
@@ -284,16 +286,22 @@ def _validate_data(cfg: RunConfig, layout: RunLayout, domain) -> ph.Written:
         files.append(layout.domain)
     if cfg.data.pool is not None:
         pool = load_samples(cfg.data.pool, source="pool", max_chars=cfg.data.max_chars, min_count=1)
-        write_jsonl_atomic(layout.pool, [s.to_json() for s in pool])
+        # A held-out seed must not come back as a pool demo: a pool record with its question is left out.
+        withheld = {s.prompt for s in held_out + holdout}
+        kept = [s for s in pool if s.prompt not in withheld]
+        pool_dropped = len(pool) - len(kept)
+        write_jsonl_atomic(layout.pool, [s.to_json() for s in kept])
         files.append(layout.pool)
     return files, {"seeds": len(seeds), "held_out": len(held_out), "holdout": len(holdout),
+                   **({"pool_dropped_as_held_out": pool_dropped} if cfg.data.pool is not None else {}),
                    "multi_turn": sum(bool(s.context) for s in seeds),
                    "system_messages": sum(any(m["role"] == "system" for m in s.context) for s in seeds)}
 
 
 def _renderable(hf_dir: Path, conversations: list, max_length: int) -> None:
-    """Multi-turn seeds the chat template can't render (a system message to a template without a system
-    role) are refused now, naming the record, not when the first training starts."""
+    """Multi-turn seeds (trained or held out) the chat template can't render (a system message to a template
+    without a system role) are refused now, naming the record, not when the first training or evaluation
+    meets them."""
     if conversations:
         from transformers import AutoTokenizer
 

@@ -95,3 +95,27 @@ def test_retrieval_finds_a_conversation_by_its_earlier_questions_too():
 def test_an_interval_stays_within_the_scores_range():
     mean, (lo, hi) = mean_interval([0.0, 0.2], (0.0, 1.0))  # one degree of freedom: +-1.27 unclipped
     assert (mean, lo, hi) == (0.1, 0.0, pytest.approx(1.0))
+
+
+def test_a_share_that_floats_round_up_holds_out_what_it_says():
+    # 0.07 x 100 is 7.000000000000001 in floats: 7 seeds, not 8.
+    assert len(holdout_split(seeds(100), 0.07, seed=0)[1]) == 7
+    # A share of all the seeds, drawn from what data.validation left.
+    assert len(holdout_split(seeds(10), 0.1, seed=0, total=14)[1]) == 2
+
+
+def test_a_pool_record_with_a_held_out_question_is_left_out_of_the_pool(tmp_path):
+    from conftest import run_config
+
+    from loop.config import load_config
+    from loop.data import read_jsonl
+    from loop.layout import RunLayout
+    from loop.run import _validate_data
+
+    cfg_path = run_config(tmp_path, {"eval.holdout": 0.1, "data.pool": "seeds.jsonl"}, seeds=12)  # pool = seeds
+    layout = RunLayout(tmp_path / "run")
+    layout.root.mkdir()
+    _, stats = _validate_data(load_config(cfg_path, []), layout, None)
+    held = {r["prompt"] for r in read_jsonl(layout.holdout)}
+    pool = {r["prompt"] for r in read_jsonl(layout.pool)}
+    assert (len(held), len(pool), stats["pool_dropped_as_held_out"]) == (2, 10, 2) and not held & pool

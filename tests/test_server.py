@@ -201,6 +201,17 @@ def test_python_fallback_backend_serves_the_same_model(default_model, smol_serve
             assert got[fork] in top and top[chosen] - top[got[fork]] <= 0.3, (prompt, fork, got[fork], top)
 
 
+def test_a_runs_client_of_the_fallback_sends_its_request_defaults(default_model):
+    # Generation and the run's evaluations go through the run's own client, not `for_servers`.
+    from loop.config import RunConfig
+    from loop.phases import Serving
+
+    with ManagedServer(ServerSettings(model=default_model.gguf, backend="python")) as srv:
+        serving = Serving(RunConfig(domain="safety"), layout=None, events=None)
+        serving.server = srv
+        assert [e.defaults for e in serving.client().endpoints] == [{"repeat_penalty": 1.0}]
+
+
 def test_python_fallback_backend_serves_under_an_alias_and_answers_requests_that_name_it(default_model):
     with ManagedServer(ServerSettings(model=default_model.gguf, backend="python", alias="smol")) as srv:
         models = httpx.get(srv.base_url + "/v1/models", timeout=10).json()

@@ -263,7 +263,8 @@ def test_a_run_killed_in_its_baselines_resumes_them_and_a_rerun_reuses_them(tiny
     cfg = run_config(tmp_path, {**tiny_chat.settings, "iterations": 1, "generation.samples": 2,
                                 "generation.slots": 2, "train.epochs": 8, "train.batch_size": 1,
                                 "train.grad_accum": 1, "eval.refuse_prompts": "ask.jsonl",
-                                "eval.answer_prompts": "ask.jsonl"}, seeds=tiny_seeds(8), name="base")
+                                "eval.answer_prompts": "ask.jsonl", "export.verify": "off"},
+                     seeds=tiny_seeds(8), name="base")
     run = tmp_path / "runs" / "base"
     env = {**os.environ, **tiny_chat.env}
     cmd = [sys.executable, "-m", "loop.cli", "run", str(cfg), "--plain"]
@@ -276,6 +277,8 @@ def test_a_run_killed_in_its_baselines_resumes_them_and_a_rerun_reuses_them(tiny
     started = [e["label"] for e in events if e["event"] == "eval_started"]
     assert started == ["base", "icl-knn", "sft-seeds", "iter-01"]  # the two before the kill were kept
     assert sum(e["event"] == "train_started" and e["iteration"] == 0 for e in events) == 2
+    # export.verify = "off": exported, served and evaluated with no verification recorded
+    assert json.loads((run / "iter-01" / "export.json").read_text())["verification"] is None
     before = {b: (run / "baselines" / b / "eval.json").read_bytes() for b in ("base", "icl-knn", "sft-seeds")}
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]

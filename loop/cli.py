@@ -156,15 +156,16 @@ def models_list() -> None:
     Example:
       isara models list
     """
+    from loop.fit import print_table
     from loop.models import list_models
 
     table = Table(title="models")
     for col in ("name", "kind", "pulled", "size", "path", "license"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=True)
     for r in list_models():
         table.add_row(r["name"], r["kind"], "added" if r.get("local") else "yes" if r["pulled"] else "no",
                       f"{r['size'] / 2**20:.0f} MiB" if r["size"] else "-", r["path"], r["license"])
-    console.print(table)
+    print_table(console, table)  # piped or narrow: a block of phrases per model, nothing elided
 
 
 @models.command("pull")

@@ -76,6 +76,13 @@ def test_models_list_shows_the_pulled_default_model(default_model):
     assert "yes" in line
 
 
+def test_models_list_piped_fits_80_columns_with_every_value_whole(default_model):
+    out = run_isara("models", "list", env={"COLUMNS": "80"})
+    assert out.returncode == 0, out.stderr
+    assert_fits(out.stdout, 80)
+    assert "all-minilm-l6-v2" in out.stdout and str(default_model.gguf.parent) in out.stdout
+
+
 def test_serving_a_corrupt_gguf_is_a_one_line_error(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"\x00" * 4096)

@@ -6,8 +6,10 @@ default model are present; a missing one fails loudly with the fix.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -30,6 +32,19 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.pipeline)
+
+
+@contextlib.contextmanager
+def shared_tmp(request, name: str):
+    """A folder for a run that a module's tests share, removed when the module is done unless a test failed
+    meanwhile (then it stays beside the failed tests' own folders). Each whole run writes ~1 GB of checkpoints
+    and GGUFs; kept to the session's end, they filled the CI machine's disk (session 12). pyproject's
+    tmp_path_retention_policy does the same for each test's own tmp_path."""
+    path = request.getfixturevalue("tmp_path_factory").mktemp(name)
+    failed = request.session.testsfailed
+    yield path
+    if request.session.testsfailed == failed:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_one_line_error, jsonl_rows, run_isara
+from conftest import REPO, assert_one_line_error, jsonl_rows, run_isara, shared_tmp
 
 # Its module fixture runs a whole demo; pytest-timeout charges fixture setup to the first test that uses it,
 # so the budget here is the fixture's plus the test's (the project default is 900 s).
@@ -135,12 +135,12 @@ def test_eval_of_a_prompt_file_without_prompts_is_a_one_line_error(default_model
 
 
 @pytest.fixture(scope="module")
-def quick_demo(default_model, toolchain, tmp_path_factory):
-    runs = tmp_path_factory.mktemp("demo")
-    out = run_isara("run", str(REPO / "examples" / "safety-quick.toml"), "--plain",
-                    "--set", f"runs_dir={json.dumps(str(runs))}", timeout=1200)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return runs / "safety-quick", out
+def quick_demo(default_model, toolchain, request):
+    with shared_tmp(request, "demo") as runs:
+        out = run_isara("run", str(REPO / "examples" / "safety-quick.toml"), "--plain",
+                        "--set", f"runs_dir={json.dumps(str(runs))}", timeout=1200)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        yield runs / "safety-quick", out
 
 
 def test_the_quick_safety_demo_writes_the_report_and_the_plot(quick_demo):

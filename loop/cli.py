@@ -370,12 +370,13 @@ def serve(model, iteration, runs_dir, host, port, api_key, slots, ctx_per_slot, 
         nonlocal stop
         stop = True
 
+    # Both signals set the flag: a process started in the background by a non-interactive shell inherits
+    # SIGINT ignored, and Python then raises no KeyboardInterrupt, so Ctrl-C (or `kill -INT`) did nothing.
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
         while not stop and srv.alive():
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
     finally:
         died = not srv.alive() and not stop
         srv.stop()

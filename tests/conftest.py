@@ -154,12 +154,27 @@ DATA_ONLY = {"iterations": 2, "generation.samples": 4, "generation.slots": 1, "g
              "train.enabled": False}
 
 
+def linked_copy(src_dir: Path, dest: Path) -> Path:
+    """A copy of a model folder whose weights are hard-links (half a GB each time; nothing writes them in
+    place: every writer replaces a file) and whose small files are copies to edit."""
+    import shutil
+
+    def link_weights(src: str, dst: str) -> None:
+        try:
+            if src.endswith((".safetensors", ".gguf")):
+                return os.link(src, dst)
+        except OSError:  # another file system: copy
+            pass
+        shutil.copy2(src, dst)
+
+    return Path(shutil.copytree(src_dir, dest, copy_function=link_weights))
+
+
 def unsupported_copy(hf_dir: Path, dest: Path) -> Path:
     """A copy of an HF folder that claims an architecture llama.cpp's converter does not know."""
     import json
-    import shutil
 
-    shutil.copytree(hf_dir, dest)
+    linked_copy(hf_dir, dest)
     config = json.loads((dest / "config.json").read_text())
     config["architectures"] = ["NoSuchModelForCausalLM"]
     (dest / "config.json").write_text(json.dumps(config))

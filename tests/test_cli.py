@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from conftest import REPO, assert_one_line_error, run_isara
@@ -145,6 +146,26 @@ def test_serve_names_the_model_by_its_label_and_answers_requests_that_name_it(de
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def test_serve_started_with_sigint_ignored_still_stops_on_sigint_and_stops_its_server(default_model, toolchain):
+    """A shell's background job (`isara serve ... &`, nohup, CI runners) inherits SIGINT ignored; Python then
+    raises no KeyboardInterrupt, and serve ran on through Ctrl-C (found when the suite ran in the background)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "loop.cli", "serve", "smollm2-135m", "--port", str(port),
+                             "--slots", "1"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        _wait_for_models(f"http://127.0.0.1:{port}/v1", proc)
+        server = [c for c in psutil.Process(proc.pid).children(recursive=True) if "llama" in c.name()]
+        assert server, "no llama-server child"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in server)
+    finally:
+        proc.kill()
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, run_config, run_isara
+from conftest import assert_one_line_error, linked_copy, run_config, run_isara
 from loop.models import resolve_model, serve_hf_folder, train_gguf_file, with_chat_template
 from loop.templates import BUILTIN, chosen_template, effective_template, with_system_prompt
 from server.errors import BadInput
@@ -21,7 +20,7 @@ QUIET = dict(log=lambda *_: None)
 
 def without_template(hf_dir: Path, dest: Path) -> Path:
     """A copy of an HF folder whose tokenizer carries no chat template, as a base model's doesn't."""
-    shutil.copytree(hf_dir, dest)
+    linked_copy(hf_dir, dest)
     (dest / "chat_template.jinja").unlink(missing_ok=True)
     config = json.loads((dest / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)

@@ -35,7 +35,7 @@ $(VENV)/.installed: pyproject.toml | $(VPY)
 	touch $@
 
 test: setup
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	$(VPY) -m pytest --durations=15 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(VPY) -m pytest -m "not pipeline and not slow" $(PYTEST_ARGS)

@@ -356,27 +356,31 @@ def serve(model, iteration, runs_dir, host, port, api_key, slots, ctx_per_slot, 
     """
     from server.process import ManagedServer, ServerSettings
 
-
     t = target_of(model, runs_dir, iteration)
     # Clients see the model under its label (`safety/iter-03`, `smollm2-135m`), not this machine's file path.
     settings = ServerSettings(model=t.gguf, lora=t.lora, host=host, port=port, api_key=api_key, slots=slots,
                               ctx_per_slot=ctx_per_slot, threads=threads, backend=backend, alias=t.label)
-    srv = ManagedServer(settings).start()
-    console.print(f"serving {t.label} ({t.gguf.name}) at {srv.base_url}/v1 as model \"{t.label}\" ({srv.backend}, "
-                  f"{srv.slots} slots); log {srv.log_path}; Ctrl-C stops", highlight=False)
     stop = False
 
     def _stop(*_):
         nonlocal stop
         stop = True
 
-    # Both signals set the flag: a process started in the background by a non-interactive shell inherits
-    # SIGINT ignored, and Python then raises no KeyboardInterrupt, so Ctrl-C (or `kill -INT`) did nothing.
+    # From before the server starts to its stop, SIGINT raises KeyboardInterrupt and SIGTERM sets the flag, so
+    # a client that sees the server answer can stop it whatever line the signal lands on. SIGINT's handler is
+    # set even where the process inherited SIGINT ignored (a background job of a non-interactive shell: Python
+    # then installs none, and serve ran on through Ctrl-C).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    srv = ManagedServer(settings)
     try:
+        srv.start()
+        console.print(f"serving {t.label} ({t.gguf.name}) at {srv.base_url}/v1 as model \"{t.label}\" "
+                      f"({srv.backend}, {srv.slots} slots); log {srv.log_path}; Ctrl-C stops", highlight=False)
         while not stop and srv.alive():
             time.sleep(0.5)
+    except KeyboardInterrupt:
+        stop = True
     finally:
         died = not srv.alive() and not stop
         srv.stop()

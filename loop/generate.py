@@ -154,7 +154,8 @@ class GenerationPhase:
                                            temperature=g.temperature, top_p=g.top_p, seed=seed, **self.base_model)
         st.question.add(q_out)
         question = self.fmt.parse_question(q_out.text)
-        base = {"anchor_id": anchor["id"], "question_demo_ids": [d["id"] for d in q_demos]}
+        base = {"anchor_id": anchor["id"], "question_demo_ids": [d["id"] for d in q_demos],
+                "generated_by": {"question": _provenance(q_out)}}
         reason = check_text(question, min_chars=f.min_question_chars, max_chars=f.max_question_chars, cfg=f,
                             truncated=q_out.finish_reason == "length")
         if reason is None and copied_from_demos(question, [d["prompt"] for d in q_demos]):
@@ -193,6 +194,7 @@ class GenerationPhase:
         st.answer.add(a_out)
         answer = self.fmt.parse_answer(a_out.text)
         base["answer_demo_ids"] = [d["id"] for d in a_demos]
+        base["generated_by"]["answer"] = _provenance(a_out)
         reason = check_text(answer, min_chars=f.min_answer_chars, max_chars=f.max_answer_chars, cfg=f,
                             truncated=a_out.finish_reason == "length")
         if reason is None and copied_from_demos(answer, [d["response"] for d in a_demos]):
@@ -295,6 +297,7 @@ class GenerationPhase:
             "acceptance_rate": round(len(st.accepted) / max(1, len(st.accepted) + len(st.rejected)), 3),
             "rejected_by_reason": dict(st.reasons), "surplus": st.surplus,
             "accepted_by_kind": dict(sorted(Counter(str(r["kind"]["answer"]) for r in st.accepted if "kind" in r).items())),
+            "samples_by_model": _count_by(st, "model"), "samples_by_endpoint": _count_by(st, "endpoint"),
             "seconds_this_session": round(seconds, 2),
             "accepted_per_minute": round(60 * (len(st.accepted) - resumed) / seconds, 1) if seconds else None,
             "question_stage": st.question.summary(seconds), "answer_stage": st.answer.summary(seconds),
@@ -302,6 +305,24 @@ class GenerationPhase:
         }
         self.events.emit("generation_finished", **stats)
         return stats
+
+
+def _provenance(c) -> dict:
+    """Which server wrote a text, and as what model: the name it answered with (the run serves each model
+    under its label, `garden/iter-01`) and its URL."""
+    return {"model": c.model, "endpoint": c.endpoint}
+
+
+def _count_by(st: IterationState, key: str) -> dict:
+    """Accepted and rejected samples per generating model (or endpoint): a sample counts under the server
+    that wrote its last text (its answer; a question rejected before an answer was asked: the question)."""
+    counts: dict = {}
+    for outcome, rows in (("accepted", st.accepted), ("rejected", st.rejected)):
+        for r in rows:
+            made = r.get("generated_by") or {}
+            last = made.get("answer") or made.get("question") or {}
+            counts.setdefault(str(last.get(key)), Counter())[outcome] += 1
+    return {name: {"accepted": c["accepted"], "rejected": c["rejected"]} for name, c in sorted(counts.items())}
 
 
 def _as_sample(row: dict) -> Sample:

@@ -55,10 +55,21 @@ def load_run_samples(path: Path, source: str) -> list[Sample]:
 class Serving:
     """The managed server of a run: started on demand, restarted when the model changes."""
 
-    def __init__(self, cfg: RunConfig, layout: RunLayout, events: Events):
-        self.cfg, self.layout, self.events = cfg, layout, events
+    def __init__(self, cfg: RunConfig, layout: RunLayout, events: Events, base_name: str = "base"):
+        self.cfg, self.layout, self.events, self.base_name = cfg, layout, events, base_name
         self.server: ManagedServer | None = None
         self.supervisor: Supervisor | None = None
+
+    def name_of(self, model: Path, lora: list[Path]) -> str:
+        """The name the server answers as, which every generated sample records: the base model's name, or the
+        run's label of the export whose GGUF (or LoRA GGUF) it serves (`garden/iter-01`,
+        `garden/baselines/sft-seeds`)."""
+        made = Path(lora[-1] if lora else model)
+        try:
+            name = f"{self.layout.name}/{made.parent.relative_to(self.layout.root).as_posix()}"
+        except ValueError:  # the base model's own GGUF, in the model store
+            name = self.base_name
+        return name.replace(",", "_")  # llama-server reads a comma-separated list of names
 
     def ensure(self, model: Path, lora: list[Path]) -> None:
         if self.cfg.generation.endpoints:
@@ -69,12 +80,14 @@ class Serving:
         self.stop()
         g = self.cfg.generation
         settings = ServerSettings(model=model, lora=lora, slots=g.slots, ctx_per_slot=g.ctx_per_slot,
-                                  threads=g.threads, log_path=self.layout.server_log)
+                                  threads=g.threads, log_path=self.layout.server_log,
+                                  alias=self.name_of(model, lora))
         self.server = ManagedServer(settings).start()
         self.supervisor = Supervisor(self.server, max_restarts=g.max_restarts, interval=g.health_interval_s,
                                      hang_after=g.hang_timeout_s, on_restart=self._restarted)
         self.events.emit("server_started", url=self.server.base_url, slots=self.server.slots,
-                         backend=self.server.backend, pid=self.server.pid, model=str(model))
+                         backend=self.server.backend, pid=self.server.pid, model=str(model),
+                         name=settings.alias)
 
     def _restarted(self, restarts: int, reason: str) -> None:
         self.events.emit("server_restarted", restarts=restarts, reason=reason, pid=self.server.pid,
@@ -151,7 +164,10 @@ def generate_samples(ctx: RunContext, t: int) -> Written:
     anchors = [k for k, it in enumerate(ctx.index.items)
                if it["source"] == "seed" or (it["source"] == "generated" and it["id"] not in later)]
     stats = asyncio.run(_generate(ctx, t, anchors, adapters=len(lora)))
-    stats["model"] = str(model)
+    # The model this run served for it; with generation.endpoints, what those servers hold (each sample
+    # records the name its server answered with: samples_by_model).
+    stats["model"] = None if ctx.cfg.generation.endpoints else str(model)
+    stats["served_as"] = None if ctx.cfg.generation.endpoints else ctx.serving.name_of(model, lora)
     # Data scaling ratio (the paper's): accepted generated samples so far over seeds.
     so_far = sum(len(read_jsonl(ctx.layout.generated(i))) for i in range(1, t + 1))
     stats["scaling_ratio"] = round(so_far / len(ctx.seeds), 3)

@@ -193,7 +193,7 @@ def _run_phases(cfg: RunConfig, run_dir: Path, layout: RunLayout, state: RunStat
     index.save()
     events.emit("index_ready", items=len(index), embedded_now=added)
 
-    serving = ph.Serving(cfg, layout, events)
+    serving = ph.Serving(cfg, layout, events, base_name=base.name)
     ctx = ph.RunContext(cfg=cfg, layout=layout, state=state, events=events, seeds=seeds, base=base, params=params,
                         items=items, index=index, embedder=embedder, serving=serving)
     try:

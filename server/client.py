@@ -59,6 +59,7 @@ class Completion:
     prompt_ms: float | None = None  # server-side prompt processing time, when reported
     predicted_ms: float | None = None  # server-side generation time, when reported
     attempts: int = 1
+    model: str | None = None  # the name the server answered with (llama-server: its --alias)
     raw: dict = field(default_factory=dict, repr=False)
 
 
@@ -188,7 +189,7 @@ class InferenceClient:
             completion_tokens=int(usage.get("completion_tokens") or timings.get("predicted_n") or 0),
             latency_s=time.perf_counter() - t0, endpoint=endpoint.url,
             prompt_ms=timings.get("prompt_ms"), predicted_ms=timings.get("predicted_ms"),
-            attempts=attempts, raw=data,
+            attempts=attempts, model=data.get("model"), raw=data,
         )
 
     async def _acquire(self, avoid: Endpoint | None) -> Endpoint:

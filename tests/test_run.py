@@ -69,6 +69,23 @@ def test_every_candidate_is_counted_as_accepted_or_rejected_by_reason(finished_r
         assert stats["scaling_ratio"] == 4 * t / 8  # accepted generated samples so far / seeds
 
 
+def test_every_sample_records_the_model_and_server_that_wrote_it_and_stats_count_them(finished_run):
+    run, _, _ = finished_run
+    for t in (1, 2):  # a data-only run: both iterations generate with the base model
+        accepted = jsonl_rows(run / f"iter-0{t}" / "generated.jsonl")
+        rejected = jsonl_rows(run / f"iter-0{t}" / "rejected.jsonl")
+        for r in accepted:
+            assert set(r["generated_by"]) == {"question", "answer"}
+        for r in accepted + rejected:
+            for by in r["generated_by"].values():
+                assert by["model"] == "smollm2-135m" and by["endpoint"].startswith("http://127.0.0.1:"), r
+        stats = json.loads((run / f"iter-0{t}" / "stats.json").read_text())
+        assert stats["served_as"] == "smollm2-135m"
+        assert stats["samples_by_model"] == {"smollm2-135m": {"accepted": 4, "rejected": len(rejected)}}
+        by_endpoint = stats["samples_by_endpoint"].values()
+        assert sum(c["accepted"] for c in by_endpoint) == 4 and sum(c["rejected"] for c in by_endpoint) == len(rejected)
+
+
 def test_accepted_samples_are_indexed_and_iteration_two_retrieves_them(finished_run):
     run, _, _ = finished_run
     items = jsonl_rows(run / "index.items.jsonl")
@@ -214,6 +231,15 @@ def test_a_training_run_generates_iteration_two_with_the_iteration_one_model(tin
     assert started[1]["model"] == str(run / "iter-01" / "model.gguf")
     stats2 = json.loads((run / "iter-02" / "stats.json").read_text())
     assert stats2["model"] == str(run / "iter-01" / "model.gguf")
+    # Every sample names the model that wrote it, as its server answered: the base for iteration 1 (the
+    # folder's name), iteration 1's model for iteration 2, in accepted and rejected samples alike.
+    for t, name in ((1, "hf"), (2, "garden/iter-01")):
+        rows = jsonl_rows(run / f"iter-0{t}" / "generated.jsonl") + jsonl_rows(run / f"iter-0{t}" / "rejected.jsonl")
+        written = [by["model"] for r in rows for by in r["generated_by"].values()]
+        assert len(written) >= 8 and set(written) == {name}, (t, written)
+        stats = json.loads((run / f"iter-0{t}" / "stats.json").read_text())
+        assert stats["served_as"] == name and list(stats["samples_by_model"]) == [name]
+        assert stats["samples_by_model"][name] == {"accepted": 4, "rejected": stats["rejected"]}
     trained = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"train_finished"' in x]
     assert len(trained) == 2
     steps = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"train_step"' in x]

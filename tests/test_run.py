@@ -86,6 +86,26 @@ def test_every_sample_records_the_model_and_server_that_wrote_it_and_stats_count
         assert sum(c["accepted"] for c in by_endpoint) == 4 and sum(c["rejected"] for c in by_endpoint) == len(rejected)
 
 
+@pytest.mark.pipeline
+def test_a_run_on_outside_endpoints_records_the_model_they_answered_as(default_model, toolchain, tmp_path):
+    # generation.endpoints: servers the run does not manage, holding whatever model they hold. The samples say
+    # which (the name the server answered with), and stats.json names no GGUF of the run's own.
+    from server.process import ManagedServer, ServerSettings
+
+    with ManagedServer(ServerSettings(model=default_model.gguf, slots=2, alias="theirs")) as outside:
+        cfg = _config(tmp_path, iterations=1, **{"generation.endpoints": [outside.base_url],
+                                                 "generation.endpoint_slots": 2})
+        out = run_isara("run", str(cfg), "--plain")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = tmp_path / "runs" / "garden"
+    rows = jsonl_rows(run / "iter-01" / "generated.jsonl") + jsonl_rows(run / "iter-01" / "rejected.jsonl")
+    assert {by["model"] for r in rows for by in r["generated_by"].values()} == {"theirs"}
+    stats = json.loads((run / "iter-01" / "stats.json").read_text())
+    assert stats["model"] is None and stats["served_as"] is None
+    assert stats["samples_by_model"] == {"theirs": {"accepted": 4, "rejected": stats["rejected"]}}
+    assert list(stats["samples_by_endpoint"]) == [outside.base_url]
+
+
 def test_accepted_samples_are_indexed_and_iteration_two_retrieves_them(finished_run):
     run, _, _ = finished_run
     items = jsonl_rows(run / "index.items.jsonl")

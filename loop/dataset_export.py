@@ -65,7 +65,8 @@ def dataset_rows(run_dir: Path, iteration: int | None = None, samples: str = "tr
     rows = [_row(r, "seed", 0, None) for r in read_jsonl(layout.seeds)]
     for t in range(first, iteration + 1):
         model = _generator(layout, t)
-        rows += [_row(r, "generated", t, model) for r in read_jsonl(layout.generated(t))]
+        rows += [_row(r, "generated", t, model if model != "unknown" else _answered_as(r))
+                 for r in read_jsonl(layout.generated(t))]
     return iteration, rows
 
 
@@ -194,13 +195,21 @@ def _provenance(r: dict) -> dict:
     return {k: r[k] for k in ("id", "source", "iteration", "generated_by")}
 
 
+def _answered_as(r: dict) -> str:
+    """The name the server that wrote a sample's answer answered with (outside endpoints hold models the run
+    does not know by file)."""
+    return ((r.get("generated_by") or {}).get("answer") or {}).get("model") or "unknown"
+
+
 def _generator(layout: RunLayout, t: int) -> str:
     """The model that wrote iteration t's samples: a model of the run (`iter-01/model.gguf`), or the base
-    model by the name the configuration gives it."""
+    model by the name the configuration gives it; on outside endpoints, the names their servers answered
+    with."""
     st = json.loads(layout.stats(t).read_text(encoding="utf-8")) if layout.stats(t).is_file() else {}
     model = st.get("model")
     if not model:
-        return "unknown"
+        answered = [m for m, c in (st.get("samples_by_model") or {}).items() if c.get("accepted") and m != "unrecorded"]
+        return ", ".join(answered) or "unknown"
     path = layout.resolve(model)
     if path.is_relative_to(layout.root):
         return layout.relative(path)

@@ -154,8 +154,11 @@ class GenerationPhase:
                                            temperature=g.temperature, top_p=g.top_p, seed=seed, **self.base_model)
         st.question.add(q_out)
         question = self.fmt.parse_question(q_out.text)
+        # generation.question_model = "base": the question came from the base weights (every adapter at scale 0)
+        # of the server that answered as the iteration's model.
         base = {"anchor_id": anchor["id"], "question_demo_ids": [d["id"] for d in q_demos],
-                "generated_by": {"question": _provenance(q_out)}}
+                "generated_by": {"question": {**_provenance(q_out), **({"adapters": "off"} if self.base_model
+                                                                        else {})}}}
         reason = check_text(question, min_chars=f.min_question_chars, max_chars=f.max_question_chars, cfg=f,
                             truncated=q_out.finish_reason == "length")
         if reason is None and copied_from_demos(question, [d["prompt"] for d in q_demos]):
@@ -321,7 +324,7 @@ def _count_by(st: IterationState, key: str) -> dict:
         for r in rows:
             made = r.get("generated_by") or {}
             last = made.get("answer") or made.get("question") or {}
-            counts.setdefault(str(last.get(key)), Counter())[outcome] += 1
+            counts.setdefault(last.get(key) or "unrecorded", Counter())[outcome] += 1  # rows of an older isara
     return {name: {"accepted": c["accepted"], "rejected": c["rejected"]} for name, c in sorted(counts.items())}
 
 

@@ -69,7 +69,9 @@ class Serving:
             name = f"{self.layout.name}/{made.parent.relative_to(self.layout.root).as_posix()}"
         except ValueError:  # the base model's own GGUF, in the model store
             name = self.base_name
-        return name.replace(",", "_")  # llama-server reads a comma-separated list of names
+        # llama-server reads a comma-separated list of names and trims each; argparse (the fallback) takes one
+        # that starts with "-" for an option
+        return name.replace(",", "_").strip().lstrip("-") or "base"
 
     def ensure(self, model: Path, lora: list[Path]) -> None:
         if self.cfg.generation.endpoints:

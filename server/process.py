@@ -109,10 +109,14 @@ class ManagedServer:
 
     @property
     def request_defaults(self) -> dict:
-        """Sampling settings every request should carry unless it sets them: llama_cpp.server's repetition
-        penalty defaults to 1.1 where llama-server's is 1.0 (off), so a request that leaves it out would be
-        decoded differently by the fallback."""
-        return {"repeat_penalty": 1.0} if self.backend == "python" else {}
+        """Settings every request should carry unless it sets them: llama_cpp.server's repetition penalty
+        defaults to 1.1 where llama-server's is 1.0 (off), so a request that leaves it out would be decoded
+        differently by the fallback; and the alias, which the fallback answers as only when asked by it."""
+        if self.backend != "python":
+            return {}
+        # llama_cpp.server also answers with the request's "model" (its file path when there is none), where
+        # llama-server answers with its alias whatever the request says.
+        return {"repeat_penalty": 1.0, **({"model": self.settings.alias} if self.settings.alias else {})}
 
     @property
     def pid(self) -> int | None:

@@ -104,6 +104,11 @@ def test_a_run_on_outside_endpoints_records_the_model_they_answered_as(default_m
     assert stats["model"] is None and stats["served_as"] is None
     assert stats["samples_by_model"] == {"theirs": {"accepted": 4, "rejected": stats["rejected"]}}
     assert list(stats["samples_by_endpoint"]) == [outside.base_url]
+    # ... and its data set says so too, row by row and in the card
+    assert run_isara("export", str(run), "--format", "dataset", "--to", str(tmp_path / "data")).returncode == 0
+    generated = [r for r in _load_every_form(tmp_path / "data")["parquet"] if r["source"] == "generated"]
+    assert len(generated) == 4 and {r["generated_by"] for r in generated} == {"theirs"}
+    assert "| 1 | theirs | 4 |" in (tmp_path / "data" / "README.md").read_text()
 
 
 def test_accepted_samples_are_indexed_and_iteration_two_retrieves_them(finished_run):

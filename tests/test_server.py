@@ -220,6 +220,12 @@ def test_python_fallback_backend_serves_under_an_alias_and_answers_requests_that
                        json={"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
         assert r.status_code == 200 and r.json()["model"] == "smol"
 
+        async def unnamed():  # the run's own requests name no model: the fallback still answers as the alias
+            async with InferenceClient.for_servers([srv]) as client:
+                return await client.complete("The capital of France is", max_tokens=2)
+
+        assert asyncio.run(unnamed()).model == "smol"  # (without the alias in the defaults: the GGUF's path)
+
 
 def test_an_alias_that_is_not_one_name_is_refused(default_model):
     with pytest.raises(BadInput, match="one non-empty name without commas"):

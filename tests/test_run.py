@@ -208,8 +208,10 @@ def test_with_one_slot_a_killed_and_resumed_run_writes_the_same_samples_as_an_un
     out = run_isara("run", str(cfg), "--set", "iterations=1", "--plain")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
-    def content(path):  # everything but the wall-clock seconds of each attempt
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in jsonl_rows(path)]
+    def content(path):  # everything but the wall-clock seconds of each attempt and the server's port
+        return [{**{k: v for k, v in r.items() if k != "seconds"},
+                 "generated_by": {stage: {k: v for k, v in by.items() if k != "endpoint"}
+                                  for stage, by in r["generated_by"].items()}} for r in jsonl_rows(path)]
 
     for name in ("generated.jsonl", "rejected.jsonl"):
         assert content(run / "iter-01" / name) == content(reference / "iter-01" / name), name
@@ -510,8 +512,10 @@ def test_on_a_terminal_the_live_dashboard_shows_and_updates_the_run(tiny_chat, t
     # A whole training run of the tiny chat model: generation, training, export and evaluation panels.
     for name in ("refuse.jsonl", "answer.jsonl"):
         (tmp_path / name).write_text("".join(json.dumps({"prompt": f"{w} north?"}) + "\n" for w in ("red", "blue")))
-    cfg = run_config(tmp_path, {**tiny_chat.settings, "iterations": 1, "generation.samples": 4,
-                                "generation.slots": 4, "train.epochs": 2, "eval.refuse_prompts": "refuse.jsonl",
+    # 24 samples on 2 slots, captured every 0.1 s: generation lasts seconds, dozens of captures; with 4 on 4
+    # slots every 0.25 s it took 0.7 s on an idle machine and no whole frame of it was captured (CI, session 13).
+    cfg = run_config(tmp_path, {**tiny_chat.settings, "iterations": 1, "generation.samples": 24,
+                                "generation.slots": 2, "train.epochs": 2, "eval.refuse_prompts": "refuse.jsonl",
                                 "eval.answer_prompts": "answer.jsonl", "eval.baselines": False}, seeds=tiny_seeds(8))
     session = f"isara-test-{os.getpid()}"
     cmd = (f"cd {REPO} && env -u COLUMNS -u LINES ISARA_MODELS={tiny_chat.env['ISARA_MODELS']} {sys.executable} "
@@ -526,7 +530,7 @@ def test_on_a_terminal_the_live_dashboard_shows_and_updates_the_run(tiny_chat, t
                 time.sleep(1)
                 screens.append(_tmux("capture-pane", "-p", "-t", session))
                 break
-            time.sleep(0.25)
+            time.sleep(0.1)
     finally:
         _tmux("kill-session", "-t", session)
     # A capture can land while the terminal is being redrawn (seen in CI: a frame cut after the third panel's
@@ -536,12 +540,12 @@ def test_on_a_terminal_the_live_dashboard_shows_and_updates_the_run(tiny_chat, t
     for field in ("isara run", "phase", "iteration 1/1", "elapsed", "RAM", "accepted", "rejected:",
                   "resume: isara run", "events"):
         assert field in first, field
-    assert "accepted 4/4" in last and "accepted 4/4" not in first  # it updated as samples came in
+    assert "accepted 24/24" in last and "accepted 24/24" not in first  # it updated as samples came in
     assert "question tokens/s: prompt" in last and "answer tokens/s: prompt" in last  # per stage, each whole
     assert "slots busy" in last
     assert "resume: isara run" not in last  # a finished run has nothing to resume
     training = next(s for s in screens if "phase train" in s and _whole_frame(s))
-    assert "step " in training and "loss " in training and "on 12 samples" in training
+    assert "step " in training and "loss " in training and "on 32 samples" in training
     steps = [e for e in jsonl_rows(events) if e["event"] == "train_step"]
     for phrase in (f"step {steps[-1]['step']}/{steps[-1]['steps']}", "verified", "harmful ", "over-refusal "):
         assert phrase in last, phrase  # training's last step, the export, the evaluation

@@ -39,6 +39,7 @@ SAVE_INDEX_EVERY = 16
 class StageTotals:
     requests: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     completion_tokens: int = 0
     prompt_ms: float = 0.0
     predicted_ms: float = 0.0
@@ -46,6 +47,7 @@ class StageTotals:
     def add(self, c) -> None:
         self.requests += 1
         self.prompt_tokens += c.prompt_tokens
+        self.cached_tokens += c.cached_tokens
         self.completion_tokens += c.completion_tokens
         self.prompt_ms += c.prompt_ms or 0.0
         self.predicted_ms += c.predicted_ms or 0.0
@@ -53,7 +55,8 @@ class StageTotals:
     def summary(self, wall_s: float) -> dict:
         # Requests overlap on the server's slots, so throughput is tokens over the phase's wall time;
         # the server-side milliseconds (summed over requests) show where the server spent its time.
-        return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
+        # cached_tokens: prompt tokens the server reused from its prompt cache (prompts sharing a prefix).
+        return {"requests": self.requests, "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
                 "completion_tokens": self.completion_tokens,
                 "prompt_tok_s": round(self.prompt_tokens / wall_s, 1) if wall_s else None,
                 "gen_tok_s": round(self.completion_tokens / wall_s, 1) if wall_s else None,

@@ -58,6 +58,7 @@ class Completion:
     endpoint: str
     prompt_ms: float | None = None  # server-side prompt processing time, when reported
     predicted_ms: float | None = None  # server-side generation time, when reported
+    cached_tokens: int = 0  # prompt tokens the server took from its prompt cache instead of computing them
     attempts: int = 1
     model: str | None = None  # the name the server answered with (llama-server: its --alias)
     raw: dict = field(default_factory=dict, repr=False)
@@ -189,7 +190,7 @@ class InferenceClient:
             completion_tokens=int(usage.get("completion_tokens") or timings.get("predicted_n") or 0),
             latency_s=time.perf_counter() - t0, endpoint=endpoint.url,
             prompt_ms=timings.get("prompt_ms"), predicted_ms=timings.get("predicted_ms"),
-            attempts=attempts, model=data.get("model"), raw=data,
+            cached_tokens=_cached_tokens(usage, timings), attempts=attempts, model=data.get("model"), raw=data,
         )
 
     async def _acquire(self, avoid: Endpoint | None) -> Endpoint:
@@ -241,6 +242,13 @@ class InferenceClient:
             avoid = ep
             await asyncio.sleep(delay)
         raise ServerUnavailable(f"no endpoint answered after {self.retries + 1} tries; last error: {last_error}")
+
+
+def _cached_tokens(usage: dict, timings: dict) -> int:
+    """llama-server reports the reused prompt tokens as `timings.cache_n`; OpenAI's schema (vLLM, llama-server
+    too) as `usage.prompt_tokens_details.cached_tokens`."""
+    details = usage.get("prompt_tokens_details") or {}
+    return int(timings.get("cache_n") or details.get("cached_tokens") or 0)
 
 
 def _error_text(resp: httpx.Response) -> str:

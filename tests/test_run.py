@@ -66,6 +66,10 @@ def test_every_candidate_is_counted_as_accepted_or_rejected_by_reason(finished_r
         assert all(r["reason"] in ("parse", "too_short", "too_long", "repetition", "near_duplicate", "copied_demo")
                    for r in rejected)
         assert stats["question_stage"]["prompt_tokens"] > 0 and stats["answer_stage"]["completion_tokens"] > 0
+        # the prompt tokens llama-server took from its prompt cache (every prompt starts with the same marker)
+        stages = (stats["question_stage"], stats["answer_stage"])
+        assert all(0 <= s["cached_tokens"] < s["prompt_tokens"] for s in stages)
+        assert any(s["cached_tokens"] for s in stages)
         assert stats["scaling_ratio"] == 4 * t / 8  # accepted generated samples so far / seeds
 
 

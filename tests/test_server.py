@@ -68,6 +68,15 @@ def test_eight_concurrent_requests_all_succeed(smol_server):
     assert all(r.attempts == 1 for r in results)
 
 
+def test_a_prompt_sent_again_is_read_from_the_prompt_cache_and_counted_as_cached(smol_server):
+    # Demos shared between prompts are only worth ordering if the server reuses them: the client reports it.
+    prompt = "Question: What is a good name for a dog?\nAnswer: Rex.\n\nQuestion: Name a colour.\nAnswer:"
+    first = complete(smol_server, prompt, max_tokens=4, **GREEDY)
+    again = complete(smol_server, prompt + " Blue.\n\nQuestion: Name a fruit.\nAnswer:", max_tokens=4, **GREEDY)
+    assert again.prompt_tokens > first.prompt_tokens  # every prompt token counts, cached or not
+    assert first.prompt_tokens // 2 < again.cached_tokens < again.prompt_tokens
+
+
 def test_same_seed_gives_same_sample(smol_server):
     a = complete(smol_server, "The weather today is", max_tokens=16, temperature=0.9, seed=42)
     b = complete(smol_server, "The weather today is", max_tokens=16, temperature=0.9, seed=42)

@@ -59,6 +59,9 @@ def bench_generation_k(work: Path, model: str, *, ks=(2, 4, 8), samples: int = 1
                "stage2_prompt_share_of_server_time": _share(a["server_prompt_ms"], server_ms),
                "prompt_share_of_server_time": _share(q["server_prompt_ms"] + a["server_prompt_ms"], server_ms),
                "prompt_tokens": q["prompt_tokens"] + a["prompt_tokens"],
+               # what llama-server's prompt cache saved: the prompt tokens of each stage it did not compute
+               "stage1_cached_share": _share(q.get("cached_tokens", 0), q["prompt_tokens"]) or 0.0,
+               "stage2_cached_share": _share(a.get("cached_tokens", 0), a["prompt_tokens"]) or 0.0,
                "completion_tokens": q["completion_tokens"] + a["completion_tokens"]}
         if prompt_tok_s and gen_tok_s:
             pp = {"q": q["prompt_tokens"] / prompt_tok_s, "a": a["prompt_tokens"] / prompt_tok_s}
@@ -68,7 +71,8 @@ def bench_generation_k(work: Path, model: str, *, ks=(2, 4, 8), samples: int = 1
         rows.append(row)
         log(f"ISARA generation k={k}: {row['accepted_per_minute']} accepted/min ({row['accepted']}/{row['attempts']}"
             f" accepted), {row['prompt_tokens_per_sample']} prompt tokens per sample (stage 1 "
-            f"{row['stage1_prompt_tokens']}, stage 2 {row['stage2_prompt_tokens']} per request)"
+            f"{row['stage1_prompt_tokens']}, stage 2 {row['stage2_prompt_tokens']} per request; from the prompt cache: "
+            f"stage 1 {row['stage1_cached_share']:.0%}, stage 2 {row['stage2_cached_share']:.0%})"
             + (f"; prompt processing ~{row['est_prompt_share']:.0%} of the work, stage 2's "
                f"~{row['est_stage2_prompt_share']:.0%}" if "est_prompt_share" in row else ""))
     return rows

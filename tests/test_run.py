@@ -633,6 +633,7 @@ def test_run_quiet_prints_the_results_and_no_progress(finished_run):
     assert "phase_skipped" not in out.stdout and "run started" not in out.stdout
 
 
+@pytest.mark.pipeline
 def test_a_run_in_lora_mode_with_a_pool_recorded_verification_and_a_spent_attempt_budget(tiny_chat, tmp_path):
     # The configuration paths no other whole run takes, in one tiny run: export.mode = "lora" (served as the
     # base GGUF plus the adapter's), export.verify = "record", data.pool, an attempt budget that runs out,

@@ -354,12 +354,55 @@ def serve(model, iteration, runs_dir, host, port, api_key, slots, ctx_per_slot, 
       isara serve smollm2-135m --port 8080
       curl http://127.0.0.1:8080/v1/chat/completions -d '{"messages":[{"role":"user","content":"Hi"}]}'
     """
-    from server.process import ManagedServer, ServerSettings
+    from server.process import ServerSettings
 
     t = target_of(model, runs_dir, iteration)
     # Clients see the model under its label (`safety/iter-03`, `smollm2-135m`), not this machine's file path.
     settings = ServerSettings(model=t.gguf, lora=t.lora, host=host, port=port, api_key=api_key, slots=slots,
                               ctx_per_slot=ctx_per_slot, threads=threads, backend=backend, alias=t.label)
+    _serve_until_stopped(settings, lambda srv: f"serving {t.label} ({t.gguf.name}) at {srv.base_url}/v1 as model "
+                                                 f"\"{t.label}\" ({srv.backend}, {srv.slots} slots)")
+
+
+@cli.command()
+@click.option("--models-root", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The folder runs write their models to, as this host sees it: every NAME.gguf or "
+                   "NAME/model.gguf there is a model a run loads by NAME.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback needs --api-key.")
+@click.option("--port", type=int, default=8090, show_default=True)
+@click.option("--api-key", default=None, envvar="ISARA_API_KEY",
+              help="Required off loopback: with the load endpoints, a client decides what this host serves.")
+@click.option("--slots", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Parallel sequences of each loaded model (continuous batching).")
+@click.option("--ctx", "ctx_per_slot", type=click.IntRange(64), default=2048, show_default=True,
+              help="Context length per slot.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: llama.cpp's).")
+def worker(models_root, host, port, api_key, slots, ctx_per_slot, threads) -> None:
+    """Serve, on this host, the models runs write to a shared folder, until Ctrl-C.
+
+    A generation worker: llama-server in router mode. It serves no model of
+    its own; a run loads each iteration's model by name, names it in every
+    request, and unloads the one before. Models reach the worker through
+    storage both hosts see; MODELS_ROOT is that folder as this host sees it.
+
+    \b
+    Example:  (on the worker host; /mnt/isara-models is shared with the run's host)
+      isara worker --models-root /mnt/isara-models --host 0.0.0.0 --api-key $KEY
+    """
+    from server.process import ServerSettings
+
+    settings = ServerSettings(model=None, models_dir=models_root, host=host, port=port, api_key=api_key,
+                              slots=slots, ctx_per_slot=ctx_per_slot, threads=threads)
+    _serve_until_stopped(settings, lambda srv: f"worker at {srv.base_url}/v1 serving the models in {models_root} "
+                                               f"by name ({srv.slots} slots each)")
+
+
+def _serve_until_stopped(settings, ready_line) -> None:
+    """Start the server, print `ready_line(server)` once it answers, and serve until SIGINT or SIGTERM; a server
+    that dies on its own exits 1 naming its log."""
+    from server.process import ManagedServer
+
     stop = False
 
     def _stop(*_):
@@ -375,8 +418,8 @@ def serve(model, iteration, runs_dir, host, port, api_key, slots, ctx_per_slot, 
     srv = ManagedServer(settings)
     try:
         srv.start()
-        console.print(f"serving {t.label} ({t.gguf.name}) at {srv.base_url}/v1 as model \"{t.label}\" "
-                      f"({srv.backend}, {srv.slots} slots); log {srv.log_path}; Ctrl-C stops", highlight=False)
+        # one line whatever the width: scripts wait for it and read the URL from it
+        console.print(f"{ready_line(srv)}; log {srv.log_path}; Ctrl-C stops", highlight=False, soft_wrap=True)
         while not stop and srv.alive():
             time.sleep(0.5)
     except KeyboardInterrupt:

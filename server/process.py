@@ -35,7 +35,7 @@ from server.toolchain import find_toolchain
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 @dataclass
 class ServerSettings:
-    model: Path
+    model: Path | None  # None with models_dir: a router
     lora: list[Path] = field(default_factory=list)
     host: str = "127.0.0.1"
     port: int | None = None  # None: a free port
@@ -50,6 +50,16 @@ class ServerSettings:
     log_path: Path | None = None
     startup_timeout: float = 120.0
     extra_args: list[str] = field(default_factory=list)
+    # llama-server's router mode: no model of its own; every GGUF in this folder (`NAME.gguf`, or
+    # `NAME/model.gguf`) is a model a client loads by NAME (`POST /models/load`) and names in its requests.
+    # Each loaded model runs in a child llama-server with this server's slots, context and threads.
+    models_dir: Path | None = None
+    models_max: int = 2  # models loaded at once: the one being served and the next while it loads
+
+    @property
+    def serves(self) -> str:
+        """What the server serves, for messages: its GGUF, or the folder a router serves."""
+        return str(self.model) if self.models_dir is None else f"the models in {self.models_dir}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -130,10 +140,22 @@ class ManagedServer:
         if s.alias is not None and (not s.alias.strip() or "," in s.alias):
             # llama-server reads a comma-separated list of names; one name is what a client can send back.
             raise BadInput(f"model alias {s.alias!r} must be one non-empty name without commas")
-        read_gguf(s.model)
+        if (s.model is None) == (s.models_dir is None):
+            raise ValueError("a server serves one model or, as a router, a models folder: give one of them")
+        if s.models_dir is not None:
+            if not Path(s.models_dir).is_dir():
+                raise BadInput(f"models folder {s.models_dir} does not exist: create it, or point --models-root at "
+                               "the folder the run writes its models to")
+            if s.lora or s.alias is not None or s.backend == "python":
+                raise BadInput("a router serves the models in its folder by their names; its models carry no "
+                               "adapters or alias, and only llama-server (not the python backend) is a router")
+        else:
+            read_gguf(s.model)
         for adapter in s.lora:
             read_gguf(adapter)
         self.backend = resolve_backend(s.backend)
+        if s.models_dir is not None and self.backend != "native":
+            raise ToolchainMissing("a router needs llama-server, which is not built: run `make setup`")
         if s.port is not None:
             check_port_free(s.host, s.port)
         self.port = s.port or free_port(s.host)
@@ -211,7 +233,10 @@ class ManagedServer:
         s = self.settings
         if self.backend == "native":
             tc = find_toolchain()
-            cmd = [str(tc.llama_server), "-m", str(s.model), "--host", s.host, "--port", str(self.port),
+            served = (["-m", str(s.model)] if s.models_dir is None else
+                      ["--models-dir", str(Path(s.models_dir).resolve()), "--models-max", str(s.models_max),
+                       "--no-models-autoload"])  # a request for a model not loaded is refused, never loads one
+            cmd = [str(tc.llama_server), *served, "--host", s.host, "--port", str(self.port),
                    "-np", str(s.slots), "-c", str(s.slots * s.ctx_per_slot), "--no-webui", "--metrics"]
             for adapter in s.lora:
                 cmd += ["--lora", str(adapter)]
@@ -249,7 +274,7 @@ class ManagedServer:
                 code = self.proc.poll()
                 if code is not None:
                     raise ServerStartError(
-                        f"{self.backend} server exited with code {code} while starting on {s.model} "
+                        f"{self.backend} server exited with code {code} while starting on {s.serves} "
                         f"(log {self.log_path}):\n{self.log_tail()}")
                 try:
                     if http.get(self.base_url + path, headers=headers).status_code == 200:
@@ -258,7 +283,7 @@ class ManagedServer:
                     pass
                 if time.monotonic() > deadline:
                     raise ServerStartError(
-                        f"{self.backend} server not healthy after {s.startup_timeout:.0f}s on {s.model} "
+                        f"{self.backend} server not healthy after {s.startup_timeout:.0f}s on {s.serves} "
                         f"(log {self.log_path}):\n{self.log_tail()}")
                 time.sleep(0.1)
 

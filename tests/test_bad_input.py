@@ -203,6 +203,11 @@ CASES = [
      "port {last} on 127.0.0.1 is already in use: choose another with --port, or leave it out to take a free one"),
     ("serving off loopback without a key", lambda tmp: ["serve", "smollm2-135m", "--host", "0.0.0.0"],
      "refusing to serve on 0.0.0.0 without an API key: pass --api-key, or keep the default host 127.0.0.1"),
+    ("a worker off loopback without a key", lambda tmp: ["worker", "--models-root", str(tmp), "--host", "0.0.0.0"],
+     "refusing to serve on 0.0.0.0 without an API key: pass --api-key, or keep the default host 127.0.0.1"),
+    ("a worker's models folder missing", lambda tmp: ["worker", "--models-root", str(tmp / "shared")],
+     "models folder {tmp}/shared does not exist: create it, or point --models-root at the folder the run writes "
+     "its models to"),
 ]
 
 

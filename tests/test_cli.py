@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -21,7 +22,7 @@ from conftest import REPO, assert_one_line_error, run_isara
 
 
 @pytest.mark.parametrize("args", [[], ["doctor"], ["models"], ["models", "list"], ["models", "pull"],
-                                  ["models", "add"], ["serve"], ["bench"], ["run"], ["status"], ["eval"], ["chat"],
+                                  ["models", "add"], ["serve"], ["worker"], ["bench"], ["run"], ["status"], ["eval"], ["chat"],
                                   ["export"]])
 def test_every_command_has_help_with_an_example(args):
     out = run_isara(*args, "--help")
@@ -164,6 +165,40 @@ def test_serve_started_with_sigint_ignored_still_stops_on_sigint_and_stops_its_s
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
         assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in server)
+    finally:
+        proc.kill()
+
+
+def test_a_worker_serves_each_model_a_run_puts_in_its_folder_by_name_until_sigint(default_model, toolchain,
+                                                                                  tmp_path):
+    from server.client import InferenceClient
+    from server.router import Router
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "loop.cli", "worker", "--models-root", str(tmp_path), "--port",
+                             str(port), "--slots", "2", "--threads", "1"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        ready = proc.stdout.readline()
+        assert f"worker at http://127.0.0.1:{port}/v1 serving the models in {tmp_path}" in ready, ready
+        (tmp_path / "garden--iter-01").mkdir()  # written after the worker started, as a run does
+        os.link(default_model.gguf, tmp_path / "garden--iter-01" / "model.gguf")
+        with Router(f"http://127.0.0.1:{port}") as r:
+            r.load("garden--iter-01")
+            r.wait_loaded("garden--iter-01", timeout=120)
+
+        async def ask():
+            async with InferenceClient([f"http://127.0.0.1:{port}"]) as c:
+                return await c.complete("Question: Name a fruit.\nAnswer:", max_tokens=4, model="garden--iter-01")
+        assert asyncio.run(ask()).model == "garden--iter-01"
+        servers = psutil.Process(proc.pid).children(recursive=True)
+        assert len([c for c in servers if "llama" in c.name()]) == 2  # the router and the model's server
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        psutil.wait_procs(servers, timeout=30)
+        assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in servers)
     finally:
         proc.kill()
 

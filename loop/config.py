@@ -97,8 +97,14 @@ class GenerationConfig(_Section):
                                                           "restarted.")
     endpoints: list[str] = Field(default_factory=list,
                                  description="OpenAI-compatible endpoints to use instead of the managed server.")
-    endpoint_slots: int = Field(8, ge=1, description="Requests in flight per external endpoint.")
-    api_key: str | None = Field(None, description="Sent to external endpoints.")
+    endpoint_slots: int = Field(8, ge=1, description="Requests in flight per external endpoint or worker.")
+    api_key: str | None = Field(None, description="Sent to external endpoints and workers.")
+    workers: list[str] = Field(default_factory=list,
+                               description="URLs of `isara worker`s to generate and evaluate on instead of the "
+                                           "managed server: each iteration's model is loaded on every one of them "
+                                           "(see workers_root and README, Scaling out).")
+    workers_root: Path | None = Field(None, description="The folder the workers serve (their --models-root) as this "
+                                                       "host sees it: the run writes each model it serves there.")
 
 
 class FilterConfig(_Section):
@@ -259,6 +265,16 @@ class RunConfig(_Section):
         if self.generation.question_model == "base" and self.export.mode != "lora":
             raise ValueError("generation.question_model = \"base\" needs export.mode = \"lora\" (the base model is "
                              "served beside the adapter): set export.mode = \"lora\", or question_model = \"current\"")
+        g = self.generation
+        if g.workers and g.endpoints:
+            raise ValueError("generation.workers and generation.endpoints both set: workers serve the run's own "
+                             "models, endpoints their own; keep one")
+        if g.workers and not g.workers_root:
+            raise ValueError("generation.workers needs generation.workers_root: the folder the workers serve "
+                             "(their --models-root), as this host sees it")
+        if g.workers and self.export.mode == "lora":
+            raise ValueError("generation.workers serve whole GGUFs by name, not a base with adapters: set "
+                             "export.mode = \"merged\"")
         return self
 
     @field_validator("name")
@@ -323,7 +339,7 @@ def load_config(path: Path | None, overrides: list[str] = (), base_dir: Path | N
         raise BadInput(_describe(e)) from None
     if base_dir is not None:
         for section, key in (("data", "seeds"), ("data", "pool"), ("eval", "refuse_prompts"), ("eval", "pair_prompts"),
-                             ("eval", "answer_prompts")):
+                             ("eval", "answer_prompts"), ("generation", "workers_root")):
             node = getattr(cfg, section)
             value = getattr(node, key)
             if value is not None and not value.is_absolute():

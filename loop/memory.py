@@ -126,7 +126,7 @@ def estimate(shape: Shape, cfg, *, derive: bool = False, convert: bool = False,
     training's memory is the GPU's, `vram_estimate`)."""
     p = shape.params
     phases = conversion_estimate(shape, derive=derive, convert=convert)
-    if shape.gguf_bytes and not cfg.generation.endpoints:
+    if shape.gguf_bytes and not cfg.generation.endpoints and not cfg.generation.workers:  # served elsewhere
         kv_width = shape.hidden * shape.kv_heads // max(shape.heads, 1)  # grouped-query attention caches less
         kv = cfg.generation.slots * cfg.generation.ctx_per_slot * shape.layers * 2 * kv_width * 2
         phases["serve"] = shape.gguf_bytes + kv + GiB // 4

@@ -42,6 +42,7 @@ from loop.state import Events, RunState
 from loop.train import train
 from loop.train_log import TrainLog
 from loop.validation import judge
+from loop.workers import Workers, worker_model_name
 
 Written = tuple[list[Path], dict]  # what a phase returns: the files it wrote, its stats
 
@@ -53,12 +54,14 @@ def load_run_samples(path: Path, source: str) -> list[Sample]:
 
 
 class Serving:
-    """The managed server of a run: started on demand, restarted when the model changes."""
+    """What serves a run's models: its managed server (started on demand, restarted when the model changes),
+    the `isara worker`s of generation.workers (each model loaded on all of them), or outside endpoints."""
 
     def __init__(self, cfg: RunConfig, layout: RunLayout, events: Events, base_name: str = "base"):
         self.cfg, self.layout, self.events, self.base_name = cfg, layout, events, base_name
         self.server: ManagedServer | None = None
         self.supervisor: Supervisor | None = None
+        self.workers = Workers(cfg.generation, events) if cfg.generation.workers else None
 
     def name_of(self, model: Path, lora: list[Path]) -> str:
         """The name the server answers as, which every generated sample records: the base model's name, or the
@@ -73,9 +76,18 @@ class Serving:
         # that starts with "-" for an option
         return name.replace(",", "_").strip().lstrip("-") or "base"
 
+    def answers_as(self, model: Path, lora: list[Path]) -> str | None:
+        """The name the model's server answers with (None: outside endpoints, whose models the run doesn't name)."""
+        if self.cfg.generation.endpoints:
+            return None
+        return worker_model_name(self.name_of(model, lora)) if self.workers else self.name_of(model, lora)
+
     def ensure(self, model: Path, lora: list[Path]) -> None:
         if self.cfg.generation.endpoints:
             return  # external endpoints serve; nothing to manage
+        if self.workers is not None:
+            self.workers.serve(model, self.name_of(model, lora))
+            return
         if self.server is not None and self.server.alive() and self.server.settings.model == model \
                 and list(self.server.settings.lora) == lora:
             return
@@ -96,13 +108,23 @@ class Serving:
                          log=str(self.server.log_path))
 
     def stop(self) -> None:
+        """Free this machine's cores and memory (training wants them). Workers keep their model loaded: it
+        costs them nothing idle, and the next model replaces it."""
         if self.server is not None:
             self.server.stop()
             self.server = None
             self.supervisor = None
 
+    def close(self) -> None:
+        """The run is over (finished or stopped): nothing of it stays served."""
+        self.stop()
+        if self.workers is not None:
+            self.workers.release()
+
     def client(self) -> InferenceClient:
         g = self.cfg.generation
+        if self.workers is not None:
+            return self.workers.client()
         if g.endpoints:
             return InferenceClient([Endpoint(u, slots=g.endpoint_slots, api_key=g.api_key) for u in g.endpoints],
                                    timeout=g.request_timeout_s)
@@ -169,7 +191,7 @@ def generate_samples(ctx: RunContext, t: int) -> Written:
     # The model this run served for it; with generation.endpoints, what those servers hold (each sample
     # records the name its server answered with: samples_by_model).
     stats["model"] = None if ctx.cfg.generation.endpoints else str(model)
-    stats["served_as"] = None if ctx.cfg.generation.endpoints else ctx.serving.name_of(model, lora)
+    stats["served_as"] = ctx.serving.answers_as(model, lora)
     # Data scaling ratio (the paper's): accepted generated samples so far over seeds.
     so_far = sum(len(read_jsonl(ctx.layout.generated(i))) for i in range(1, t + 1))
     stats["scaling_ratio"] = round(so_far / len(ctx.seeds), 3)

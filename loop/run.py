@@ -209,7 +209,7 @@ def _run_phases(cfg: RunConfig, run_dir: Path, layout: RunLayout, state: RunStat
             if phase.report:
                 write_report(run_dir, cfg.name or run_dir.name)
     finally:
-        serving.stop()
+        serving.close()
         index.save()
     return _finish(cfg, layout, state, events)
 

@@ -2,10 +2,12 @@
 
 One client spreads requests over one or many endpoints and keeps as many in
 flight on each as it has slots, so llama-server's continuous batching stays
-full. Connection errors, timeouts and 5xx answers are retried with exponential
-backoff, on another endpoint where there is one; before each retry a managed
-server's `Supervisor` may restart a dead or hung server. Every result carries
-its token counts and timings (the dashboard and the benchmarks read them).
+full. Connection errors, timeouts, 5xx answers and a router's "model is not
+loaded" are retried with exponential backoff, on another endpoint where there is
+one; before each retry a managed server's `Supervisor` may restart a dead or hung
+server. A request that names a model is answered by that model or not at all.
+Every result carries its token counts and timings (the dashboard and the
+benchmarks read them).
 """
 
 from __future__ import annotations
@@ -223,9 +225,15 @@ class InferenceClient:
                 body = {**ep.defaults, **payload} if path in _GENERATING else payload
                 resp = await self._http.post(ep.url + path, json=body, headers=headers)
                 if resp.status_code < 400:
+                    data = resp.json()
+                    asked, answered = body.get("model"), data.get("model")
+                    if path in _GENERATING and asked and answered != asked:
+                        # a router serves many models: a text from any other than the one named is not wanted
+                        raise RequestRejected(f"{ep.url}{path} answered a request for model {asked!r} as "
+                                              f"{answered!r}: it serves another model under that name")
                     ep.served += 1
-                    return resp.json(), ep, attempt
-                if resp.status_code < 500:
+                    return data, ep, attempt
+                if resp.status_code < 500 and not _not_loaded_yet(resp):
                     raise RequestRejected(f"{ep.url}{path} answered {resp.status_code}: {_error_text(resp)}")
                 last_error = f"{ep.url}{path} answered {resp.status_code}: {_error_text(resp)}"
             except _RETRYABLE as e:
@@ -242,6 +250,12 @@ class InferenceClient:
             avoid = ep
             await asyncio.sleep(delay)
         raise ServerUnavailable(f"no endpoint answered after {self.retries + 1} tries; last error: {last_error}")
+
+
+def _not_loaded_yet(resp: httpx.Response) -> bool:
+    """A router that does not serve the requested model now (restarted, or still loading it) answers 400 "model
+    is not loaded": retried, elsewhere first, like a server that is down; never answered by another model."""
+    return resp.status_code == 400 and "not loaded" in _error_text(resp)
 
 
 def _cached_tokens(usage: dict, timings: dict) -> int:

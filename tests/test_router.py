@@ -11,7 +11,7 @@ import pytest
 
 from conftest import pid_alive
 from server.client import InferenceClient, RequestRejected
-from server.errors import BadInput
+from server.errors import BadInput, ServerUnavailable
 from server.process import ManagedServer, ServerSettings
 from server.router import Router
 
@@ -32,7 +32,7 @@ def router(default_model, toolchain, tmp_path):
 
 def complete(url, model, prompt="Question: Name a fruit.\nAnswer:"):
     async def go():
-        async with InferenceClient([url]) as c:
+        async with InferenceClient([url], backoff=0.05) as c:
             return await c.complete(prompt, max_tokens=6, temperature=0.0, model=model)
     return asyncio.run(go())
 
@@ -56,10 +56,17 @@ def test_a_loaded_model_answers_the_requests_that_name_it_with_its_name(router):
     assert out.model == "first" and out.completion_tokens > 0
 
 
-def test_a_request_for_a_model_that_is_not_loaded_is_refused_never_answered_by_another(router):
+def test_a_request_for_a_model_that_is_not_loaded_is_retried_then_refused_never_answered_by_another(router):
     srv, _ = router
-    with pytest.raises(RequestRejected, match="not loaded"):
+    with pytest.raises(ServerUnavailable, match="not loaded"):
         complete(srv.base_url, "first")
+
+
+def test_an_answer_from_another_model_than_the_one_a_request_names_is_refused(default_model, toolchain):
+    # A plain llama-server answers as its alias whatever the request names: the client must notice.
+    with ManagedServer(ServerSettings(model=default_model.gguf, slots=1, ctx_per_slot=512, alias="smollm")) as srv:
+        with pytest.raises(RequestRejected, match="for model 'garden--iter-01' as 'smollm'"):
+            complete(srv.base_url, "garden--iter-01")
 
 
 def test_an_unloaded_model_stops_serving_and_its_server_exits(router):
@@ -72,7 +79,7 @@ def test_an_unloaded_model_stops_serving_and_its_server_exits(router):
         r.unload("first")
         psutil.wait_procs(children, timeout=30)
         assert r.models()["first"]["value"] == "unloaded" and not pid_alive(children[0].pid)
-    with pytest.raises(RequestRejected):
+    with pytest.raises(ServerUnavailable, match="not loaded"):
         complete(srv.base_url, "first")
 
 

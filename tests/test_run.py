@@ -227,6 +227,11 @@ def test_with_one_slot_a_killed_and_resumed_run_writes_the_same_samples_as_an_un
     (["--set", "iterations=many"], ["iterations"]),
     (["--name", "../escape"], ["'name'", "no '/'"]),
     (["--set", "data.seeds=missing.jsonl"], ["missing.jsonl", "does not exist", "data.seeds"]),
+    (["--set", 'generation.workers=["http://127.0.0.1:8090"]'], ["generation.workers needs generation.workers_root"]),
+    (["--set", 'generation.workers=["http://127.0.0.1:8090"]', "--set", 'generation.workers_root="."', "--set",
+      'generation.endpoints=["http://127.0.0.1:8080"]'], ["generation.workers and generation.endpoints both set"]),
+    (["--set", 'generation.workers=["http://127.0.0.1:8090"]', "--set", 'generation.workers_root="."', "--set",
+      'export.mode="lora"'], ["workers serve whole GGUFs", 'export.mode = "merged"']),
 ])
 def test_bad_configuration_is_a_one_line_error(args, needles, tmp_path, default_model):
     cfg = _config(tmp_path)

@@ -1,0 +1,134 @@
+"""A run scaled out on `isara worker`s: each iteration's model is loaded on every worker and writes the next
+iteration's samples, evaluation runs there too, and a worker lost mid-generation costs no sample."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import REPO, jsonl_rows, run_config, tiny_seeds
+from loop.workers import place, worker_model_name
+from server.router import Router
+
+
+def start_worker(models_root, env) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "loop.cli", "worker", "--models-root", str(models_root),
+                             "--port", str(port), "--slots", "2", "--threads", "1"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready = proc.stdout.readline()
+    assert "worker at" in ready, ready + proc.stderr.read()
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def kill_host(proc: subprocess.Popen) -> None:
+    """The worker's host is gone: the worker, its router and the servers of its models, at once."""
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in family:
+        p.kill()
+    psutil.wait_procs(family, timeout=30)
+
+
+def generating(run, t: int) -> bool:
+    """Whether iteration t's generation has started (read while the run appends to its events)."""
+    path = run / "events.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return any('"event": "generation_started"' in ln and f'"iteration": {t},' in ln for ln in lines)
+
+
+@pytest.mark.pipeline
+@pytest.mark.timeout(1800)
+def test_a_run_on_two_workers_generates_with_the_last_model_on_both_evaluates_there_and_outlives_one(
+        tiny_chat, tmp_path):
+    import os
+
+    shared = tmp_path / "shared"  # storage both "hosts" see; here the same path on both sides
+    shared.mkdir()
+    env = {**os.environ, **tiny_chat.env}
+    (a, url_a), (b, url_b) = start_worker(shared, env), start_worker(shared, env)
+    try:
+        for name in ("refuse.jsonl", "answer.jsonl"):
+            (tmp_path / name).write_text("".join(json.dumps({"prompt": f"{w} north?"}) + "\n"
+                                                 for w in ("red", "blue", "seven")))
+        cfg = run_config(tmp_path, {**tiny_chat.settings, "iterations": 2, "generation.samples": 6,
+                                    "generation.workers": [url_a, url_b], "generation.workers_root": str(shared),
+                                    "generation.endpoint_slots": 2, "train.epochs": 2,
+                                    "eval.refuse_prompts": "refuse.jsonl", "eval.answer_prompts": "answer.jsonl",
+                                    "eval.baselines": False}, seeds=tiny_seeds(8))
+        run = tmp_path / "runs" / "garden"
+        proc = subprocess.Popen([sys.executable, "-m", "loop.cli", "run", str(cfg), "--plain"], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        killed_at = None
+        while proc.poll() is None:  # the second worker's host goes down as iteration 2 starts to generate
+            if killed_at is None and generating(run, 2):
+                kill_host(b)
+                killed_at = time.time()
+            time.sleep(0.05)
+        out = proc.stdout.read()
+        assert proc.returncode == 0, out[-3000:]
+        events = jsonl_rows(run / "events.jsonl")
+        finished_2 = next(e for e in events if e["event"] == "generation_finished" and e["iteration"] == 2)
+        assert killed_at is not None and finished_2["t"] > killed_at  # lost mid-generation
+        assert finished_2["accepted"] == 6  # ... and the phase still met its target
+        for t, name in ((1, "hf"), (2, "garden--iter-01")):  # every sample by the model of the iteration before
+            rows = jsonl_rows(run / f"iter-0{t}" / "generated.jsonl") + jsonl_rows(run / f"iter-0{t}" / "rejected.jsonl")
+            assert {by["model"] for r in rows for by in r["generated_by"].values()} == {name}, t
+            stats = json.loads((run / f"iter-0{t}" / "stats.json").read_text())
+            assert stats["served_as"] == name and stats["accepted"] == 6
+        by_endpoint = json.loads((run / "iter-01" / "stats.json").read_text())["samples_by_endpoint"]
+        assert set(by_endpoint) == {url_a, url_b}  # both workers wrote samples
+        for t in (1, 2):  # evaluated on the workers, by the iteration's own model
+            assert json.loads((run / f"iter-0{t}" / "eval.json").read_text())["n_refuse"] == 3
+        loads = [(e["name"], e["workers"]) for e in events if e["event"] == "workers_serving"]
+        assert loads == [("hf", [url_a, url_b]), ("garden--iter-01", [url_a, url_b]),
+                         ("garden--iter-02", [url_a])]  # the lost worker left out
+        assert (shared / "garden--iter-02" / "model.gguf").samefile(run / "iter-02" / "model.gguf")
+        with Router(url_a) as r:  # the run over, nothing of it stays loaded
+            assert {s["value"] for s in r.models(rescan=False).values()} == {"unloaded"}
+    finally:
+        for w in (a, b):
+            if w.poll() is None:
+                w.terminate()
+                w.wait(30)
+
+
+@pytest.mark.pipeline
+def test_a_worker_that_does_not_see_the_runs_folder_fails_the_phase_naming_it_and_the_path(tiny_chat, tmp_path):
+    import os
+
+    elsewhere, shared = tmp_path / "elsewhere", tmp_path / "shared"
+    elsewhere.mkdir(), shared.mkdir()
+    env = {**os.environ, **tiny_chat.env}
+    worker, url = start_worker(elsewhere, env)
+    try:
+        cfg = run_config(tmp_path, {**tiny_chat.settings, "iterations": 1, "generation.samples": 2,
+                                    "generation.workers": [url], "generation.workers_root": str(shared),
+                                    "train.enabled": False})
+        out = subprocess.run([sys.executable, "-m", "loop.cli", "run", str(cfg), "--plain"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 2
+        assert (f"isara: error: worker {url} does not see {shared / 'hf' / 'model.gguf'}, which this run wrote for "
+                "it: start the worker with --models-root set to that folder as its host sees it") in out.stderr
+    finally:
+        worker.terminate()
+        worker.wait(30)
+
+
+def test_a_model_is_placed_for_the_workers_once_as_a_link_and_named_as_one_folder(tmp_path):
+    gguf = tmp_path / "iter-01" / "model.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF" + b"\0" * 60)
+    target = tmp_path / "shared" / worker_model_name("garden/iter-01") / "model.gguf"
+    place(gguf, target)
+    assert target.samefile(gguf) and target.parent.name == "garden--iter-01"
+    made = target.stat().st_ino
+    place(gguf, target)
+    assert target.stat().st_ino == made and not list(target.parent.glob(".*"))  # kept; no temp left

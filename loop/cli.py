@@ -394,7 +394,8 @@ def worker(models_root, host, port, api_key, slots, ctx_per_slot, threads) -> No
 
     settings = ServerSettings(model=None, models_dir=models_root, host=host, port=port, api_key=api_key,
                               slots=slots, ctx_per_slot=ctx_per_slot, threads=threads)
-    _serve_until_stopped(settings, lambda srv: f"worker at {srv.base_url}/v1 serving the models in {models_root} "
+    # The root URL, as a run's generation.workers takes it (the router's load endpoints are not under /v1).
+    _serve_until_stopped(settings, lambda srv: f"worker at {srv.base_url} serving the models in {models_root} "
                                                f"by name ({srv.slots} slots each)")
 
 

@@ -105,6 +105,18 @@ class GenerationConfig(_Section):
                                            "(see workers_root and README, Scaling out).")
     workers_root: Path | None = Field(None, description="The folder the workers serve (their --models-root) as this "
                                                        "host sees it: the run writes each model it serves there.")
+    workers_wait_s: float = Field(120.0, gt=0, description="How long a worker may take to see a model file the run "
+                                                          "wrote (shared storage caches folder listings), and "
+                                                          "then to load it.")
+
+    @field_validator("workers")
+    @classmethod
+    def _worker_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not re.fullmatch(r"https?://[^/\s]+/?", url):
+                raise ValueError(f"{url!r} is not a worker's address: give its root URL, as `isara worker` prints "
+                                 "it (http://HOST:PORT, no path)")
+        return [u.rstrip("/") for u in urls]
 
 
 class FilterConfig(_Section):

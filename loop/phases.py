@@ -80,7 +80,7 @@ class Serving:
         """The name the model's server answers with (None: outside endpoints, whose models the run doesn't name)."""
         if self.cfg.generation.endpoints:
             return None
-        return worker_model_name(self.name_of(model, lora)) if self.workers else self.name_of(model, lora)
+        return worker_model_name(self.name_of(model, lora), model) if self.workers else self.name_of(model, lora)
 
     def ensure(self, model: Path, lora: list[Path]) -> None:
         if self.cfg.generation.endpoints:

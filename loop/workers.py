@@ -3,16 +3,24 @@ the run's own server, with ISARA's point kept: iteration t generates with iterat
 
 Each time the run needs a model served (the base model, each iteration's export, a baseline's), it puts the
 GGUF in the folder the workers serve (`generation.workers_root`: storage both hosts see, as this host sees
-it; a hard link where the two share a file system, else a copy), loads it on every worker under one name,
-waits until each serves it, and only then unloads the model before. Every request names the model, and the
-client refuses an answer from any other (`server.client`), so whichever worker answers, a sample is written by
-the model the run meant.
+it; a hard link where the two share a file system, else a copy) under a name of its own, loads it on every
+worker, waits until each serves it, and only then unloads the model before. Every request names the model and
+the client refuses an answer from any other (`server.client`), so whichever worker answers, a sample is
+written by the model the run meant. A worker that restarts (and so serves nothing) loads it again.
+
+A name is the model's label in the run (`garden/iter-01`, made one folder name) and a fingerprint of the
+file, the run's folder included: two runs, or a file exported again after a crash, never share a name, so
+a name always means one file and a file in the shared folder is never replaced.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import os
 import shutil
+import time
 from pathlib import Path
 
 from server.client import Endpoint, InferenceClient
@@ -22,25 +30,20 @@ from server.tempfiles import temp_name
 
 from loop.config import GenerationConfig
 
-LOAD_TIMEOUT_S = 600.0  # a worker reads the GGUF from shared storage: a large model on a slow share
+
+def worker_model_name(label: str, gguf: Path) -> str:
+    """`garden/iter-01` of the file `gguf` as a router names models: one folder name, with 8 hex digits of
+    the file's identity (its absolute path, size and modification time) so that no other file has it."""
+    st = gguf.stat()
+    identity = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return f"{label.replace('/', '--')}--{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
 
 
-def worker_model_name(label: str) -> str:
-    """The run's label of a model (`garden/iter-01`) as a router names models: one folder name
-    (`garden--iter-01`). Samples record it as the name their worker answered with."""
-    return label.replace("/", "--")
-
-
-def place(gguf: Path, target: Path) -> bool:
+def place(gguf: Path, target: Path) -> None:
     """`gguf` at `target`, whole or not at all: a hard link where both are on one file system, else a copy.
-    A target already made from the same file (the same inode, or a copy as large and newer) is kept. Returns
-    whether the target is new (a worker that loaded the old file must load it again)."""
+    A target already there is this file (its name says so): kept."""
     if target.exists():
-        if os.path.samefile(gguf, target):
-            return False
-        src, dst = gguf.stat(), target.stat()
-        if src.st_size == dst.st_size and dst.st_mtime >= src.st_mtime:
-            return False
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(target)
     tmp.unlink(missing_ok=True)
@@ -49,7 +52,6 @@ def place(gguf: Path, target: Path) -> bool:
     except OSError:  # another file system (a network share), or links not allowed there
         shutil.copyfile(gguf, tmp)
     os.replace(tmp, target)
-    return True
 
 
 class Workers:
@@ -61,56 +63,114 @@ class Workers:
         self.current: str | None = None
         self.serving: list[str] = []  # the workers that loaded the current model
 
-    def serve(self, gguf: Path, label: str) -> None:
-        """Make every worker serve `gguf` as `worker_model_name(label)`; unload the model they served before."""
-        name = worker_model_name(label)
+    def router(self, url: str) -> Router:
+        return Router(url, self.cfg.api_key)
+
+    def serve(self, gguf: Path, label: str) -> str:
+        """Make every worker serve `gguf`, and unload the model they served before. Returns its name."""
+        name = worker_model_name(label, gguf)
         if name == self.current:
-            return
+            self._reload_where_missing()
+            return name
         if not self.root.is_dir():
             raise BadInput(f"generation.workers_root {self.root} is not a folder: give the folder the workers serve "
                            "(their --models-root) as this host sees it")
         target = self.root / name / "model.gguf"
-        if place(gguf, target):
-            self._unload(name)  # a worker still serving an older file of this name (a resumed run) reads it anew
-        loaded, down = [], []
-        for url in self.cfg.workers:
-            with Router(url, self.cfg.api_key) as router:
+        place(gguf, target)
+        loading: list[str] = []
+        try:
+            for url in self.cfg.workers:
                 try:
-                    if name not in router.models():
-                        raise BadInput(f"worker {url} does not see {target}, which this run wrote for it: start the "
-                                       "worker with --models-root set to that folder as its host sees it")
-                    router.load(name)
+                    with self.router(url) as router:
+                        self._wait_seen(router, name, target)
+                        router.load(name)
+                    loading.append(url)
                 except ServerUnavailable as e:  # a worker that is down is left out, as a dead endpoint would be
-                    down.append(url)
                     self.events.emit("worker_unavailable", url=url, reason=str(e))
-                    continue
-                loaded.append(url)
-        for url in loaded:
-            with Router(url, self.cfg.api_key) as router:
-                router.wait_loaded(name, timeout=LOAD_TIMEOUT_S)
-        if not loaded:
-            raise ServerUnavailable(f"no worker could load {name}: {', '.join(down)} can't be reached")
+            loaded = []
+            for url in loading:
+                try:
+                    with self.router(url) as router:
+                        router.wait_loaded(name, timeout=self.cfg.workers_wait_s)
+                    loaded.append(url)
+                except ServerUnavailable as e:  # died, or hung, while loading
+                    self.events.emit("worker_unavailable", url=url, reason=str(e))
+            if not loaded:
+                raise ServerUnavailable(f"no worker could serve {name}: none of {', '.join(self.cfg.workers)} "
+                                        "answered or loaded it (see the events)")
+        except BaseException:
+            self._unload(name, loading)  # nothing half-loaded stays behind a phase that failed
+            raise
         previous, self.current, self.serving = self.current, name, loaded
         if previous is not None:
-            self._unload(previous)
+            self._unload(previous, self.cfg.workers)
         self.events.emit("workers_serving", name=name, workers=loaded, model=str(gguf))
+        return name
+
+    def reload(self, url: str) -> None:
+        """Load the current model again on a worker that no longer serves it (it restarted)."""
+        with self.router(url) as router:
+            router.load(self.current)
+            router.wait_loaded(self.current, timeout=self.cfg.workers_wait_s)
+        self.events.emit("worker_reloaded", url=url, name=self.current)
 
     def client(self) -> InferenceClient:
-        """Requests over the workers that serve the current model, each naming it."""
+        """Requests over the workers that serve the current model, each naming it; before a retry, a worker
+        that said the model is not loaded loads it again."""
         return InferenceClient([Endpoint(u, slots=self.cfg.endpoint_slots, api_key=self.cfg.api_key,
                                          defaults={"model": self.current}) for u in self.serving],
-                               timeout=self.cfg.request_timeout_s)
+                               timeout=self.cfg.request_timeout_s, supervisor=_Reloads(self))
 
     def release(self) -> None:
         """Unload the current model everywhere (the run is done with it)."""
         if self.current is not None:
-            self._unload(self.current)
+            self._unload(self.current, self.cfg.workers)
         self.current, self.serving = None, []
 
-    def _unload(self, name: str) -> None:
-        for url in self.cfg.workers:
+    # -- internals -------------------------------------------------------
+    def _wait_seen(self, router: Router, name: str, target: Path) -> None:
+        """Until the worker lists the new model: shared storage (NFS) may show a new folder only after its
+        attribute cache expires."""
+        deadline = time.monotonic() + self.cfg.workers_wait_s
+        while name not in router.models():
+            if time.monotonic() > deadline:
+                raise BadInput(f"worker {router.url} does not see {target}, which this run wrote for it: start the "
+                               "worker with --models-root set to that folder as its host sees it")
+            time.sleep(1.0)
+
+    def _reload_where_missing(self) -> None:
+        for url in self.serving:
             try:
-                with Router(url, self.cfg.api_key) as router:
+                with self.router(url) as router:
+                    missing = (router.models(rescan=False).get(self.current) or {}).get("value") != "loaded"
+                if missing:
+                    self.reload(url)
+            except ServerUnavailable as e:
+                self.events.emit("worker_unavailable", url=url, reason=str(e))
+
+    def _unload(self, name: str, urls: list[str]) -> None:
+        for url in urls:
+            try:
+                with self.router(url) as router:
                     router.unload(name)
             except (ServerUnavailable, BadInput):
                 pass  # a worker that is gone (or no longer takes the key) serves nothing of this run's
+
+
+class _Reloads:
+    """The workers' client's recovery before a retry (the role a managed server's `Supervisor` plays): a
+    worker that answered "model is not loaded" restarted since the run loaded the model there; load it again."""
+
+    def __init__(self, workers: Workers):
+        self.workers = workers
+
+    def watching(self):
+        return contextlib.nullcontext()
+
+    async def recover(self, error: str = "") -> None:
+        url = next((u for u in self.workers.serving if error.startswith(u.rstrip("/"))), None)
+        if url is not None and "not loaded" in error:
+            try:
+                await asyncio.to_thread(self.workers.reload, url)
+            except ServerUnavailable:
+                pass  # down again: the retry goes elsewhere

@@ -71,10 +71,17 @@ class Router:
                                         f"(status {status.get('value')!r})")
             time.sleep(interval)
 
-    def unload(self, name: str) -> None:
-        """Stop serving `name` (frees its memory); a model that is not loaded is left as it is."""
-        if (self.models(rescan=False).get(name) or {}).get("value") in ("loaded", "loading"):
-            self._call("POST", "/models/unload", json={"model": name})
+    def unload(self, name: str, timeout: float = 60.0) -> None:
+        """Stop serving `name` and wait until its server is gone (the router says "loaded" until then, and a load
+        of the same name meanwhile would be a no-op); a model that is not loaded is left as it is."""
+        if (self.models(rescan=False).get(name) or {}).get("value") not in ("loaded", "loading"):
+            return
+        self._call("POST", "/models/unload", json={"model": name})
+        deadline = time.monotonic() + timeout
+        while (self.models(rescan=False).get(name) or {}).get("value") in ("loaded", "loading"):
+            if time.monotonic() > deadline:
+                raise ServerUnavailable(f"router {self.url} did not unload {name!r} within {timeout:.0f}s")
+            time.sleep(0.1)
 
     def _call(self, method: str, path: str, **kw) -> dict:
         try:

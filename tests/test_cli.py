@@ -182,7 +182,7 @@ def test_a_worker_serves_each_model_a_run_puts_in_its_folder_by_name_until_sigin
                             stderr=subprocess.PIPE, text=True)
     try:
         ready = proc.stdout.readline()
-        assert f"worker at http://127.0.0.1:{port}/v1 serving the models in {tmp_path}" in ready, ready
+        assert f"worker at http://127.0.0.1:{port} serving the models in {tmp_path}" in ready, ready
         (tmp_path / "garden--iter-01").mkdir()  # written after the worker started, as a run does
         os.link(default_model.gguf, tmp_path / "garden--iter-01" / "model.gguf")
         with Router(f"http://127.0.0.1:{port}") as r:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -37,11 +38,14 @@ def kill_host(proc: subprocess.Popen) -> None:
     psutil.wait_procs(family, timeout=30)
 
 
-def generating(run, t: int) -> bool:
-    """Whether iteration t's generation has started (read while the run appends to its events)."""
-    path = run / "events.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return any('"event": "generation_started"' in ln and f'"iteration": {t},' in ln for ln in lines)
+def served_by(run, t: int, url: str) -> bool:
+    """Whether a sample of iteration t (accepted or rejected) was written by the worker at `url` (read while
+    the run appends to the files, a whole line at a time)."""
+    for name in ("generated.jsonl", "rejected.jsonl"):
+        path = run / f"iter-0{t}" / name
+        if path.exists() and f'"endpoint": "{url}"' in path.read_text():
+            return True
+    return False
 
 
 @pytest.mark.pipeline
@@ -67,8 +71,8 @@ def test_a_run_on_two_workers_generates_with_the_last_model_on_both_evaluates_th
         proc = subprocess.Popen([sys.executable, "-m", "loop.cli", "run", str(cfg), "--plain"], cwd=REPO, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         killed_at = None
-        while proc.poll() is None:  # the second worker's host goes down as iteration 2 starts to generate
-            if killed_at is None and generating(run, 2):
+        while proc.poll() is None:  # the second worker's host goes down once it has served iteration 2
+            if killed_at is None and served_by(run, 2, url_b):
                 kill_host(b)
                 killed_at = time.time()
             time.sleep(0.05)
@@ -78,7 +82,11 @@ def test_a_run_on_two_workers_generates_with_the_last_model_on_both_evaluates_th
         finished_2 = next(e for e in events if e["event"] == "generation_finished" and e["iteration"] == 2)
         assert killed_at is not None and finished_2["t"] > killed_at  # lost mid-generation
         assert finished_2["accepted"] == 6  # ... and the phase still met its target
-        for t, name in ((1, "hf"), (2, "garden--iter-01")):  # every sample by the model of the iteration before
+        base = json.loads((run / "state.json").read_text())["phases"]["iter-01/generate"]["stats"]["model"]
+        names = {label: worker_model_name(label, Path(gguf)) for label, gguf in (
+            ("hf", base), ("garden/iter-01", run / "iter-01" / "model.gguf"),
+            ("garden/iter-02", run / "iter-02" / "model.gguf"))}
+        for t, name in ((1, names["hf"]), (2, names["garden/iter-01"])):  # by the model of the iteration before
             rows = jsonl_rows(run / f"iter-0{t}" / "generated.jsonl") + jsonl_rows(run / f"iter-0{t}" / "rejected.jsonl")
             assert {by["model"] for r in rows for by in r["generated_by"].values()} == {name}, t
             stats = json.loads((run / f"iter-0{t}" / "stats.json").read_text())
@@ -88,9 +96,10 @@ def test_a_run_on_two_workers_generates_with_the_last_model_on_both_evaluates_th
         for t in (1, 2):  # evaluated on the workers, by the iteration's own model
             assert json.loads((run / f"iter-0{t}" / "eval.json").read_text())["n_refuse"] == 3
         loads = [(e["name"], e["workers"]) for e in events if e["event"] == "workers_serving"]
-        assert loads == [("hf", [url_a, url_b]), ("garden--iter-01", [url_a, url_b]),
-                         ("garden--iter-02", [url_a])]  # the lost worker left out
-        assert (shared / "garden--iter-02" / "model.gguf").samefile(run / "iter-02" / "model.gguf")
+        assert loads == [(names["hf"], [url_a, url_b]), (names["garden/iter-01"], [url_a, url_b]),
+                         (names["garden/iter-02"], [url_a])]  # the lost worker left out
+        assert names["garden/iter-01"].startswith("garden--iter-01--")
+        assert (shared / names["garden/iter-02"] / "model.gguf").samefile(run / "iter-02" / "model.gguf")
         with Router(url_a) as r:  # the run over, nothing of it stays loaded
             assert {s["value"] for s in r.models(rescan=False).values()} == {"unloaded"}
     finally:
@@ -111,24 +120,67 @@ def test_a_worker_that_does_not_see_the_runs_folder_fails_the_phase_naming_it_an
     try:
         cfg = run_config(tmp_path, {**tiny_chat.settings, "iterations": 1, "generation.samples": 2,
                                     "generation.workers": [url], "generation.workers_root": str(shared),
-                                    "train.enabled": False})
+                                    "generation.workers_wait_s": 2, "train.enabled": False})
         out = subprocess.run([sys.executable, "-m", "loop.cli", "run", str(cfg), "--plain"], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 2
-        assert (f"isara: error: worker {url} does not see {shared / 'hf' / 'model.gguf'}, which this run wrote for "
-                "it: start the worker with --models-root set to that folder as its host sees it") in out.stderr
+        [written] = shared.glob("hf--*/model.gguf")
+        assert (f"isara: error: worker {url} does not see {written}, which this run wrote for it: start the worker "
+                "with --models-root set to that folder as its host sees it") in out.stderr
     finally:
         worker.terminate()
         worker.wait(30)
 
 
-def test_a_model_is_placed_for_the_workers_once_as_a_link_and_named_as_one_folder(tmp_path):
+def test_a_model_is_placed_for_the_workers_once_as_a_link_under_a_name_no_other_file_has(tmp_path):
     gguf = tmp_path / "iter-01" / "model.gguf"
     gguf.parent.mkdir()
     gguf.write_bytes(b"GGUF" + b"\0" * 60)
-    target = tmp_path / "shared" / worker_model_name("garden/iter-01") / "model.gguf"
+    name = worker_model_name("garden/iter-01", gguf)
+    assert name.startswith("garden--iter-01--") and "/" not in name
+    target = tmp_path / "shared" / name / "model.gguf"
     place(gguf, target)
-    assert target.samefile(gguf) and target.parent.name == "garden--iter-01"
-    made = target.stat().st_ino
+    assert target.samefile(gguf)
     place(gguf, target)
-    assert target.stat().st_ino == made and not list(target.parent.glob(".*"))  # kept; no temp left
+    assert target.samefile(gguf) and not list(target.parent.glob(".*"))  # kept; no temp left
+    # the same label for another file (exported again after a crash, or another run's): another name
+    again = tmp_path / "again" / "model.gguf"
+    again.parent.mkdir()
+    again.write_bytes(b"GGUF" + b"\0" * 60)
+    assert worker_model_name("garden/iter-01", again) != name
+
+
+class Recorded:
+    def __init__(self):
+        self.events = []
+
+    def emit(self, event, **fields):
+        self.events.append((event, fields))
+
+
+def test_a_worker_that_lost_the_model_loads_it_again_and_the_request_is_answered_by_it(default_model, toolchain,
+                                                                                       tmp_path):
+    import asyncio
+
+    from loop.config import GenerationConfig
+    from loop.workers import Workers
+    from server.process import ManagedServer, ServerSettings
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    with ManagedServer(ServerSettings(model=None, models_dir=shared, slots=1, ctx_per_slot=512, threads=1)) as srv:
+        events = Recorded()
+        workers = Workers(GenerationConfig(workers=[srv.base_url], workers_root=shared, workers_wait_s=60), events)
+        name = workers.serve(default_model.gguf, "smollm2-135m")
+        with Router(srv.base_url) as r:
+            r.unload(name)  # what a restarted worker serves: nothing
+
+        async def ask():
+            async with workers.client() as c:
+                return await c.complete("Question: Name a fruit.\nAnswer:", max_tokens=4)
+        out = asyncio.run(ask())
+        assert out.model == name and out.attempts == 2
+        assert ("worker_reloaded", {"url": srv.base_url, "name": name}) in events.events
+        workers.release()
+        with Router(srv.base_url) as r:
+            assert r.models(rescan=False)[name]["value"] == "unloaded"

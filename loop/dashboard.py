@@ -56,6 +56,7 @@ class Dashboard:
         self.gen_started = None
         self.gen_summary: dict = {}
         self.server = ""  # what the run's llama-server is doing, in words (empty: no managed server yet)
+        self.workers = ""  # with generation.workers: how many serve which model
         self.report = ""
         self.losses: list[float] = []
         self.train = {}
@@ -84,6 +85,8 @@ class Dashboard:
             self.run, self.folder, self.iterations = f["run"], f["folder"], f["iterations"]
         elif kind == "server_started":
             self.server = f"server: {f['backend']} at {f['url']}, {f['slots']} slots"
+        elif kind == "workers_serving":
+            self.workers = f"workers: {len(f['workers'])} serving {f['name']}"
         elif kind == "generation_started":
             self.phase = "generate"
             self.accepted, self.target = f.get("resumed_accepted", 0), f["target"]
@@ -161,6 +164,8 @@ class Dashboard:
                           f"RAM {rss / 2**30:.1f} GiB"])]
         if self.server:
             lines.append(Phrases([self.server]))
+        if self.workers:
+            lines.append(Phrases([self.workers]))
         if self.phase == "finished":  # nothing left to resume: say where the result is
             lines.append(Phrases([f"report: {self.report}" if self.report else ""]))
         elif self.folder:  # resumable from the first event until the run finishes

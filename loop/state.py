@@ -191,6 +191,12 @@ def plain_line(kind: str, f: dict) -> str | None:
     if kind == "validation_finished":
         return (f"{who}: held-out seeds {f['right']}/{f['n']} answered in their kind, score {f['score']}"
                 f" (per kind {f['per_kind']})")
+    if kind == "workers_serving":
+        return f"workers serving {f['name']}: {', '.join(f['workers'])}"
+    if kind == "worker_unavailable":
+        return f"worker {f['url']} left out: {f['reason']}"
+    if kind == "worker_reloaded":
+        return f"worker {f['url']} lost {f['name']} (restarted?): loaded it again"
     if kind == "message":
         return f["text"]
     if kind in ("run_started", "run_finished", "phase_skipped", "server_started", "server_restarted",

@@ -139,14 +139,20 @@ class Workers:
             time.sleep(1.0)
 
     def _reload_where_missing(self) -> None:
-        for url in self.serving:
+        """Before a phase that uses the model already served: a worker that lost it loads it again, one that
+        can't be reached is left out of the phase."""
+        for url in list(self.serving):
             try:
                 with self.router(url) as router:
                     missing = (router.models(rescan=False).get(self.current) or {}).get("value") != "loaded"
                 if missing:
                     self.reload(url)
             except ServerUnavailable as e:
+                self.serving.remove(url)
                 self.events.emit("worker_unavailable", url=url, reason=str(e))
+        if not self.serving:
+            raise ServerUnavailable(f"no worker serves {self.current} any more: none of "
+                                    f"{', '.join(self.cfg.workers)} answered")
 
     def _unload(self, name: str, urls: list[str]) -> None:
         for url in urls:

@@ -4,6 +4,8 @@ iteration's samples, evaluation runs there too, and a worker lost mid-generation
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,22 +40,17 @@ def kill_host(proc: subprocess.Popen) -> None:
     psutil.wait_procs(family, timeout=30)
 
 
-def served_by(run, t: int, url: str) -> bool:
-    """Whether a sample of iteration t (accepted or rejected) was written by the worker at `url` (read while
-    the run appends to the files, a whole line at a time)."""
-    for name in ("generated.jsonl", "rejected.jsonl"):
-        path = run / f"iter-0{t}" / name
-        if path.exists() and f'"endpoint": "{url}"' in path.read_text():
-            return True
-    return False
+def generating(run, t: int) -> bool:
+    """Whether iteration t's generation has begun (read while the run appends its events)."""
+    path = run / "events.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return any('"event": "generation_started"' in ln and f'"iteration": {t},' in ln for ln in lines)
 
 
 @pytest.mark.pipeline
 @pytest.mark.timeout(1800)
 def test_a_run_on_two_workers_generates_with_the_last_model_on_both_evaluates_there_and_outlives_one(
         tiny_chat, tmp_path):
-    import os
-
     shared = tmp_path / "shared"  # storage both "hosts" see; here the same path on both sides
     shared.mkdir()
     env = {**os.environ, **tiny_chat.env}
@@ -71,11 +68,15 @@ def test_a_run_on_two_workers_generates_with_the_last_model_on_both_evaluates_th
         proc = subprocess.Popen([sys.executable, "-m", "loop.cli", "run", str(cfg), "--plain"], cwd=REPO, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         killed_at = None
-        while proc.poll() is None:  # the second worker's host goes down once it has served iteration 2
-            if killed_at is None and served_by(run, 2, url_b):
-                kill_host(b)
+        # The second worker's host goes down as iteration 2's generation begins: the run is held while it dies
+        # (a tiny model's generation phase lasts under a second: no poll would land inside it otherwise).
+        while proc.poll() is None:
+            if killed_at is None and generating(run, 2):
+                os.kill(proc.pid, signal.SIGSTOP)
                 killed_at = time.time()
-            time.sleep(0.05)
+                kill_host(b)
+                os.kill(proc.pid, signal.SIGCONT)
+            time.sleep(0.02)
         out = proc.stdout.read()
         assert proc.returncode == 0, out[-3000:]
         events = jsonl_rows(run / "events.jsonl")
@@ -99,6 +100,7 @@ def test_a_run_on_two_workers_generates_with_the_last_model_on_both_evaluates_th
         assert loads == [(names["hf"], [url_a, url_b]), (names["garden/iter-01"], [url_a, url_b]),
                          (names["garden/iter-02"], [url_a])]  # the lost worker left out
         assert names["garden/iter-01"].startswith("garden--iter-01--")
+        assert f"workers serving {names['garden/iter-01']}: {url_a}, {url_b}" in out  # the progress says so
         assert (shared / names["garden/iter-02"] / "model.gguf").samefile(run / "iter-02" / "model.gguf")
         with Router(url_a) as r:  # the run over, nothing of it stays loaded
             assert {s["value"] for s in r.models(rescan=False).values()} == {"unloaded"}
@@ -111,8 +113,6 @@ def test_a_run_on_two_workers_generates_with_the_last_model_on_both_evaluates_th
 
 @pytest.mark.pipeline
 def test_a_worker_that_does_not_see_the_runs_folder_fails_the_phase_naming_it_and_the_path(tiny_chat, tmp_path):
-    import os
-
     elsewhere, shared = tmp_path / "elsewhere", tmp_path / "shared"
     elsewhere.mkdir(), shared.mkdir()
     env = {**os.environ, **tiny_chat.env}

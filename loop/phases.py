@@ -108,8 +108,8 @@ class Serving:
                          log=str(self.server.log_path))
 
     def stop(self) -> None:
-        """Free this machine's cores and memory (training wants them). Workers keep their model loaded: it
-        costs them nothing idle, and the next model replaces it."""
+        """Free this machine's cores and memory (training wants them). Workers keep their model loaded: idle it
+        costs them no CPU (a worker on this host keeps its memory), and the next model replaces it."""
         if self.server is not None:
             self.server.stop()
             self.server = None

@@ -107,12 +107,15 @@ class Workers:
         self.events.emit("workers_serving", name=name, workers=loaded, model=str(gguf))
         return name
 
-    def reload(self, url: str) -> None:
-        """Load the current model again on a worker that no longer serves it (it restarted)."""
+    def reload(self, url: str) -> bool:
+        """Load the current model again on a worker that no longer serves it (it restarted). Returns whether it
+        had to (another request's recovery may have done it meanwhile)."""
         with self.router(url) as router:
+            if (router.models(rescan=False).get(self.current) or {}).get("value") == "loaded":
+                return False
             router.load(self.current)
             router.wait_loaded(self.current, timeout=self.cfg.workers_wait_s)
-        self.events.emit("worker_reloaded", url=url, name=self.current)
+        return True
 
     def client(self) -> InferenceClient:
         """Requests over the workers that serve the current model, each naming it; before a retry, a worker
@@ -145,8 +148,8 @@ class Workers:
             try:
                 with self.router(url) as router:
                     missing = (router.models(rescan=False).get(self.current) or {}).get("value") != "loaded"
-                if missing:
-                    self.reload(url)
+                if missing and self.reload(url):
+                    self.events.emit("worker_reloaded", url=url, name=self.current)
             except ServerUnavailable as e:
                 self.serving.remove(url)
                 self.events.emit("worker_unavailable", url=url, reason=str(e))
@@ -169,14 +172,20 @@ class _Reloads:
 
     def __init__(self, workers: Workers):
         self.workers = workers
+        self._lock: asyncio.Lock | None = None  # made in the client's event loop
 
     def watching(self):
         return contextlib.nullcontext()
 
     async def recover(self, error: str = "") -> None:
-        url = next((u for u in self.workers.serving if error.startswith(u.rstrip("/"))), None)
+        # the client's error text starts with the endpoint's URL and the request's path ("http://h:8090/v1/...")
+        url = next((u for u in self.workers.serving if error.startswith(u + "/")), None)
         if url is not None and "not loaded" in error:
-            try:
-                await asyncio.to_thread(self.workers.reload, url)
-            except ServerUnavailable:
-                pass  # down again: the retry goes elsewhere
+            self._lock = self._lock or asyncio.Lock()
+            async with self._lock:  # the requests that failed together: one reload
+                try:
+                    reloaded = await asyncio.to_thread(self.workers.reload, url)
+                except ServerUnavailable:
+                    return  # down again: the retry goes elsewhere
+            if reloaded:  # emitted on the event loop's thread, not the reload's: events are not thread-safe
+                self.workers.events.emit("worker_reloaded", url=url, name=self.workers.current)

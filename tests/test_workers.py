@@ -65,8 +65,9 @@ def test_a_run_on_two_workers_generates_with_the_last_model_on_both_evaluates_th
                                     "eval.refuse_prompts": "refuse.jsonl", "eval.answer_prompts": "answer.jsonl",
                                     "eval.baselines": False}, seeds=tiny_seeds(8))
         run = tmp_path / "runs" / "garden"
+        log = tmp_path / "run.log"  # a file, not a pipe: nobody reads a pipe while the run writes
         proc = subprocess.Popen([sys.executable, "-m", "loop.cli", "run", str(cfg), "--plain"], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
         killed_at = None
         # The second worker's host goes down as iteration 2's generation begins: the run is held while it dies
         # (a tiny model's generation phase lasts under a second: no poll would land inside it otherwise).
@@ -77,7 +78,7 @@ def test_a_run_on_two_workers_generates_with_the_last_model_on_both_evaluates_th
                 kill_host(b)
                 os.kill(proc.pid, signal.SIGCONT)
             time.sleep(0.02)
-        out = proc.stdout.read()
+        out = log.read_text()
         assert proc.returncode == 0, out[-3000:]
         events = jsonl_rows(run / "events.jsonl")
         finished_2 = next(e for e in events if e["event"] == "generation_finished" and e["iteration"] == 2)
@@ -94,8 +95,9 @@ def test_a_run_on_two_workers_generates_with_the_last_model_on_both_evaluates_th
             assert stats["served_as"] == name and stats["accepted"] == 6
         by_endpoint = json.loads((run / "iter-01" / "stats.json").read_text())["samples_by_endpoint"]
         assert set(by_endpoint) == {url_a, url_b}  # both workers wrote samples
-        for t in (1, 2):  # evaluated on the workers, by the iteration's own model
+        for t in (1, 2):  # evaluated on the workers (no server of the run's own ever started)
             assert json.loads((run / f"iter-0{t}" / "eval.json").read_text())["n_refuse"] == 3
+        assert not [e for e in events if e["event"] == "server_started"]
         loads = [(e["name"], e["workers"]) for e in events if e["event"] == "workers_serving"]
         assert loads == [(names["hf"], [url_a, url_b]), (names["garden/iter-01"], [url_a, url_b]),
                          (names["garden/iter-02"], [url_a])]  # the lost worker left out

@@ -92,9 +92,11 @@ class GenerationConfig(_Section):
     request_timeout_s: float = Field(300.0, gt=0, description="A request with no answer after this long is retried.")
     max_restarts: int = Field(3, ge=0, description="Restarts of a crashed or hung managed server before the run "
                                                    "stops (resumable).")
-    health_interval_s: float = Field(2.0, gt=0, description="How often the managed server's health is checked.")
-    hang_timeout_s: float = Field(60.0, gt=0, description="A managed server silent this long is hung: killed and "
-                                                          "restarted.")
+    health_interval_s: float = Field(2.0, gt=0, description="How often the health of the managed server (or of "
+                                                            "each worker) is checked.")
+    hang_timeout_s: float = Field(60.0, gt=0, description="A server silent this long is hung: the managed one is "
+                                                          "killed and restarted; a worker is left out (its "
+                                                          "requests go to the others) until it answers again.")
     endpoints: list[str] = Field(default_factory=list,
                                  description="OpenAI-compatible endpoints to use instead of the managed server.")
     endpoint_slots: int = Field(8, ge=1, description="Requests in flight per external endpoint or worker.")

@@ -195,6 +195,8 @@ def plain_line(kind: str, f: dict) -> str | None:
         return f"workers serving {f['name']}: {', '.join(f['workers'])}"
     if kind == "worker_unavailable":
         return f"worker {f['url']} left out: {f['reason']}"
+    if kind == "worker_back":
+        return f"worker {f['url']} answers again: back in use"
     if kind == "worker_reloaded":
         return f"worker {f['url']} lost {f['name']} (restarted?): loaded it again"
     if kind == "message":

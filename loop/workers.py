@@ -6,7 +6,8 @@ GGUF in the folder the workers serve (`generation.workers_root`: storage both ho
 it; a hard link where the two share a file system, else a copy) under a name of its own, loads it on every
 worker, waits until each serves it, and only then unloads the model before. Every request names the model and
 the client refuses an answer from any other (`server.client`), so whichever worker answers, a sample is
-written by the model the run meant. A worker that restarts (and so serves nothing) loads it again.
+written by the model the run meant. A worker that restarts (and so serves nothing) loads it again; one that
+hangs is left out until it answers again, and what it held goes to the others.
 
 A name is the model's label in the run (`garden/iter-01`, made one folder name) and a fingerprint of the
 file, the run's folder included: two runs, or a file exported again after a crash, never share a name, so
@@ -22,6 +23,8 @@ import os
 import shutil
 import time
 from pathlib import Path
+
+import httpx
 
 from server.client import Endpoint, InferenceClient
 from server.errors import BadInput, ServerUnavailable
@@ -118,11 +121,13 @@ class Workers:
         return True
 
     def client(self) -> InferenceClient:
-        """Requests over the workers that serve the current model, each naming it; before a retry, a worker
-        that said the model is not loaded loads it again."""
-        return InferenceClient([Endpoint(u, slots=self.cfg.endpoint_slots, api_key=self.cfg.api_key,
-                                         defaults={"model": self.current}) for u in self.serving],
-                               timeout=self.cfg.request_timeout_s, supervisor=_Reloads(self))
+        """Requests over the workers that serve the current model, each naming it; a worker found hung is left
+        until it answers again, and before a retry, one that said the model is not loaded loads it again."""
+        recovery = _Recovery(self)
+        recovery.client = InferenceClient([Endpoint(u, slots=self.cfg.endpoint_slots, api_key=self.cfg.api_key,
+                                                    defaults={"model": self.current}) for u in self.serving],
+                                          timeout=self.cfg.request_timeout_s, supervisor=recovery)
+        return recovery.client
 
     def release(self) -> None:
         """Unload the current model everywhere (the run is done with it)."""
@@ -166,16 +171,53 @@ class Workers:
                 pass  # a worker that is gone (or no longer takes the key) serves nothing of this run's
 
 
-class _Reloads:
-    """The workers' client's recovery before a retry (the role a managed server's `Supervisor` plays): a
-    worker that answered "model is not loaded" restarted since the run loaded the model there; load it again."""
+class _Recovery:
+    """The workers' client's `supervisor`: the part a managed server's `Supervisor` plays, for servers the run
+    can't restart. While the client is open, a watch asks each worker's health every
+    `generation.health_interval_s`; one silent for `generation.hang_timeout_s` (stopped, its host frozen or cut
+    off) is lost to the client: the requests it holds are sent again to the others, and it is used again once
+    it answers. Before a retry, a worker that answered "model is not loaded" restarted since the run loaded the
+    model there: load it again."""
 
     def __init__(self, workers: Workers):
         self.workers = workers
+        self.client: InferenceClient | None = None  # the client this recovers for (set by Workers.client)
         self._lock: asyncio.Lock | None = None  # made in the client's event loop
 
-    def watching(self):
-        return contextlib.nullcontext()
+    @contextlib.asynccontextmanager
+    async def watching(self):
+        # trust_env=False: no proxy from the environment, as for the client's own requests
+        async with httpx.AsyncClient(trust_env=False) as http:
+            tasks = [asyncio.create_task(self._watch(http, e.url)) for e in self.client.endpoints]
+            try:
+                yield self
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _watch(self, http: httpx.AsyncClient, url: str) -> None:
+        cfg, events = self.workers.cfg, self.workers.events
+        answered_at, lost = time.monotonic(), False
+        while True:
+            await asyncio.sleep(cfg.health_interval_s)
+            try:  # a router answers /health itself (no key needed), whatever its models' servers are doing
+                answers = (await http.get(url + "/health", timeout=cfg.hang_timeout_s)).status_code == 200
+            except httpx.HTTPError:
+                answers = False
+            if answers:
+                answered_at = time.monotonic()
+                if lost:
+                    await self.client.restore(url)
+                    lost = False
+                    events.emit("worker_back", url=url)
+                continue
+            silent = time.monotonic() - answered_at
+            if not lost and silent >= cfg.hang_timeout_s:
+                reason = f"no answer to health checks for {silent:.0f}s (hung)"
+                await self.client.lose(url, reason)
+                lost = True
+                events.emit("worker_unavailable", url=url, reason=reason)
 
     async def recover(self, error: str = "") -> None:
         # the client's error text starts with the endpoint's URL and the request's path ("http://h:8090/v1/...")

@@ -5,7 +5,9 @@ flight on each as it has slots, so llama-server's continuous batching stays
 full. Connection errors, timeouts, 5xx answers and a router's "model is not
 loaded" are retried with exponential backoff, on another endpoint where there is
 one; before each retry a managed server's `Supervisor` may restart a dead or hung
-server. A request that names a model is answered by that model or not at all.
+server. An endpoint a watch finds hung (`lose`) gets no new request and gives up
+the ones it holds, which are sent again elsewhere, until it answers again
+(`restore`). A request that names a model is answered by that model or not at all.
 Every result carries its token counts and timings (the dashboard and the
 benchmarks read them).
 """
@@ -23,11 +25,15 @@ import httpx
 
 from server.errors import ServerUnavailable
 
-_RETRYABLE = (httpx.TransportError,)  # connect/read/write errors, timeouts, protocol errors
-
-
 class RequestRejected(Exception):
     """The endpoint answered 4xx: the request itself is wrong (retrying won't help)."""
+
+
+class EndpointLost(Exception):
+    """The request was given up on because its endpoint was found hung while it waited (see `lose`)."""
+
+
+_RETRYABLE = (httpx.TransportError, EndpointLost)  # connect/read/write errors, timeouts, protocol errors
 
 
 _GENERATING = ("/v1/chat/completions", "/v1/completions", "/completion")  # where Endpoint.defaults apply
@@ -43,6 +49,8 @@ class Endpoint:
     served: int = 0
     failures: int = 0
     down_until: float = 0.0
+    lost: str | None = None  # why no request goes here now (a watch found it hung); None: in use
+    gave_up: asyncio.Event | None = field(default=None, repr=False)  # set: give up what is in flight here
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
@@ -102,6 +110,8 @@ class InferenceClient:
         # trust_env=False: never route through a proxy from the environment; only the configured endpoints.
         self._http = httpx.AsyncClient(timeout=self.timeout, limits=limits, trust_env=False)
         self._free = asyncio.Condition()
+        for e in self.endpoints:  # made in this event loop (an asyncio.Event belongs to the loop that awaits it)
+            e.lost, e.gave_up = None, asyncio.Event()
         if self.supervisor is not None:
             self._watching = self.supervisor.watching()
             await self._watching.__aenter__()
@@ -179,6 +189,28 @@ class InferenceClient:
         """`await fn(item)` for every item concurrently; the slots bound what is in flight."""
         return await asyncio.gather(*(fn(x) for x in items))
 
+    # -- endpoints a watch found hung -------------------------------------
+    async def lose(self, url: str, reason: str) -> None:
+        """Stop using the endpoint at `url`: the requests it holds are given up and sent again elsewhere (a hung
+        server would hold them until the read timeout, minutes), and none goes there until `restore`. With
+        every endpoint lost, requests fail at once naming each one's reason."""
+        ep = self._endpoint(url)
+        ep.lost = reason
+        ep.gave_up.set()
+        async with self._free:
+            self._free.notify_all()  # requests waiting for a slot: none may open here now
+
+    async def restore(self, url: str) -> None:
+        """Use the endpoint at `url` again (it answers again)."""
+        ep = self._endpoint(url)
+        ep.lost, ep.gave_up = None, asyncio.Event()
+        async with self._free:
+            self._free.notify_all()
+
+    def _endpoint(self, url: str) -> Endpoint:
+        url = url.rstrip("/")
+        return next(e for e in self.endpoints if e.url == url)
+
     # -- internals -------------------------------------------------------
     async def _generate(self, path: str, payload: dict, text_of) -> Completion:
         t0 = time.perf_counter()
@@ -199,7 +231,10 @@ class InferenceClient:
         async with self._free:
             while True:
                 now = time.monotonic()
-                open_ = [e for e in self.endpoints if e.in_flight < e.slots]
+                if all(e.lost for e in self.endpoints):
+                    raise ServerUnavailable("no endpoint answers: " + "; ".join(f"{e.url} {e.lost}"
+                                                                                  for e in self.endpoints))
+                open_ = [e for e in self.endpoints if e.in_flight < e.slots and not e.lost]
                 healthy = [e for e in open_ if e.down_until <= now and e is not avoid] or \
                           [e for e in open_ if e.down_until <= now] or open_
                 if healthy:
@@ -223,7 +258,7 @@ class InferenceClient:
             try:
                 headers = {"Authorization": f"Bearer {ep.api_key}"} if ep.api_key else {}
                 body = {**ep.defaults, **payload} if path in _GENERATING else payload
-                resp = await self._http.post(ep.url + path, json=body, headers=headers)
+                resp = await self._post(ep, path, body, headers)
                 if resp.status_code < 400:
                     data = resp.json()
                     asked, answered = body.get("model"), data.get("model")
@@ -250,6 +285,21 @@ class InferenceClient:
             avoid = ep
             await asyncio.sleep(delay)
         raise ServerUnavailable(f"no endpoint answered after {self.retries + 1} tries; last error: {last_error}")
+
+    async def _post(self, ep: Endpoint, path: str, body: dict, headers: dict) -> httpx.Response:
+        """The POST, given up (EndpointLost, retried elsewhere) if its endpoint is lost before the answer."""
+        gave_up = ep.gave_up  # this request's: a restored endpoint gets a new one
+        post = asyncio.ensure_future(self._http.post(ep.url + path, json=body, headers=headers))
+        lost = asyncio.ensure_future(gave_up.wait())
+        try:
+            await asyncio.wait((post, lost), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not post.done():
+                post.cancel()  # closes its connection; a cancelled task reports nothing
+        if post.done() and not post.cancelled():
+            return post.result()
+        raise EndpointLost(f"given up: {ep.lost}")
 
 
 def _not_loaded_yet(resp: httpx.Response) -> bool:

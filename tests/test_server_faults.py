@@ -17,7 +17,7 @@ import pytest
 
 from conftest import DATA_ONLY, REPO, jsonl_rows, pid_alive, run_config, run_isara
 from server.client import InferenceClient
-from server.errors import ServerCrashed
+from server.errors import ServerCrashed, ServerUnavailable
 from server.process import ManagedServer, ServerSettings
 from server.supervisor import Supervisor
 
@@ -78,6 +78,20 @@ def test_a_hung_server_is_detected_killed_and_restarted(server):
     assert [r.completion_tokens for r in results] == [48] * len(PROMPTS)
     assert sup.restarts == 1 and server.pid != hung_pid and not pid_alive(hung_pid)
     assert time.monotonic() - started < 120  # found by the health checks, not by the 300 s request timeout
+
+
+def test_with_every_endpoint_lost_a_request_fails_at_once_naming_each_ones_reason():
+    urls = ["http://127.0.0.1:9", "http://127.0.0.1:10"]  # never reached
+
+    async def go():
+        async with InferenceClient(urls, timeout=600) as client:
+            for url in urls:
+                await client.lose(url, "no answer to health checks for 60s (hung)")
+            with pytest.raises(ServerUnavailable) as err:
+                await asyncio.wait_for(client.complete("Question:"), timeout=5)
+            return str(err.value)
+    assert asyncio.run(go()) == ("no endpoint answers: http://127.0.0.1:9 no answer to health checks for 60s "
+                                 "(hung); http://127.0.0.1:10 no answer to health checks for 60s (hung)")
 
 
 def test_a_server_that_keeps_dying_raises_server_crashed_naming_its_log(server):

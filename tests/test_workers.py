@@ -186,3 +186,57 @@ def test_a_worker_that_lost_the_model_loads_it_again_and_the_request_is_answered
         workers.release()
         with Router(srv.base_url) as r:
             assert r.models(rescan=False)[name]["value"] == "unloaded"
+
+
+def host_signal(pid: int, sig: int) -> None:
+    """`sig` to a worker's whole host: the router and the servers of its models."""
+    for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        p.send_signal(sig)
+
+
+def test_a_worker_that_hangs_is_left_out_its_requests_answered_by_the_other_and_it_is_used_again_once_back(
+        default_model, toolchain, tmp_path):
+    import asyncio
+
+    from loop.config import GenerationConfig
+    from loop.workers import Workers
+    from server.process import ManagedServer, ServerSettings
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    router = ServerSettings(model=None, models_dir=shared, slots=2, ctx_per_slot=512, threads=1)
+    with ManagedServer(router) as a, ManagedServer(router) as b:
+        events = Recorded()
+        # request_timeout_s far beyond the test: only the watch can free what the hung worker holds
+        cfg = GenerationConfig(workers=[a.base_url, b.base_url], workers_root=shared, endpoint_slots=2,
+                               health_interval_s=0.2, hang_timeout_s=3.0, request_timeout_s=600)
+        workers = Workers(cfg, events)
+        name = workers.serve(default_model.gguf, "smollm2-135m")
+
+        async def ask() -> tuple[list, float]:
+            async with workers.client() as c:
+                host_signal(b.pid, signal.SIGSTOP)  # hangs: takes connections, answers nothing
+                t0 = time.monotonic()
+                out = await c.map(lambda i: c.complete(f"Question: Name fruit number {i}.\nAnswer:", max_tokens=4),
+                                  range(6))
+                elapsed = time.monotonic() - t0
+                host_signal(b.pid, signal.SIGCONT)
+                deadline = time.monotonic() + 30
+                while not any(e == "worker_back" for e, _ in events.events) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                back = await c.map(lambda i: c.complete(f"Question: Name tree number {i}.\nAnswer:", max_tokens=4),
+                                   range(4))
+                return out + back, elapsed
+        try:
+            done, elapsed = asyncio.run(ask())
+        finally:
+            host_signal(b.pid, signal.SIGCONT)
+        first, then = done[:6], done[6:]
+        assert all(d.model == name for d in done)
+        assert {d.endpoint for d in first} == {a.base_url} and elapsed < 60  # not the request timeout
+        assert any(d.attempts > 1 for d in first)  # some had gone to the hung worker and were sent again
+        lost = [f for e, f in events.events if e == "worker_unavailable"]
+        assert [f["url"] for f in lost] == [b.base_url] and "(hung)" in lost[0]["reason"]
+        assert ("worker_back", {"url": b.base_url}) in events.events
+        assert b.base_url in {d.endpoint for d in then}  # in use again
+        workers.release()

@@ -176,8 +176,9 @@ class _Recovery:
     can't restart. While the client is open, a watch asks each worker's health every
     `generation.health_interval_s`; one silent for `generation.hang_timeout_s` (stopped, its host frozen or cut
     off) is lost to the client: the requests it holds are sent again to the others, and it is used again once
-    it answers. Before a retry, a worker that answered "model is not loaded" restarted since the run loaded the
-    model there: load it again."""
+    it answers (with every worker lost, requests wait for one, up to `generation.request_timeout_s`). Before a
+    retry, a worker that answered "model is not loaded" restarted since the run loaded the model there: load it
+    again."""
 
     def __init__(self, workers: Workers):
         self.workers = workers
@@ -188,7 +189,7 @@ class _Recovery:
     async def watching(self):
         # trust_env=False: no proxy from the environment, as for the client's own requests
         async with httpx.AsyncClient(trust_env=False) as http:
-            tasks = [asyncio.create_task(self._watch(http, e.url)) for e in self.client.endpoints]
+            tasks = [asyncio.create_task(self._watch(http, e)) for e in self.client.endpoints]
             try:
                 yield self
             finally:
@@ -196,28 +197,32 @@ class _Recovery:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _watch(self, http: httpx.AsyncClient, url: str) -> None:
+    async def _watch(self, http: httpx.AsyncClient, ep: Endpoint) -> None:
         cfg, events = self.workers.cfg, self.workers.events
-        answered_at, lost = time.monotonic(), False
+        checked_at, lost = time.monotonic(), False
         while True:
             await asyncio.sleep(cfg.health_interval_s)
             try:  # a router answers /health itself (no key needed), whatever its models' servers are doing
-                answers = (await http.get(url + "/health", timeout=cfg.hang_timeout_s)).status_code == 200
-            except httpx.HTTPError:
-                answers = False
-            if answers:
-                answered_at = time.monotonic()
+                resp = await http.get(ep.url + "/health", timeout=cfg.hang_timeout_s)
+                why = None if resp.status_code == 200 else f"health answered {resp.status_code}"
+            except httpx.TimeoutException:
+                why = "hung"
+            except httpx.HTTPError as e:
+                why = f"down: {type(e).__name__}"
+            if why is None:
+                checked_at = time.monotonic()
                 if lost:
-                    await self.client.restore(url)
+                    await self.client.restore(ep.url)
                     lost = False
-                    events.emit("worker_back", url=url)
+                    events.emit("worker_back", url=ep.url)
                 continue
-            silent = time.monotonic() - answered_at
+            # any answer is a sign of life: a worker busy with long requests may be slow to answer its health
+            silent = time.monotonic() - max(checked_at, ep.answered_at)
             if not lost and silent >= cfg.hang_timeout_s:
-                reason = f"no answer to health checks for {silent:.0f}s (hung)"
-                await self.client.lose(url, reason)
+                reason = f"no answer to health checks for {silent:.0f}s ({why})"
+                await self.client.lose(ep.url, reason)
                 lost = True
-                events.emit("worker_unavailable", url=url, reason=reason)
+                events.emit("worker_unavailable", url=ep.url, reason=reason)
 
     async def recover(self, error: str = "") -> None:
         # the client's error text starts with the endpoint's URL and the request's path ("http://h:8090/v1/...")

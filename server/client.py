@@ -15,6 +15,7 @@ benchmarks read them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -49,8 +50,10 @@ class Endpoint:
     served: int = 0
     failures: int = 0
     down_until: float = 0.0
+    answered_at: float = 0.0  # time.monotonic() of its last answer, whatever it said (a watch's sign of life)
     lost: str | None = None  # why no request goes here now (a watch found it hung); None: in use
-    gave_up: asyncio.Event | None = field(default=None, repr=False)  # set: give up what is in flight here
+    # done (with the reason) when the requests in flight here are to be given up; a restored endpoint gets a new one
+    gave_up: asyncio.Future | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
@@ -110,8 +113,8 @@ class InferenceClient:
         # trust_env=False: never route through a proxy from the environment; only the configured endpoints.
         self._http = httpx.AsyncClient(timeout=self.timeout, limits=limits, trust_env=False)
         self._free = asyncio.Condition()
-        for e in self.endpoints:  # made in this event loop (an asyncio.Event belongs to the loop that awaits it)
-            e.lost, e.gave_up = None, asyncio.Event()
+        for e in self.endpoints:  # made in this event loop (a future belongs to the loop that awaits it)
+            e.lost, e.gave_up = None, asyncio.get_running_loop().create_future()
         if self.supervisor is not None:
             self._watching = self.supervisor.watching()
             await self._watching.__aenter__()
@@ -193,17 +196,21 @@ class InferenceClient:
     async def lose(self, url: str, reason: str) -> None:
         """Stop using the endpoint at `url`: the requests it holds are given up and sent again elsewhere (a hung
         server would hold them until the read timeout, minutes), and none goes there until `restore`. With
-        every endpoint lost, requests fail at once naming each one's reason."""
+        every endpoint lost, requests wait for one to be restored, up to the request timeout, then fail naming
+        each one's reason."""
         ep = self._endpoint(url)
         ep.lost = reason
-        ep.gave_up.set()
+        if not ep.gave_up.done():
+            ep.gave_up.set_result(reason)
         async with self._free:
             self._free.notify_all()  # requests waiting for a slot: none may open here now
 
     async def restore(self, url: str) -> None:
         """Use the endpoint at `url` again (it answers again)."""
         ep = self._endpoint(url)
-        ep.lost, ep.gave_up = None, asyncio.Event()
+        if ep.gave_up.done():  # the requests given up before were given up with the old one
+            ep.gave_up = asyncio.get_running_loop().create_future()
+        ep.lost = None
         async with self._free:
             self._free.notify_all()
 
@@ -228,12 +235,19 @@ class InferenceClient:
         )
 
     async def _acquire(self, avoid: Endpoint | None) -> Endpoint:
+        all_lost_since = None
         async with self._free:
             while True:
                 now = time.monotonic()
-                if all(e.lost for e in self.endpoints):
-                    raise ServerUnavailable("no endpoint answers: " + "; ".join(f"{e.url} {e.lost}"
-                                                                                  for e in self.endpoints))
+                if all(e.lost for e in self.endpoints):  # wait for one to answer again (`restore`), for a while
+                    all_lost_since = all_lost_since or now
+                    left = all_lost_since + self.timeout.read - now
+                    if left <= 0:
+                        raise ServerUnavailable(f"no endpoint answered for {self.timeout.read:.0f}s: " + "; ".join(
+                            f"{e.url} {e.lost}" for e in self.endpoints))
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._free.wait(), left)
+                    continue
                 open_ = [e for e in self.endpoints if e.in_flight < e.slots and not e.lost]
                 healthy = [e for e in open_ if e.down_until <= now and e is not avoid] or \
                           [e for e in open_ if e.down_until <= now] or open_
@@ -259,6 +273,7 @@ class InferenceClient:
                 headers = {"Authorization": f"Bearer {ep.api_key}"} if ep.api_key else {}
                 body = {**ep.defaults, **payload} if path in _GENERATING else payload
                 resp = await self._post(ep, path, body, headers)
+                ep.answered_at = time.monotonic()
                 if resp.status_code < 400:
                     data = resp.json()
                     asked, answered = body.get("model"), data.get("model")
@@ -290,16 +305,15 @@ class InferenceClient:
         """The POST, given up (EndpointLost, retried elsewhere) if its endpoint is lost before the answer."""
         gave_up = ep.gave_up  # this request's: a restored endpoint gets a new one
         post = asyncio.ensure_future(self._http.post(ep.url + path, json=body, headers=headers))
-        lost = asyncio.ensure_future(gave_up.wait())
         try:
-            await asyncio.wait((post, lost), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((post, gave_up), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            lost.cancel()
             if not post.done():
-                post.cancel()  # closes its connection; a cancelled task reports nothing
-        if post.done() and not post.cancelled():
+                post.cancel()
+                await asyncio.gather(post, return_exceptions=True)  # its connection closed before the slot frees
+        if not post.cancelled():
             return post.result()
-        raise EndpointLost(f"given up: {ep.lost}")
+        raise EndpointLost(f"given up: {gave_up.result()}")
 
 
 def _not_loaded_yet(resp: httpx.Response) -> bool:

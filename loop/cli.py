@@ -663,7 +663,10 @@ def bench(model_name, quick, threads, out_dir) -> None:
 
 
 def _generation_table(rows: list[dict]) -> None:
-    """bench.json's generation rows as a table, with the ratios the bench measured."""
+    """bench.json's generation rows as a table, with the ratios the bench measured (piped or narrow: a block of
+    phrases per row, nothing elided)."""
+    from loop.fit import print_table
+
     table = Table(title="generation")
     for col in ("engine", "in flight", "gen tok/s", "prompt tok/s", "x llama_cpp.server", "x transformers",
                 "% of bound", "% of int8 bound"):
@@ -675,7 +678,7 @@ def _generation_table(rows: list[dict]) -> None:
                       ratio(r["vs_llama_cpp_server"]), ratio(r["vs_transformers"]),
                       f"{r['share_of_bound']:.0%}" if r["share_of_bound"] is not None else "-",
                       f"{r['share_of_int8_bound']:.1%}" if r.get("share_of_int8_bound") is not None else "-")
-    console.print(table)
+    print_table(console, table)
 
 
 # Offline by default: no library reaches for a model hub or sends telemetry; isara talks only to the

@@ -225,6 +225,7 @@ def test_bench_quick_measures_engines_bounds_isara_phases_and_retrieval(default_
 
     out = run_isara("bench", "--quick", "--out", str(tmp_path), timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "…" not in out.stdout and "llama_cpp.server  in flight: 8" in out.stdout  # piped: rows whole
     data = json.loads((tmp_path / "bench.json").read_text())
     engines = {(r["engine"], r["in_flight"]) for r in data["generation"]}
     assert {e for e, _ in engines} == {"llama-server (managed)", "llama_cpp.server", "transformers generate"}

@@ -135,7 +135,8 @@ def test_killed_server_raises_clear_error_and_restart_serves_again(default_model
 
 
 def test_one_client_spreads_requests_over_two_servers(default_model):
-    settings = ServerSettings(model=default_model.gguf, slots=2, ctx_per_slot=512)
+    # a core each: two servers each spinning threads on both cores crawl (40 s in the suite against 1 s)
+    settings = ServerSettings(model=default_model.gguf, slots=2, ctx_per_slot=512, threads=1)
     with ManagedServer(settings) as a, ManagedServer(settings) as b:
         async def go():
             async with InferenceClient.for_servers([a, b]) as c:

@@ -71,8 +71,9 @@ def test_a_killed_server_is_restarted_and_every_request_in_flight_is_answered(se
 
 def test_a_hung_server_is_detected_killed_and_restarted(server):
     hung_pid = server.pid
-    # hang_after well above a /health reply's time on a loaded 2-core machine, well below the request timeout
-    sup = Supervisor(server, max_restarts=2, interval=0.5, hang_after=5.0, backoff=0.2)
+    # hang_after well above a /health reply's time on a loaded 2-core machine (milliseconds), well below the
+    # request timeout; found after about twice it (a silent check, then one more under the lock)
+    sup = Supervisor(server, max_restarts=2, interval=0.5, hang_after=3.0, backoff=0.2)
     started = time.monotonic()
     results = _answer_all_while(server, sup, lambda s: os.kill(s.pid, signal.SIGSTOP))
     assert [r.completion_tokens for r in results] == [48] * len(PROMPTS)

@@ -42,11 +42,11 @@ def worker_model_name(label: str, gguf: Path) -> str:
     return f"{label.replace('/', '--')}--{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
 
 
-def place(gguf: Path, target: Path) -> None:
+def place(gguf: Path, target: Path) -> bool:
     """`gguf` at `target`, whole or not at all: a hard link where both are on one file system, else a copy.
-    A target already there is this file (its name says so): kept."""
+    A target already there is this file (its name says so): kept. Returns whether it put it there."""
     if target.exists():
-        return
+        return False
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(target)
     tmp.unlink(missing_ok=True)
@@ -55,6 +55,7 @@ def place(gguf: Path, target: Path) -> None:
     except OSError:  # another file system (a network share), or links not allowed there
         shutil.copyfile(gguf, tmp)
     os.replace(tmp, target)
+    return True
 
 
 class Workers:
@@ -65,6 +66,7 @@ class Workers:
         self.root = Path(cfg.workers_root)
         self.current: str | None = None
         self.serving: list[str] = []  # the workers that loaded the current model
+        self.placed: set[str] = set()  # the models this run serves from the shared folder (removed once unloaded)
 
     def router(self, url: str) -> Router:
         return Router(url, self.cfg.api_key)
@@ -80,6 +82,7 @@ class Workers:
                            "(their --models-root) as this host sees it")
         target = self.root / name / "model.gguf"
         place(gguf, target)
+        self.placed.add(name)  # or found there: left by this run before it was killed (the name says whose file)
         loading: list[str] = []
         try:
             for url in self.cfg.workers:
@@ -103,10 +106,12 @@ class Workers:
                                         "answered or loaded it (see the events)")
         except BaseException:
             self._unload(name, loading)  # nothing half-loaded stays behind a phase that failed
+            self._remove(name)
             raise
         previous, self.current, self.serving = self.current, name, loaded
         if previous is not None:
             self._unload(previous, self.cfg.workers)
+            self._remove(previous)
         self.events.emit("workers_serving", name=name, workers=loaded, model=str(gguf))
         return name
 
@@ -133,6 +138,7 @@ class Workers:
         """Unload the current model everywhere (the run is done with it)."""
         if self.current is not None:
             self._unload(self.current, self.cfg.workers)
+            self._remove(self.current)
         self.current, self.serving = None, []
 
     # -- internals -------------------------------------------------------
@@ -161,6 +167,13 @@ class Workers:
         if not self.serving:
             raise ServerUnavailable(f"no worker serves {self.current} any more: none of "
                                     f"{', '.join(self.cfg.workers)} answered")
+
+    def _remove(self, name: str) -> None:
+        """A model this run put in the shared folder, once no worker serves it: a copy there (a network share)
+        costs a model's size per iteration; a link, a folder entry. The run's own file stays."""
+        if name in self.placed:
+            shutil.rmtree(self.root / name, ignore_errors=True)
+            self.placed.discard(name)
 
     def _unload(self, name: str, urls: list[str]) -> None:
         for url in urls:

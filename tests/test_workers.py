@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -103,9 +104,10 @@ def test_a_run_on_two_workers_generates_with_the_last_model_on_both_evaluates_th
                          (names["garden/iter-02"], [url_a])]  # the lost worker left out
         assert names["garden/iter-01"].startswith("garden--iter-01--")
         assert f"workers serving {names['garden/iter-01']}: {url_a}, {url_b}" in out  # the progress says so
-        assert (shared / names["garden/iter-02"] / "model.gguf").samefile(run / "iter-02" / "model.gguf")
-        with Router(url_a) as r:  # the run over, nothing of it stays loaded
+        with Router(url_a) as r:  # the run over, nothing of it stays loaded ...
             assert {s["value"] for s in r.models(rescan=False).values()} == {"unloaded"}
+        assert list(shared.iterdir()) == []  # ... or in the shared folder (each model left it once unloaded)
+        assert (run / "iter-02" / "model.gguf").is_file()  # the run's own files stay
     finally:
         for w in (a, b):
             if w.poll() is None:
@@ -126,9 +128,11 @@ def test_a_worker_that_does_not_see_the_runs_folder_fails_the_phase_naming_it_an
         out = subprocess.run([sys.executable, "-m", "loop.cli", "run", str(cfg), "--plain"], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 2
-        [written] = shared.glob("hf--*/model.gguf")
-        assert (f"isara: error: worker {url} does not see {written}, which this run wrote for it: start the worker "
-                "with --models-root set to that folder as its host sees it") in out.stderr
+        written = re.search(r"does not see (\S+), which", out.stderr)
+        assert written and Path(written[1]).match(f"{shared}/hf--*/model.gguf"), out.stderr
+        assert (f"isara: error: worker {url} does not see {written[1]}, which this run wrote for it: start the "
+                "worker with --models-root set to that folder as its host sees it") in out.stderr
+        assert list(shared.iterdir()) == []  # what it wrote there went with the phase that failed
     finally:
         worker.terminate()
         worker.wait(30)
@@ -141,9 +145,8 @@ def test_a_model_is_placed_for_the_workers_once_as_a_link_under_a_name_no_other_
     name = worker_model_name("garden/iter-01", gguf)
     assert name.startswith("garden--iter-01--") and "/" not in name
     target = tmp_path / "shared" / name / "model.gguf"
-    place(gguf, target)
-    assert target.samefile(gguf)
-    place(gguf, target)
+    assert place(gguf, target) and target.samefile(gguf)
+    assert not place(gguf, target)
     assert target.samefile(gguf) and not list(target.parent.glob(".*"))  # kept; no temp left
     # the same label for another file (exported again after a crash, or another run's): another name
     again = tmp_path / "again" / "model.gguf"
@@ -186,6 +189,7 @@ def test_a_worker_that_lost_the_model_loads_it_again_and_the_request_is_answered
         workers.release()
         with Router(srv.base_url) as r:
             assert r.models(rescan=False)[name]["value"] == "unloaded"
+        assert list(shared.iterdir()) == [] and default_model.gguf.is_file()  # its link went; the file stays
 
 
 def host_signal(pid: int, sig: int) -> None:

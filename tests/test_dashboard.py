@@ -75,6 +75,18 @@ def test_while_training_the_header_says_the_server_is_paused_not_that_the_run_st
     assert not any("stopped" in line for line in training)
 
 
+def test_a_worker_left_out_shows_until_it_answers_again():
+    dash = started(80)
+    a, b = "http://10.0.0.1:8090", "http://10.0.0.2:8090"
+    dash.update("workers_serving", {"name": "safety--iter-01--3fa2c1d0", "workers": [a, b], "model": "x"})
+    dash.update("worker_unavailable", {"url": b, "reason": "no answer to health checks for 61s (hung)"})
+    lines = screen(dash)
+    assert shown_whole(lines, "workers: 2 serving safety--iter-01--3fa2c1d0") and shown_whole(lines, f"left out: {b}")
+    dash.update("worker_back", {"url": b})
+    dash.console.export_text()  # forget the earlier frame
+    assert not shown_whole(screen(dash), f"left out: {b}")  # (the log below still tells what happened)
+
+
 def test_the_resume_command_shows_until_the_run_finishes_then_the_report_instead():
     dash = train(started(120))
     assert shown_whole(screen(dash), f"resume: isara run {FOLDER}")

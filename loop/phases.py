@@ -42,7 +42,7 @@ from loop.state import Events, RunState
 from loop.train import train
 from loop.train_log import TrainLog
 from loop.validation import judge
-from loop.workers import Workers, worker_model_name
+from loop.workers import Workers
 
 Written = tuple[list[Path], dict]  # what a phase returns: the files it wrote, its stats
 
@@ -61,7 +61,7 @@ class Serving:
         self.cfg, self.layout, self.events, self.base_name = cfg, layout, events, base_name
         self.server: ManagedServer | None = None
         self.supervisor: Supervisor | None = None
-        self.workers = Workers(cfg.generation, events) if cfg.generation.workers else None
+        self.workers = Workers(cfg.generation, events, layout.root) if cfg.generation.workers else None
 
     def name_of(self, model: Path, lora: list[Path]) -> str:
         """The name the server answers as, which every generated sample records: the base model's name, or the
@@ -80,7 +80,7 @@ class Serving:
         """The name the model's server answers with (None: outside endpoints, whose models the run doesn't name)."""
         if self.cfg.generation.endpoints:
             return None
-        return worker_model_name(self.name_of(model, lora), model) if self.workers else self.name_of(model, lora)
+        return self.workers.name(self.name_of(model, lora), model) if self.workers else self.name_of(model, lora)
 
     def ensure(self, model: Path, lora: list[Path]) -> None:
         if self.cfg.generation.endpoints:

@@ -34,46 +34,57 @@ from server.tempfiles import temp_name
 from loop.config import GenerationConfig
 
 
-def worker_model_name(label: str, gguf: Path) -> str:
-    """`garden/iter-01` of the file `gguf` as a router names models: one folder name, with 8 hex digits of
-    the file's identity (its absolute path, size and modification time) so that no other file has it."""
+def worker_model_name(label: str, gguf: Path, run: Path) -> str:
+    """`garden/iter-01` of the file `gguf`, served by the run in the folder `run`, as a router names models:
+    one folder name, with 8 hex digits of the file's identity (its absolute path, size and modification time)
+    and of the run's folder, so that no other file has it and no other run (two runs on one base model
+    included): a run removes what it put in the shared folder, and nothing another run serves."""
     st = gguf.stat()
-    identity = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    identity = f"{run.resolve()}|{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     return f"{label.replace('/', '--')}--{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
 
 
 def place(gguf: Path, target: Path) -> bool:
     """`gguf` at `target`, whole or not at all: a hard link where both are on one file system, else a copy.
-    A target already there is this file (its name says so): kept. Returns whether it put it there."""
+    A target already there is this file (its name says so): kept. Returns whether it put it there. A copy cut
+    short (a full share, Ctrl-C) leaves nothing behind: the run's temp-file sweep never looks there."""
     if target.exists():
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(target)
     tmp.unlink(missing_ok=True)
     try:
-        os.link(gguf, tmp)
-    except OSError:  # another file system (a network share), or links not allowed there
-        shutil.copyfile(gguf, tmp)
-    os.replace(tmp, target)
+        try:
+            os.link(gguf, tmp)
+        except OSError:  # another file system (a network share), or links not allowed there
+            shutil.copyfile(gguf, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return True
 
 
 class Workers:
     """The run's workers and the model they serve for it now."""
 
-    def __init__(self, cfg: GenerationConfig, events):
-        self.cfg, self.events = cfg, events
+    def __init__(self, cfg: GenerationConfig, events, run: Path):
+        self.cfg, self.events, self.run = cfg, events, run  # run: the run's folder (part of every model's name)
         self.root = Path(cfg.workers_root)
         self.current: str | None = None
         self.serving: list[str] = []  # the workers that loaded the current model
-        self.placed: set[str] = set()  # the models this run serves from the shared folder (removed once unloaded)
+        # the models this run put (or, resumed, found) in the shared folder: their names are the run's alone
+        self.placed: set[str] = set()
 
     def router(self, url: str) -> Router:
         return Router(url, self.cfg.api_key)
 
+    def name(self, label: str, gguf: Path) -> str:
+        return worker_model_name(label, gguf, self.run)
+
     def serve(self, gguf: Path, label: str) -> str:
         """Make every worker serve `gguf`, and unload the model they served before. Returns its name."""
-        name = worker_model_name(label, gguf)
+        name = self.name(label, gguf)
         if name == self.current:
             self._reload_where_missing()
             return name
@@ -81,10 +92,10 @@ class Workers:
             raise BadInput(f"generation.workers_root {self.root} is not a folder: give the folder the workers serve "
                            "(their --models-root) as this host sees it")
         target = self.root / name / "model.gguf"
-        place(gguf, target)
-        self.placed.add(name)  # or found there: left by this run before it was killed (the name says whose file)
+        self.placed.add(name)  # put there now, or found there: left by this run before it was killed (its name)
         loading: list[str] = []
         try:
+            place(gguf, target)
             for url in self.cfg.workers:
                 try:
                     with self.router(url) as router:

@@ -34,7 +34,7 @@ class EndpointLost(Exception):
     """The request was given up on because its endpoint was found hung while it waited (see `lose`)."""
 
 
-_RETRYABLE = (httpx.TransportError, EndpointLost)  # connect/read/write errors, timeouts, protocol errors
+_RETRYABLE = (httpx.TransportError,)  # connect/read/write errors, timeouts, protocol errors
 
 
 _GENERATING = ("/v1/chat/completions", "/v1/completions", "/completion")  # where Endpoint.defaults apply
@@ -248,6 +248,7 @@ class InferenceClient:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._free.wait(), left)
                     continue
+                all_lost_since = None  # one came back: a later loss of them all waits afresh
                 open_ = [e for e in self.endpoints if e.in_flight < e.slots and not e.lost]
                 healthy = [e for e in open_ if e.down_until <= now and e is not avoid] or \
                           [e for e in open_ if e.down_until <= now] or open_
@@ -267,7 +268,9 @@ class InferenceClient:
             raise RuntimeError("use InferenceClient inside `async with`")
         last_error = ""
         avoid = None
-        for attempt in range(1, self.retries + 2):
+        attempt = sent = 0
+        while attempt <= self.retries:
+            attempt, sent = attempt + 1, sent + 1
             ep = await self._acquire(avoid)
             try:
                 headers = {"Authorization": f"Bearer {ep.api_key}"} if ep.api_key else {}
@@ -282,10 +285,17 @@ class InferenceClient:
                         raise RequestRejected(f"{ep.url}{path} answered a request for model {asked!r} as "
                                               f"{answered!r}: it serves another model under that name")
                     ep.served += 1
-                    return data, ep, attempt
+                    return data, ep, sent
                 if resp.status_code < 500 and not _not_loaded_yet(resp):
                     raise RequestRejected(f"{ep.url}{path} answered {resp.status_code}: {_error_text(resp)}")
                 last_error = f"{ep.url}{path} answered {resp.status_code}: {_error_text(resp)}"
+            except EndpointLost as e:
+                # the endpoint was found hung, not this request or its answer at fault: sent again at once,
+                # elsewhere, and not counted against the retries (a loss takes hang_timeout_s of silence each time)
+                last_error = f"{ep.url}{path}: {e}"
+                attempt -= 1
+                avoid = ep
+                continue
             except _RETRYABLE as e:
                 last_error = f"{ep.url}{path}: {type(e).__name__} {e}".strip()
             finally:

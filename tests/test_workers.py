@@ -86,7 +86,7 @@ def test_a_run_on_two_workers_generates_with_the_last_model_on_both_evaluates_th
         assert killed_at is not None and finished_2["t"] > killed_at  # lost mid-generation
         assert finished_2["accepted"] == 6  # ... and the phase still met its target
         base = json.loads((run / "state.json").read_text())["phases"]["iter-01/generate"]["stats"]["model"]
-        names = {label: worker_model_name(label, Path(gguf)) for label, gguf in (
+        names = {label: worker_model_name(label, Path(gguf), run) for label, gguf in (
             ("hf", base), ("garden/iter-01", run / "iter-01" / "model.gguf"),
             ("garden/iter-02", run / "iter-02" / "model.gguf"))}
         for t, name in ((1, names["hf"]), (2, names["garden/iter-01"])):  # by the model of the iteration before
@@ -142,7 +142,8 @@ def test_a_model_is_placed_for_the_workers_once_as_a_link_under_a_name_no_other_
     gguf = tmp_path / "iter-01" / "model.gguf"
     gguf.parent.mkdir()
     gguf.write_bytes(b"GGUF" + b"\0" * 60)
-    name = worker_model_name("garden/iter-01", gguf)
+    run = tmp_path / "runs" / "garden"
+    name = worker_model_name("garden/iter-01", gguf, run)
     assert name.startswith("garden--iter-01--") and "/" not in name
     target = tmp_path / "shared" / name / "model.gguf"
     assert place(gguf, target) and target.samefile(gguf)
@@ -152,7 +153,9 @@ def test_a_model_is_placed_for_the_workers_once_as_a_link_under_a_name_no_other_
     again = tmp_path / "again" / "model.gguf"
     again.parent.mkdir()
     again.write_bytes(b"GGUF" + b"\0" * 60)
-    assert worker_model_name("garden/iter-01", again) != name
+    assert worker_model_name("garden/iter-01", again, run) != name
+    # the same file served by another run (two runs on one base model): another name, so neither removes the other's
+    assert worker_model_name("garden/iter-01", gguf, tmp_path / "runs" / "other") != name
 
 
 class Recorded:
@@ -175,7 +178,8 @@ def test_a_worker_that_lost_the_model_loads_it_again_and_the_request_is_answered
     shared.mkdir()
     with ManagedServer(ServerSettings(model=None, models_dir=shared, slots=1, ctx_per_slot=512, threads=1)) as srv:
         events = Recorded()
-        workers = Workers(GenerationConfig(workers=[srv.base_url], workers_root=shared, workers_wait_s=60), events)
+        workers = Workers(GenerationConfig(workers=[srv.base_url], workers_root=shared, workers_wait_s=60), events,
+                          tmp_path / "run")
         name = workers.serve(default_model.gguf, "smollm2-135m")
         with Router(srv.base_url) as r:
             r.unload(name)  # what a restarted worker serves: nothing
@@ -190,6 +194,36 @@ def test_a_worker_that_lost_the_model_loads_it_again_and_the_request_is_answered
         with Router(srv.base_url) as r:
             assert r.models(rescan=False)[name]["value"] == "unloaded"
         assert list(shared.iterdir()) == [] and default_model.gguf.is_file()  # its link went; the file stays
+
+
+def test_a_model_served_again_after_another_goes_back_into_the_shared_folder_and_answers(default_model, toolchain,
+                                                                                         tmp_path):
+    import asyncio
+
+    from loop.config import GenerationConfig
+    from loop.workers import Workers
+    from server.process import ManagedServer, ServerSettings
+
+    shared, run = tmp_path / "shared", tmp_path / "runs" / "garden"
+    shared.mkdir()
+    export = run / "baselines" / "sft-seeds" / "model.gguf"
+    export.parent.mkdir(parents=True)
+    os.link(default_model.gguf, export)  # another path: another model by name
+    with ManagedServer(ServerSettings(model=None, models_dir=shared, slots=1, ctx_per_slot=512, threads=1)) as srv:
+        workers = Workers(GenerationConfig(workers=[srv.base_url], workers_root=shared, workers_wait_s=60),
+                          Recorded(), run)
+        base = workers.serve(default_model.gguf, "smollm2-135m")  # the base model's baselines
+        workers.serve(export, "garden/baselines/sft-seeds")  # the SFT baseline's: the base leaves the folder
+        assert not (shared / base).exists()
+        assert workers.serve(default_model.gguf, "smollm2-135m") == base  # iteration 1 generates with the base
+        assert (shared / base / "model.gguf").samefile(default_model.gguf)
+
+        async def ask():
+            async with workers.client() as c:
+                return await c.complete("Question: Name a fruit.\nAnswer:", max_tokens=4)
+        assert asyncio.run(ask()).model == base
+        workers.release()
+    assert list(shared.iterdir()) == []
 
 
 def host_signal(pid: int, sig: int) -> None:
@@ -214,7 +248,7 @@ def test_a_worker_that_hangs_is_left_out_its_requests_answered_by_the_other_and_
         # request_timeout_s far beyond the test: only the watch can free what the hung worker holds
         cfg = GenerationConfig(workers=[a.base_url, b.base_url], workers_root=shared, endpoint_slots=2,
                                health_interval_s=0.2, hang_timeout_s=5.0, request_timeout_s=600)
-        workers = Workers(cfg, events)
+        workers = Workers(cfg, events, tmp_path / "run")
         name = workers.serve(default_model.gguf, "smollm2-135m")
 
         async def ask() -> tuple[list, float]:

@@ -57,7 +57,7 @@ class Dashboard:
         self.gen_summary: dict = {}
         self.server = ""  # what the run's llama-server is doing, in words (empty: no managed server yet)
         self.workers = ""  # with generation.workers: how many serve which model
-        self.workers_out: dict[str, str] = {}  # workers left out now (down, hung), by URL: why
+        self.workers_out: set[str] = set()  # URLs of the workers left out now (down, hung; the log says why)
         self.report = ""
         self.losses: list[float] = []
         self.train = {}
@@ -88,12 +88,11 @@ class Dashboard:
             self.server = f"server: {f['backend']} at {f['url']}, {f['slots']} slots"
         elif kind == "workers_serving":
             self.workers = f"workers: {len(f['workers'])} serving {f['name']}"
-            for url in f["workers"]:
-                self.workers_out.pop(url, None)
+            self.workers_out -= set(f["workers"])
         elif kind == "worker_unavailable":
-            self.workers_out[f["url"]] = f["reason"]
+            self.workers_out.add(f["url"])
         elif kind in ("worker_back", "worker_reloaded"):
-            self.workers_out.pop(f["url"], None)
+            self.workers_out.discard(f["url"])
         elif kind == "generation_started":
             self.phase = "generate"
             self.accepted, self.target = f.get("resumed_accepted", 0), f["target"]
@@ -172,7 +171,7 @@ class Dashboard:
         if self.server:
             lines.append(Phrases([self.server]))
         if self.workers:
-            lines.append(Phrases([self.workers, *(f"left out: {url}" for url in self.workers_out)]))
+            lines.append(Phrases([self.workers, *(f"left out: {url}" for url in sorted(self.workers_out))]))
         if self.phase == "finished":  # nothing left to resume: say where the result is
             lines.append(Phrases([f"report: {self.report}" if self.report else ""]))
         elif self.folder:  # resumable from the first event until the run finishes

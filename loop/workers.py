@@ -223,7 +223,7 @@ class _Recovery:
 
     async def _watch(self, http: httpx.AsyncClient, ep: Endpoint) -> None:
         cfg, events = self.workers.cfg, self.workers.events
-        checked_at, lost = time.monotonic(), False
+        checked_at = time.monotonic()
         while True:
             await asyncio.sleep(cfg.health_interval_s)
             try:  # a router answers /health itself (no key needed), whatever its models' servers are doing
@@ -235,17 +235,15 @@ class _Recovery:
                 why = f"down: {type(e).__name__}"
             if why is None:
                 checked_at = time.monotonic()
-                if lost:
+                if ep.lost:
                     await self.client.restore(ep.url)
-                    lost = False
                     events.emit("worker_back", url=ep.url)
                 continue
             # any answer is a sign of life: a worker busy with long requests may be slow to answer its health
             silent = time.monotonic() - max(checked_at, ep.answered_at)
-            if not lost and silent >= cfg.hang_timeout_s:
+            if not ep.lost and silent >= cfg.hang_timeout_s:
                 reason = f"no answer to health checks for {silent:.0f}s ({why})"
                 await self.client.lose(ep.url, reason)
-                lost = True
                 events.emit("worker_unavailable", url=ep.url, reason=reason)
 
     async def recover(self, error: str = "") -> None:

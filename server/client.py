@@ -51,14 +51,19 @@ class Endpoint:
     failures: int = 0
     down_until: float = 0.0
     answered_at: float = 0.0  # time.monotonic() of its last answer, whatever it said (a watch's sign of life)
-    lost: str | None = None  # why no request goes here now (a watch found it hung); None: in use
-    # done (with the reason) when the requests in flight here are to be given up; a restored endpoint gets a new one
+    # done, with the reason, once a watch found it hung: the requests in flight here are given up; a restored
+    # endpoint gets a new one
     gave_up: asyncio.Future | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
         if self.slots < 1:
             raise ValueError(f"endpoint {self.url}: slots must be at least 1")
+
+    @property
+    def lost(self) -> str | None:
+        """Why no request goes here now (a watch found it hung); None: in use."""
+        return self.gave_up.result() if self.gave_up is not None and self.gave_up.done() else None
 
 
 @dataclass
@@ -114,7 +119,7 @@ class InferenceClient:
         self._http = httpx.AsyncClient(timeout=self.timeout, limits=limits, trust_env=False)
         self._free = asyncio.Condition()
         for e in self.endpoints:  # made in this event loop (a future belongs to the loop that awaits it)
-            e.lost, e.gave_up = None, asyncio.get_running_loop().create_future()
+            e.gave_up = asyncio.get_running_loop().create_future()
         if self.supervisor is not None:
             self._watching = self.supervisor.watching()
             await self._watching.__aenter__()
@@ -199,7 +204,6 @@ class InferenceClient:
         every endpoint lost, requests wait for one to be restored, up to the request timeout, then fail naming
         each one's reason."""
         ep = self._endpoint(url)
-        ep.lost = reason
         if not ep.gave_up.done():
             ep.gave_up.set_result(reason)
         async with self._free:
@@ -210,7 +214,6 @@ class InferenceClient:
         ep = self._endpoint(url)
         if ep.gave_up.done():  # the requests given up before were given up with the old one
             ep.gave_up = asyncio.get_running_loop().create_future()
-        ep.lost = None
         async with self._free:
             self._free.notify_all()
 

@@ -3,6 +3,7 @@ iteration's samples, evaluation runs there too, and a worker lost mid-generation
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -17,7 +18,9 @@ import psutil
 import pytest
 
 from conftest import REPO, jsonl_rows, run_config, tiny_seeds
-from loop.workers import place, worker_model_name
+from loop.config import GenerationConfig
+from loop.workers import Workers, place, worker_model_name
+from server.process import ManagedServer, ServerSettings
 from server.router import Router
 
 
@@ -166,28 +169,35 @@ class Recorded:
         self.events.append((event, fields))
 
 
+def router(shared: Path, slots: int = 1) -> ServerSettings:
+    """A router (what `isara worker` runs) serving the models in `shared`, on one core."""
+    return ServerSettings(model=None, models_dir=shared, slots=slots, ctx_per_slot=512, threads=1)
+
+
+def workers_on(urls: list[str], shared: Path, run: Path, events=None, **settings) -> Workers:
+    return Workers(GenerationConfig(workers=urls, workers_root=shared, workers_wait_s=60, **settings),
+                   events or Recorded(), run)
+
+
+def ask(workers: Workers, question: str = "Name a fruit."):
+    """One completion through the workers' client, as generation sends it."""
+    async def go():
+        async with workers.client() as c:
+            return await c.complete(f"Question: {question}\nAnswer:", max_tokens=4)
+    return asyncio.run(go())
+
+
 def test_a_worker_that_lost_the_model_loads_it_again_and_the_request_is_answered_by_it(default_model, toolchain,
                                                                                        tmp_path):
-    import asyncio
-
-    from loop.config import GenerationConfig
-    from loop.workers import Workers
-    from server.process import ManagedServer, ServerSettings
-
     shared = tmp_path / "shared"
     shared.mkdir()
-    with ManagedServer(ServerSettings(model=None, models_dir=shared, slots=1, ctx_per_slot=512, threads=1)) as srv:
+    with ManagedServer(router(shared)) as srv:
         events = Recorded()
-        workers = Workers(GenerationConfig(workers=[srv.base_url], workers_root=shared, workers_wait_s=60), events,
-                          tmp_path / "run")
+        workers = workers_on([srv.base_url], shared, tmp_path / "run", events)
         name = workers.serve(default_model.gguf, "smollm2-135m")
         with Router(srv.base_url) as r:
             r.unload(name)  # what a restarted worker serves: nothing
-
-        async def ask():
-            async with workers.client() as c:
-                return await c.complete("Question: Name a fruit.\nAnswer:", max_tokens=4)
-        out = asyncio.run(ask())
+        out = ask(workers)
         assert out.model == name and out.attempts == 2
         assert ("worker_reloaded", {"url": srv.base_url, "name": name}) in events.events
         workers.release()
@@ -198,30 +208,19 @@ def test_a_worker_that_lost_the_model_loads_it_again_and_the_request_is_answered
 
 def test_a_model_served_again_after_another_goes_back_into_the_shared_folder_and_answers(default_model, toolchain,
                                                                                          tmp_path):
-    import asyncio
-
-    from loop.config import GenerationConfig
-    from loop.workers import Workers
-    from server.process import ManagedServer, ServerSettings
-
     shared, run = tmp_path / "shared", tmp_path / "runs" / "garden"
     shared.mkdir()
     export = run / "baselines" / "sft-seeds" / "model.gguf"
     export.parent.mkdir(parents=True)
     os.link(default_model.gguf, export)  # another path: another model by name
-    with ManagedServer(ServerSettings(model=None, models_dir=shared, slots=1, ctx_per_slot=512, threads=1)) as srv:
-        workers = Workers(GenerationConfig(workers=[srv.base_url], workers_root=shared, workers_wait_s=60),
-                          Recorded(), run)
+    with ManagedServer(router(shared)) as srv:
+        workers = workers_on([srv.base_url], shared, run)
         base = workers.serve(default_model.gguf, "smollm2-135m")  # the base model's baselines
         workers.serve(export, "garden/baselines/sft-seeds")  # the SFT baseline's: the base leaves the folder
         assert not (shared / base).exists()
         assert workers.serve(default_model.gguf, "smollm2-135m") == base  # iteration 1 generates with the base
         assert (shared / base / "model.gguf").samefile(default_model.gguf)
-
-        async def ask():
-            async with workers.client() as c:
-                return await c.complete("Question: Name a fruit.\nAnswer:", max_tokens=4)
-        assert asyncio.run(ask()).model == base
+        assert ask(workers).model == base
         workers.release()
     assert list(shared.iterdir()) == []
 
@@ -234,24 +233,16 @@ def host_signal(pid: int, sig: int) -> None:
 
 def test_a_worker_that_hangs_is_left_out_its_requests_answered_by_the_other_and_it_is_used_again_once_back(
         default_model, toolchain, tmp_path):
-    import asyncio
-
-    from loop.config import GenerationConfig
-    from loop.workers import Workers
-    from server.process import ManagedServer, ServerSettings
-
     shared = tmp_path / "shared"
     shared.mkdir()
-    router = ServerSettings(model=None, models_dir=shared, slots=2, ctx_per_slot=512, threads=1)
-    with ManagedServer(router) as a, ManagedServer(router) as b:
+    with ManagedServer(router(shared, slots=2)) as a, ManagedServer(router(shared, slots=2)) as b:
         events = Recorded()
         # request_timeout_s far beyond the test: only the watch can free what the hung worker holds
-        cfg = GenerationConfig(workers=[a.base_url, b.base_url], workers_root=shared, endpoint_slots=2,
-                               health_interval_s=0.2, hang_timeout_s=5.0, request_timeout_s=600)
-        workers = Workers(cfg, events, tmp_path / "run")
+        workers = workers_on([a.base_url, b.base_url], shared, tmp_path / "run", events, endpoint_slots=2,
+                             health_interval_s=0.2, hang_timeout_s=5.0, request_timeout_s=600)
         name = workers.serve(default_model.gguf, "smollm2-135m")
 
-        async def ask() -> tuple[list, float]:
+        async def while_one_hangs() -> tuple[list, float]:
             async with workers.client() as c:
                 host_signal(b.pid, signal.SIGSTOP)  # hangs: takes connections, answers nothing
                 t0 = time.monotonic()
@@ -267,7 +258,7 @@ def test_a_worker_that_hangs_is_left_out_its_requests_answered_by_the_other_and_
                                    range(4))
                 return out + back, elapsed
         try:
-            done, elapsed = asyncio.run(ask())
+            done, elapsed = asyncio.run(while_one_hangs())
         finally:
             host_signal(b.pid, signal.SIGCONT)
         first, then = done[:6], done[6:]

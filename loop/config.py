@@ -206,6 +206,14 @@ class TrainConfig(_Section):
                             "weights and AdamW stay fp32). auto: bf16 on a CUDA GPU with bf16 and on a CPU with "
                             "native bf16 (AVX512-BF16 or AMX: 1.4x faster on the demo, BENCHMARKS.md), else fp32.")
 
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the PEFT loop's decoder layers (Inductor, one graph shared by every "
+                            "layer, dynamic shapes): on the demo's set on a CPU 1.44x the tokens/s (BENCHMARKS.md), "
+                            "after a compile of about 15 s the first time on a machine and 3 s after (cached in "
+                            "$ISARA_CACHE/inductor); where it fails, the training runs eagerly and says why. auto: "
+                            "on a CPU when the training is big enough to pay for it (model parameters x training "
+                            "tokens >= 1e12; the demo's: 3e12), else off.")
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 

@@ -7,8 +7,10 @@ held in bf16 and the LoRA, norms and AdamW in fp32; the loss curve stays within 
 few hundredths of fp32's. On GPUs with bf16 the whole model is bf16. The output
 head runs only where a label is (`answer_loss`), attention is eager on CPU, and
 the default LoRA has no dropout: together 1.9x the tokens/s of the loop before
-them on the demo's set (BENCHMARKS.md). Data, step plan and the adapter on disk
-come from `loop/train_common.py`, shared with the Unsloth backend.
+them on the demo's set (BENCHMARKS.md). A training big enough to pay for it runs
+its decoder layers torch.compile'd (`train.compile`), falling back to eager, with
+the reason in its result, where the compile fails. Data, step plan and the
+adapter on disk come from `loop/train_common.py`, shared with the Unsloth backend.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from loop.config import TrainConfig
 from loop.data import Sample
 from loop.train_checkpoint import (fingerprint, load_checkpoint, python_rng_state, remove_checkpoint,
                                    save_checkpoint, set_python_rng_state)
-from loop.train_common import (TrainResult, answer_loss, autocast_bf16, collate, encode_examples,
-                               frozen_linears_to_bf16, length_bucketed_batches, lora_targets, peak_rss_mb,
-                               save_adapter_atomic, step_plan)
+from loop.train_common import (TrainResult, answer_cross_entropy, answer_loss, autocast_bf16, collate,
+                               compile_decoder_layers, compiled_cross_entropy, encode_examples, frozen_linears_to_bf16,
+                               length_bucketed_batches, lora_targets, peak_rss_mb, save_adapter_atomic, step_plan,
+                               uncompile, use_compile)
 
 
 def train_peft(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Path, *,
@@ -63,6 +66,12 @@ def train_peft(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Path,
     examples = encode_examples(tokenizer, samples, cfg.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    n_tokens = sum(len(e["input_ids"]) for e in examples) * cfg.epochs
+    compiled = use_compile(cfg.compile, device, sum(p.numel() for p in model.parameters()), n_tokens) \
+        and compile_decoder_layers(model) > 0
+    cross_entropy = compiled_cross_entropy() if compiled else answer_cross_entropy
+    compile_error, unproven = None, compiled  # a compile is done, or fails, at the first micro-batch
+
     plan = step_plan(len(examples), cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
@@ -85,15 +94,31 @@ def train_peft(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Path,
         step, micro, tokens, losses = resumed["step"], resumed["micro"], resumed["tokens"], resumed["losses"]
         queue = [[examples[i] for i in b] for b in resumed["queue"]]
         set_python_rng_state(rng, resumed["python_rng"])
+
+    def forward_backward(ids, labels, mask):
+        with autocast:
+            loss = answer_loss(model, ids, labels, mask, cross_entropy)
+        (loss / cfg.grad_accum).backward()
+        return loss
+
     started = time.perf_counter()
     while micro < plan.micro_batches:
         if not queue:
             queue = length_bucketed_batches(examples, cfg.batch_size, rng)
         batch = queue.pop()
         ids, labels, mask = (t.to(device) for t in collate(batch, pad_id))
-        with autocast:
-            loss = answer_loss(model, ids, labels, mask)
-        (loss / cfg.grad_accum).backward()
+        try:
+            loss = forward_backward(ids, labels, mask)
+        except Exception as e:
+            if not unproven:
+                raise
+            # The compile failed (no working C++ compiler, an op Inductor can't lower): train eagerly, and say why.
+            compile_error = (f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0])[:300]
+            compiled, cross_entropy = False, answer_cross_entropy
+            uncompile(model)
+            opt.zero_grad(set_to_none=True)
+            loss = forward_backward(ids, labels, mask)
+        unproven = False
         tokens += int(mask.sum())
         micro += 1
         acc_loss = float(loss.detach())
@@ -120,4 +145,5 @@ def train_peft(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Path,
     vram = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     return TrainResult(adapter_dir=out, backend="peft", steps=step, losses=losses, tokens=tokens, seconds=seconds,
                        peak_rss_mb=peak_rss_mb(), peak_vram_mb=vram,
-                       precision="bf16" if bf16 else "fp32", resumed_from_step=resumed["step"] if resumed else None)
+                       precision="bf16" if bf16 else "fp32", resumed_from_step=resumed["step"] if resumed else None,
+                       compiled=compiled, compile_error=compile_error)

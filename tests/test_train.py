@@ -14,8 +14,8 @@ from conftest import TINY_LORA, build_tiny_llama, tiny_corpus, tiny_samples
 from loop.config import ExportConfig, TrainConfig
 from loop.data import Sample
 from loop.export import count_params, export_iteration, preflight, served_answers
-from loop.train_common import (IGNORE, answer_loss, autocast_bf16, collate, cpu_has_native_bf16, encode_example,
-                               encode_examples, frozen_linears_to_bf16)
+from loop.train_common import (COMPILE_MIN_WORK, IGNORE, answer_loss, autocast_bf16, collate, cpu_has_native_bf16,
+                               encode_example, encode_examples, frozen_linears_to_bf16, use_compile)
 from loop.train_peft import train_peft
 from server.errors import BadInput
 
@@ -116,6 +116,54 @@ def test_bf16_autocast_follows_the_fp32_loss_curve(tiny_llama, tmp_path):
     assert runs["bf16"].losses[-1] < 0.8 * runs["bf16"].losses[0]
 
 
+COMPILE_LOSS_TOLERANCE = 0.02  # nats; Inductor's fused kernels round in another order than eager's ops
+
+
+def _adapter_keys(result) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(result.adapter_dir / "adapter_model.safetensors", "pt") as f:
+        return set(f.keys())
+
+
+def test_compiled_decoder_layers_follow_the_eager_loss_curve_and_save_the_same_adapter(tiny_llama, tiny_adapter,
+                                                                                         tmp_path):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    cfg = TrainConfig(epochs=4, batch_size=4, learning_rate=5e-3, warmup_ratio=0.0, compile="on", **TINY_LORA)
+    compiled = train_peft(tiny_llama, tiny_samples(), cfg, tmp_path / "adapter")
+    assert compiled.compiled and compiled.compile_error is None and not tiny_adapter.compiled
+    assert counters["stats"]["unique_graphs"] >= 1  # Dynamo really captured the layers
+    drift = max(abs(a - b) for a, b in zip(compiled.losses, tiny_adapter.losses))
+    assert len(compiled.losses) == len(tiny_adapter.losses) and drift < COMPILE_LOSS_TOLERANCE, \
+        (compiled.losses, tiny_adapter.losses)
+    assert _adapter_keys(compiled) == _adapter_keys(tiny_adapter)  # the merge and export read it as before
+
+
+def test_a_compile_that_fails_trains_eagerly_to_the_same_adapter_and_says_why(tiny_llama, tiny_adapter, tmp_path,
+                                                                               monkeypatch):
+    import torch._inductor.config
+
+    torch._dynamo.reset()  # nothing compiled earlier in this process, nor cached on disk, to fall back on
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
+    cfg = TrainConfig(epochs=4, batch_size=4, learning_rate=5e-3, warmup_ratio=0.0, compile="on", **TINY_LORA)
+    fell_back = train_peft(tiny_llama, tiny_samples(), cfg, tmp_path / "adapter")
+    assert not fell_back.compiled and fell_back.compile_error, fell_back
+    assert fell_back.losses == tiny_adapter.losses  # the failed first attempt left no gradient behind
+    assert fell_back.summary()["compile_error"] == fell_back.compile_error
+
+
+def test_auto_compile_takes_a_cpu_training_big_enough_to_pay_for_the_compile():
+    demo = (135_000_000, 23_000)  # the default model on the demo's first training set
+    assert use_compile("auto", "cpu", *demo)
+    assert not use_compile("auto", "cpu", 2_000_000, 5_000)  # a tiny model: the compile would cost more than it saves
+    assert not use_compile("auto", "cpu", 135_000_000, int(COMPILE_MIN_WORK / 135_000_000) - 1)
+    assert not use_compile("auto", "cuda", *demo)
+    assert use_compile("on", "cpu", 1, 1) and not use_compile("off", "cpu", *demo)
+
+
 def _model_and_batch(hf):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -150,11 +198,14 @@ def test_frozen_weights_held_in_bf16_change_no_number_under_bf16_autocast(tiny_l
     losses = []
     for cast in (False, True):
         if cast:
-            assert frozen_linears_to_bf16(model) == 2 * model.config.num_hidden_layers
+            assert frozen_linears_to_bf16(model) == 2 * model.config.num_hidden_layers + 1  # and the head
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             losses.append(float(answer_loss(model, ids, labels, mask)))
     assert losses[0] == losses[1]
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # the LoRA stays fp32
+    base = model.get_base_model()
+    assert base.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert base.get_input_embeddings().weight.dtype == torch.float32  # a tied head got a copy of its own
 
 
 def test_auto_precision_takes_bf16_only_where_the_matmul_units_have_it():

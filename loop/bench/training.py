@@ -6,7 +6,10 @@ matmuls) and the same attention implementation (eager on CPU) for every engine; 
 answer tokens for all three (isara's own encoding for itself and `Trainer`; trl's prompt-completion
 format with `completion_only_loss` for `SFTTrainer`). Each engine trains in its own process, so its
 peak RSS is its own. Tokens/s counts the tokens each forward pass sees (padding excluded), over the
-seconds of the training loop.
+seconds of the training loop. isara's trainer runs as configured (its decoder layers compiled where
+`train.compile` takes it, the compile's seconds counted) and again as "isara eager" with the compile
+off, so the compile's share is measured side by side; the two trainers run eagerly, as they do by
+default.
 
 The machine's bound for this work: bf16 (or f32) matmul FLOP/s over the matmul FLOPs per trained
 token, 4 x the frozen linear weights (a forward, and a backward to the inputs only) plus 6 x the LoRA
@@ -24,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-ENGINES = ("isara", "transformers Trainer", "trl SFTTrainer")
+# "isara eager" is isara's loop with `train.compile = "off"`: what the compiled decoder layers add, side by side.
+ENGINES = ("isara", "isara eager", "transformers Trainer", "trl SFTTrainer")
 
 
 def bench_training(hf_dir: Path, samples: list, cfg, work: Path, *, limits: dict, log=print) -> dict:
@@ -132,16 +136,17 @@ def run_engine(engine: str, spec: dict) -> dict:
     samples = [Sample(id=f"b{i}", prompt=s["prompt"], response=s["response"]) for i, s in enumerate(spec["samples"])]
     hf_dir, work = spec["hf_dir"], Path(spec["work"])
     bf16 = autocast_bf16(cfg.precision, "cpu")
-    if engine == "isara":
+    if engine in ("isara", "isara eager"):
         from loop.train_peft import train_peft
 
         from peft import get_peft_model
 
-        res = train_peft(Path(hf_dir), samples, cfg.model_copy(update={"checkpoint_every": 0}), work / "isara")
+        update = {"checkpoint_every": 0, **({"compile": "off"} if engine == "isara eager" else {})}
+        res = train_peft(Path(hf_dir), samples, cfg.model_copy(update=update), work / engine.replace(" ", "-"))
         row = {"engine": engine, "steps": res.steps, "tokens": res.tokens, "seconds": round(res.seconds, 2),
                "tokens_per_s": round(res.tokens_per_s, 1), "peak_rss_mb": round(res.peak_rss_mb),
                "first_loss": res.losses[0], "last_loss": res.losses[-1], "precision": res.precision,
-               "torch_threads": torch.get_num_threads()}
+               "compiled": res.compiled, "torch_threads": torch.get_num_threads()}
         model, lora = _hf_model(hf_dir, cfg)  # after the peak RSS is taken: only to count the FLOPs per token
         return {**row, "flops_per_token": _flops_per_token(get_peft_model(model, lora))}
 

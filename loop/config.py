@@ -208,7 +208,7 @@ class TrainConfig(_Section):
 
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the PEFT loop's decoder layers (Inductor, one graph shared by every "
-                            "layer, dynamic shapes): on the demo's set on a CPU 1.44x the tokens/s (BENCHMARKS.md), "
+                            "layer, dynamic shapes): on the demo's set on a CPU 1.5x the tokens/s (BENCHMARKS.md), "
                             "after a compile of about 15 s the first time on a machine and 3 s after (cached in "
                             "$ISARA_CACHE/inductor); where it fails, the training runs eagerly and says why. auto: "
                             "on a CPU when the training is big enough to pay for it (model parameters x training "

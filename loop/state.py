@@ -165,8 +165,11 @@ def plain_line(kind: str, f: dict) -> str | None:
     if kind == "train_step":
         return f"{who}: train step {f['step']}/{f['steps']} loss {f['loss']:.4f} ({f['tokens']} tokens)"
     if kind == "train_finished":
+        how = ", compiled" if f.get("compiled") else ""
+        if f.get("compile_error"):
+            how = f", eager: the compile failed ({f['compile_error']})"
         return (f"{who}: trained {f['steps']} steps, loss {f['first_loss']} -> {f['last_loss']}, "
-                f"{f['tokens_per_s']} tokens/s, peak RSS {f['peak_rss_mb']} MB")
+                f"{f['tokens_per_s']} tokens/s{how}, peak RSS {f['peak_rss_mb']} MB")
     if kind == "export_step":
         return f"{who}: export {f['step']} {f['seconds']}s"
     if kind == "export_finished":

@@ -27,7 +27,7 @@ from loop.config import TrainConfig
 from loop.files import atomic_dir
 
 # Settings that do not change what is computed: a checkpoint made under other values still fits.
-_NEUTRAL = {"checkpoint_every", "backend", "enabled", "report_to"}
+_NEUTRAL = {"checkpoint_every", "backend", "enabled", "report_to", "compile"}  # compile: rounding only
 
 
 def fingerprint(examples: list[dict], cfg: TrainConfig, previous_adapter: Path | None) -> str:

@@ -80,9 +80,9 @@ def autocast_bf16(precision: str, device: str, cuda_bf16: bool = False) -> bool:
 
 
 # Model parameters x training tokens from which `train.compile = "auto"` compiles on a CPU. The compile
-# costs about the same for any model size (one decoder layer's graph): 8-10 s from the cache, about a minute
-# cold, against a third of the eager training time it saves. The demo's training (135M x 23k tokens) is
-# 3e12 and saves ~15 s per training once cached; the tiny test models are far below.
+# costs about the same for any model size (one decoder layer's graph): 3 s from the cache, about 15 s the
+# first time on a machine, against a third of the eager training time it saves. The demo's first training
+# (135M x 23k tokens) is 3e12 and saves ~20 s; the tiny test models are far below.
 COMPILE_MIN_WORK = 1e12
 
 
@@ -106,19 +106,20 @@ def compile_decoder_layers(model) -> int:
 
     import torch
 
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
-    # With dynamic shapes, torch 2.13 first traces float constants (the LoRA scale, a norm's epsilon) as
-    # symbols, then restarts the whole analysis to specialize them: twice the tracing, 6.5 s instead of
-    # 3.3 s to load a cached layer.
-    torch._dynamo.config.specialize_float = True
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     kinds = set(getattr(base, "_no_split_modules", None) or ())
     layers = [m for m in base.modules() if type(m).__name__ in kinds]
-    if layers:
-        # The first layer's input would be the frozen embeddings' output, which needs no gradient, and
-        # it would get a graph of its own (a second compile and a second cache load, against 1/30 of
-        # the frozen matmuls' backward to find that gradient).
-        base.enable_input_require_grads()
+    if not layers:
+        return 0
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    # With dynamic shapes, torch 2.13 first traces float constants (the LoRA scale, a norm's epsilon) as
+    # symbols, then restarts the whole analysis to specialize them: twice the tracing, 6.5 s instead of
+    # 3.3 s to load a cached layer. (Process-wide; isara compiles nothing else.)
+    torch._dynamo.config.specialize_float = True
+    # The first layer's input would be the frozen embeddings' output, which needs no gradient, and it
+    # would get a graph of its own (a second compile and a second cache load, against 1/30 of the frozen
+    # matmuls' backward to find that gradient).
+    base.enable_input_require_grads()
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
@@ -141,7 +142,19 @@ def uncompile(model) -> None:
     for m in model.modules():
         if getattr(m, "_compiled_call_impl", None) is not None:
             m._compiled_call_impl = None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.disable_input_require_grads()
     torch._dynamo.reset()
+
+
+def without_a_batch_of_one(ids, labels, mask):
+    """A batch of one sequence doubled with a copy that carries no label. Dynamic shapes still specialize a
+    size of 1: a compiled model would compile a second graph in the middle of the training (a length-
+    bucketed epoch ends on one whenever the examples leave a remainder of 1), past the first micro-batch
+    where a failed compile falls back to eager. The copy adds nothing to the loss or the gradients."""
+    import torch
+
+    return torch.cat([ids, ids]), torch.cat([labels, torch.full_like(labels, IGNORE)]), torch.cat([mask, mask])
 
 
 def lora_targets(model, requested: list[str]) -> list[str]:

@@ -28,7 +28,7 @@ from loop.train_checkpoint import (fingerprint, load_checkpoint, python_rng_stat
 from loop.train_common import (TrainResult, answer_cross_entropy, answer_loss, autocast_bf16, collate,
                                compile_decoder_layers, compiled_cross_entropy, encode_examples, frozen_linears_to_bf16,
                                length_bucketed_batches, lora_targets, peak_rss_mb, save_adapter_atomic, step_plan,
-                               uncompile, use_compile)
+                               uncompile, use_compile, without_a_batch_of_one)
 
 
 def train_peft(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Path, *,
@@ -61,14 +61,14 @@ def train_peft(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Path,
         lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                           target_modules=lora_targets(model, cfg.target_modules), task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
+    n_params = sum(p.numel() for p in model.parameters())  # before the head gets a bf16 copy of its own
     if bf16 and device == "cpu":
         frozen_linears_to_bf16(model)
     examples = encode_examples(tokenizer, samples, cfg.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     n_tokens = sum(len(e["input_ids"]) for e in examples) * cfg.epochs
-    compiled = use_compile(cfg.compile, device, sum(p.numel() for p in model.parameters()), n_tokens) \
-        and compile_decoder_layers(model) > 0
+    compiled = use_compile(cfg.compile, device, n_params, n_tokens) and compile_decoder_layers(model) > 0
     cross_entropy = compiled_cross_entropy() if compiled else answer_cross_entropy
     compile_error, unproven = None, compiled  # a compile is done, or fails, at the first micro-batch
 
@@ -107,19 +107,30 @@ def train_peft(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Path,
             queue = length_bucketed_batches(examples, cfg.batch_size, rng)
         batch = queue.pop()
         ids, labels, mask = (t.to(device) for t in collate(batch, pad_id))
+        seen = int(mask.sum())
+        if compiled and len(batch) == 1:
+            ids, labels, mask = without_a_batch_of_one(ids, labels, mask)
+        rng_state = (torch.get_rng_state(), torch.cuda.get_rng_state() if device == "cuda" else None) \
+            if unproven else None
+        failed = None
         try:
             loss = forward_backward(ids, labels, mask)
         except Exception as e:
             if not unproven:
                 raise
-            # The compile failed (no working C++ compiler, an op Inductor can't lower): train eagerly, and say why.
-            compile_error = (f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0])[:300]
-            compiled, cross_entropy = False, answer_cross_entropy
+            failed = (f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0])[:300]
+        if failed:
+            # The compile failed (no working C++ compiler, an op Inductor can't lower): this micro-batch again,
+            # eagerly, from the same state (outside the handler, so the failed attempt's activations are freed).
+            compile_error, compiled, cross_entropy = failed, False, answer_cross_entropy
             uncompile(model)
             opt.zero_grad(set_to_none=True)
+            torch.set_rng_state(rng_state[0])
+            if rng_state[1] is not None:
+                torch.cuda.set_rng_state(rng_state[1])
             loss = forward_backward(ids, labels, mask)
         unproven = False
-        tokens += int(mask.sum())
+        tokens += seen
         micro += 1
         acc_loss = float(loss.detach())
         if micro % cfg.grad_accum == 0 or micro == plan.micro_batches:

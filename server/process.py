@@ -103,6 +103,7 @@ class ManagedServer:
         self.backend: str | None = None
         self.log_path: Path | None = None
         self._log_file = None
+        self._healthy = False  # answered its health check since it was started
         self._lock = threading.Lock()
 
     # -- public ----------------------------------------------------------
@@ -170,21 +171,28 @@ class ManagedServer:
             start_new_session=True, preexec_fn=set_parent_death_signal, env=self._env(),
         )
         _LIVE.add(self)
+        self._healthy = False
         try:
             self._wait_healthy()
+            self._healthy = True
         except BaseException:
             self.stop()
             raise
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout`. A server that started, served and stopped when asked
+        leaves no log in the temporary folder (a log of its own, `settings.log_path`, always stays); one
+        that failed to start, died, or had to be killed keeps it, for the message that names it."""
         with self._lock:
             proc, self.proc = self.proc, None
             _LIVE.discard(self)
+            asked = False
             if proc is not None and proc.poll() is None:
                 _signal_group(proc, signal.SIGTERM)
                 try:
                     proc.wait(timeout)
+                    asked = True
                 except subprocess.TimeoutExpired:
                     _signal_group(proc, signal.SIGKILL)
                     proc.wait()
@@ -193,6 +201,8 @@ class ManagedServer:
             if self._log_file is not None:
                 self._log_file.close()
                 self._log_file = None
+            if asked and self._healthy and self.settings.log_path is None and self.log_path is not None:
+                self.log_path.unlink(missing_ok=True)
 
     def restart(self, model: str | Path | None = None, lora: list[Path] | None = None) -> "ManagedServer":
         """Stop and start again on the same port (a new GGUF, new adapters)."""

@@ -154,6 +154,26 @@ def test_stop_leaves_no_server_process(default_model):
     assert not pid_alive(pid)
 
 
+def test_a_server_stopped_when_asked_leaves_no_log_behind_and_one_that_died_keeps_it(default_model, tmp_path):
+    import tempfile
+    from pathlib import Path
+
+    srv = ManagedServer(ServerSettings(model=default_model.gguf, slots=1)).start()
+    log = srv.log_path
+    assert log.parent == Path(tempfile.gettempdir()) and log.is_file()
+    srv.stop()
+    assert not log.exists()  # it served and stopped when asked: nothing anyone will read
+    srv.start()
+    os.killpg(srv.pid, signal.SIGKILL)
+    srv.proc.wait(10)
+    srv.stop()
+    assert srv.log_path.is_file()  # the log an error about the dead server names
+    srv.log_path.unlink()
+    own = ServerSettings(model=default_model.gguf, slots=1, log_path=tmp_path / "server.log")
+    ManagedServer(own).start().stop()
+    assert (tmp_path / "server.log").is_file()  # a log of its own is the caller's
+
+
 def test_server_dies_with_its_python_parent_even_on_sigkill(default_model, tmp_path):
     script = textwrap.dedent(f"""
         import sys, time

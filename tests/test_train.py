@@ -127,18 +127,43 @@ def _adapter_keys(result) -> set[str]:
 
 
 def test_compiled_decoder_layers_follow_the_eager_loss_curve_and_save_the_same_adapter(tiny_llama, tiny_adapter,
-                                                                                         tmp_path):
+                                                                                         tmp_path, monkeypatch):
     from torch._dynamo.utils import counters
 
+    from server.toolchain import cache_root
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))  # the run's cache, unset after
     counters.clear()
     cfg = TrainConfig(epochs=4, batch_size=4, learning_rate=5e-3, warmup_ratio=0.0, compile="on", **TINY_LORA)
     compiled = train_peft(tiny_llama, tiny_samples(), cfg, tmp_path / "adapter")
     assert compiled.compiled and compiled.compile_error is None and not tiny_adapter.compiled
-    assert counters["stats"]["unique_graphs"] >= 1  # Dynamo really captured the layers
+    # Dynamo captured the layers and the cross-entropy, each whole (a graph break would leave eager code between)
+    assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"], dict(counters)
     drift = max(abs(a - b) for a, b in zip(compiled.losses, tiny_adapter.losses))
     assert len(compiled.losses) == len(tiny_adapter.losses) and drift < COMPILE_LOSS_TOLERANCE, \
         (compiled.losses, tiny_adapter.losses)
     assert _adapter_keys(compiled) == _adapter_keys(tiny_adapter)  # the merge and export read it as before
+
+
+def test_a_batch_of_one_compiles_no_second_graph_in_the_middle_of_the_training(tiny_llama, tmp_path):
+    from torch._dynamo.utils import counters
+
+    cfg = TrainConfig(epochs=1, batch_size=4, learning_rate=5e-3, warmup_ratio=0.0, compile="on", **TINY_LORA)
+    graphs = {}
+    for n in (8, 9):  # 9 examples in batches of 4: the epoch ends on a batch of one
+        counters.clear()
+        result = train_peft(tiny_llama, tiny_samples(n), cfg, tmp_path / str(n))
+        graphs[n] = counters["stats"]["unique_graphs"]
+        assert result.compiled and result.tokens == sum(len(e["input_ids"]) for e in _encoded(tiny_llama, n))
+    # The 9 reuse what the 8 compiled: the one went with a label-less copy (else the layers and the loss would
+    # each compile again for a size of 1: 2 graphs)
+    assert graphs[9] == 0, graphs
+
+
+def _encoded(hf, n):
+    from transformers import AutoTokenizer
+
+    return encode_examples(AutoTokenizer.from_pretrained(hf), tiny_samples(n), TrainConfig().max_length)
 
 
 def test_a_compile_that_fails_trains_eagerly_to_the_same_adapter_and_says_why(tiny_llama, tiny_adapter, tmp_path,
@@ -449,6 +474,18 @@ def test_the_export_progress_line_gives_the_f16_and_the_quantized_agreement():
     failed = plain_line("export_finished", {"iteration": 1, "serve_model": "m.gguf", "mode": "merged",
                                             "quant": "F16", "verification": {"passed": False, "agreement": [0.5]}})
     assert failed.endswith("verification FAILED (recorded) (greedy agreement: F16 50%)")
+
+
+def test_the_training_progress_line_says_whether_the_layers_ran_compiled_or_why_not():
+    from loop.state import plain_line
+
+    done = {"iteration": 1, "steps": 36, "first_loss": 1.9, "last_loss": 1.5, "tokens_per_s": 543.5,
+            "peak_rss_mb": 3079}
+    assert plain_line("train_finished", {**done, "compiled": True}) == (
+        "iter 1: trained 36 steps, loss 1.9 -> 1.5, 543.5 tokens/s, compiled, peak RSS 3079 MB")
+    assert "tokens/s, peak RSS" in plain_line("train_finished", {**done, "compiled": False})
+    failed = plain_line("train_finished", {**done, "compiled": False, "compile_error": "InductorError: no c++"})
+    assert ", eager: the compile failed (InductorError: no c++), peak RSS" in failed
 
 
 @pytest.mark.slow  # three trainings, each in a process of its own

@@ -102,9 +102,9 @@ def compile_decoder_layers(model) -> int:
     training, in this process or another, loads them in seconds. Returns how many layers were compiled."""
     import os
 
-    from server.toolchain import cache_root
-
     import torch
+
+    from server.toolchain import cache_root
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     kinds = set(getattr(base, "_no_split_modules", None) or ())

@@ -126,6 +126,7 @@ def _adapter_keys(result) -> set[str]:
         return set(f.keys())
 
 
+@pytest.mark.slow  # compiles with Inductor (about 30 s the first time on a machine)
 def test_compiled_decoder_layers_follow_the_eager_loss_curve_and_save_the_same_adapter(tiny_llama, tiny_adapter,
                                                                                          tmp_path, monkeypatch):
     from torch._dynamo.utils import counters
@@ -145,6 +146,7 @@ def test_compiled_decoder_layers_follow_the_eager_loss_curve_and_save_the_same_a
     assert _adapter_keys(compiled) == _adapter_keys(tiny_adapter)  # the merge and export read it as before
 
 
+@pytest.mark.slow  # compiles with Inductor (about 30 s the first time on a machine)
 def test_a_batch_of_one_compiles_no_second_graph_in_the_middle_of_the_training(tiny_llama, tmp_path):
     from torch._dynamo.utils import counters
 
@@ -166,6 +168,7 @@ def _encoded(hf, n):
     return encode_examples(AutoTokenizer.from_pretrained(hf), tiny_samples(n), TrainConfig().max_length)
 
 
+@pytest.mark.slow  # compiles with Inductor (about 30 s the first time on a machine)
 def test_a_compile_that_fails_trains_eagerly_to_the_same_adapter_and_says_why(tiny_llama, tiny_adapter, tmp_path,
                                                                                monkeypatch):
     import torch._inductor.config

@@ -79,6 +79,11 @@ def autocast_bf16(precision: str, device: str, cuda_bf16: bool = False) -> bool:
     return cuda_bf16 if device == "cuda" else cpu_has_native_bf16()
 
 
+def _unwrapped(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 # Model parameters x training tokens from which `train.compile = "auto"` compiles on a CPU. The compile
 # costs about the same for any model size (one decoder layer's graph): 3 s from the cache, about 15 s the
 # first time on a machine, against a third of the eager training time it saves. The demo's first training
@@ -106,7 +111,7 @@ def compile_decoder_layers(model) -> int:
 
     from server.toolchain import cache_root
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     kinds = set(getattr(base, "_no_split_modules", None) or ())
     layers = [m for m in base.modules() if type(m).__name__ in kinds]
     if not layers:
@@ -142,7 +147,7 @@ def uncompile(model) -> None:
     for m in model.modules():
         if getattr(m, "_compiled_call_impl", None) is not None:
             m._compiled_call_impl = None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     base.disable_input_require_grads()
     torch._dynamo.reset()
 
@@ -299,7 +304,7 @@ def answer_loss(model, ids, labels, mask, cross_entropy=answer_cross_entropy):
 
     import torch
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
     targets = labels[:, 1:]
@@ -322,7 +327,7 @@ def frozen_linears_to_bf16(model) -> int:
         if name.endswith(".base_layer") and isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
             module.weight.data = module.weight.data.to(torch.bfloat16)
             n += 1
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     head = base.get_output_embeddings()
     if isinstance(head, torch.nn.Linear) and not head.weight.requires_grad and head.weight.dtype != torch.bfloat16:
         head.weight = torch.nn.Parameter(head.weight.detach().to(torch.bfloat16), requires_grad=False)

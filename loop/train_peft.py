@@ -27,8 +27,8 @@ from loop.train_checkpoint import (fingerprint, load_checkpoint, python_rng_stat
                                    save_checkpoint, set_python_rng_state)
 from loop.train_common import (TrainResult, answer_cross_entropy, answer_loss, autocast_bf16, collate,
                                compile_decoder_layers, compiled_cross_entropy, encode_examples, frozen_linears_to_bf16,
-                               length_bucketed_batches, lora_targets, peak_rss_mb, save_adapter_atomic, step_plan,
-                               uncompile, use_compile, without_a_batch_of_one)
+                               length_bucketed_batches, lora_targets, lr_factor, peak_rss_mb, save_adapter_atomic,
+                               step_plan, uncompile, use_compile, without_a_batch_of_one)
 
 
 def train_peft(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Path, *,
@@ -76,12 +76,7 @@ def train_peft(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Path,
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
 
-    def lr_at(step: int) -> float:
-        if step < plan.warmup:
-            return (step + 1) / (plan.warmup + 1)
-        return max(0.0, (plan.steps - step) / max(1, plan.steps - plan.warmup))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(plan, step))
     model.train()
     losses, tokens, step, micro = [], 0, 0, 0
     queue: list[list[dict]] = []

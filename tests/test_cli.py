@@ -210,6 +210,7 @@ def test_debug_shows_the_traceback(tmp_path):
     assert out.returncode != 0 and "Traceback" in out.stderr
 
 
+@pytest.mark.slow
 def test_bench_sets_the_served_weights_beside_the_types_it_is_not_served_at(default_model, toolchain, tmp_path):
     from loop.bench.variants import variant_models
     from server.gguf import read_gguf

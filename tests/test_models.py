@@ -187,6 +187,7 @@ def test_pull_refuses_an_unknown_name():
         models.pull("nope", log=lambda m: None)
 
 
+@pytest.mark.slow
 def test_an_hf_folder_is_served_as_a_verified_export_made_once_per_set_of_weights(tiny_llama, toolchain, tmp_path,
                                                                                    monkeypatch):
     import shutil
@@ -279,6 +280,7 @@ def test_a_gguf_of_an_architecture_transformers_cannot_load_is_refused_before_an
     assert not store.exists() or not any(store.rglob("*"))
 
 
+@pytest.mark.slow
 def test_models_add_makes_a_gguf_trainable_once_and_lists_it(tiny_gguf_f16, toolchain, tmp_path):
     from conftest import run_isara
     from loop.export import DERIVED_TOLERANCE

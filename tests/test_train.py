@@ -192,13 +192,26 @@ def test_auto_compile_takes_a_cpu_training_big_enough_to_pay_for_the_compile():
     assert use_compile("on", "cpu", 1, 1) and not use_compile("off", "cpu", *demo)
 
 
-def _model_and_batch(hf):
+def _model_and_batch(hf, max_length: int = 64):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(hf)
     model = AutoModelForCausalLM.from_pretrained(hf, attn_implementation="eager")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return model, collate(encode_examples(tok, tiny_samples(6), 64), pad)
+    return model, collate(encode_examples(tok, tiny_samples(6), max_length), pad)
+
+
+def test_a_batch_is_padded_to_a_multiple_of_eight_tokens_that_change_no_loss(tiny_llama):
+    import torch
+
+    model, (ids, labels, mask) = _model_and_batch(tiny_llama, max_length=61)
+    width = int(mask.sum(dim=1).max())
+    assert width == 61 and ids.shape[1] == 64  # the longest sequence (cut at 61 tokens), rounded up to 8
+    assert not mask[:, width:].any() and (labels[:, width:] == IGNORE).all()
+    with torch.no_grad():
+        padded = answer_loss(model, ids, labels, mask)
+        unpadded = answer_loss(model, ids[:, :width], labels[:, :width], mask[:, :width])
+    assert torch.allclose(padded, unpadded, atol=1e-6), (float(padded), float(unpadded))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: the family's final soft-capping must still apply
@@ -370,6 +383,7 @@ def test_a_quantized_gguf_that_forks_from_the_hf_model_is_recorded_not_refused(t
     assert [f["position"] for f in v["forks"]] == [0, 0, 0]
 
 
+@pytest.mark.slow
 def test_lora_mode_serves_the_same_tokens_as_merged_mode(tiny_llama, tiny_adapter, tmp_path, tiny_gguf_f16):
     from loop.export import _load_adapted, reference_tokens, verify
 

@@ -9,7 +9,9 @@ peak RSS is its own. Tokens/s counts the tokens each forward pass sees (padding 
 seconds of the training loop. isara's trainer runs as configured (its decoder layers compiled where
 `train.compile` takes it, the compile's seconds counted) and again as "isara eager" with the compile
 off, so the compile's share is measured side by side; the two trainers run eagerly, as they do by
-default.
+default. "session-9 loop" is isara's loop as it was when issue #17 asked for three times its speed (bf16
+autocast over fp32 weights, LoRA dropout 0.05, SDPA attention, logits at every position): the baseline
+of that ratio, measured in the same run rather than quoted from another day on a shared machine.
 
 The machine's bound for this work: bf16 (or f32) matmul FLOP/s over the matmul FLOPs per trained
 token, 4 x the frozen linear weights (a forward, and a backward to the inputs only) plus 6 x the LoRA
@@ -28,7 +30,7 @@ import time
 from pathlib import Path
 
 # "isara eager" is isara's loop with `train.compile = "off"`: what the compiled decoder layers add, side by side.
-ENGINES = ("isara", "isara eager", "transformers Trainer", "trl SFTTrainer")
+ENGINES = ("isara", "isara eager", "session-9 loop", "transformers Trainer", "trl SFTTrainer")
 
 
 def bench_training(hf_dir: Path, samples: list, cfg, work: Path, *, limits: dict, log=print) -> dict:
@@ -130,7 +132,7 @@ def run_engine(engine: str, spec: dict) -> dict:
 
     from loop.config import TrainConfig
     from loop.data import Sample
-    from loop.train_common import autocast_bf16, collate, encode_examples, peak_rss_mb, step_plan
+    from loop.train_common import PAD_MULTIPLE, autocast_bf16, collate, encode_examples, peak_rss_mb, step_plan
 
     cfg = TrainConfig.model_validate(spec["cfg"])
     samples = [Sample(id=f"b{i}", prompt=s["prompt"], response=s["response"]) for i, s in enumerate(spec["samples"])]
@@ -156,6 +158,8 @@ def run_engine(engine: str, spec: dict) -> dict:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = encode_examples(tokenizer, samples, cfg.max_length)
     plan = step_plan(len(examples), cfg)
+    if engine == "session-9 loop":
+        return _session9_loop(hf_dir, examples, pad, plan, cfg, bf16)
     model, lora = _hf_model(hf_dir, cfg)
     if engine == "transformers Trainer":
         from peft import get_peft_model
@@ -178,7 +182,8 @@ def run_engine(engine: str, spec: dict) -> dict:
         data = Dataset.from_list([{"prompt": [{"role": "user", "content": s.prompt}],
                                    "completion": [{"role": "assistant", "content": s.response}]} for s in samples])
         args = SFTConfig(**_args(cfg, plan, bf16, str(work / "trl")), max_length=cfg.max_length,
-                         completion_only_loss=True, train_sampling_strategy="group_by_length")
+                         completion_only_loss=True, train_sampling_strategy="group_by_length",
+                         pad_to_multiple_of=PAD_MULTIPLE)
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                              peft_config=lora)
         seen = _count_tokens(trainer.model)
@@ -192,6 +197,53 @@ def run_engine(engine: str, spec: dict) -> dict:
             "tokens_per_s": round(seen[0] / seconds, 1), "peak_rss_mb": round(peak_rss_mb()),
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "precision": "bf16" if bf16 else "fp32", "torch_threads": torch.get_num_threads()}
+
+
+def _session9_loop(hf_dir: str, examples: list[dict], pad: int, plan, cfg, bf16: bool) -> dict:
+    """The PEFT loop of session 9, the baseline issue #17's "3x" is measured against: the same examples,
+    length-bucketed batches, steps, AdamW and schedule as isara's loop, with session 9's choices where
+    they differ (fp32 weights cast by autocast at every matmul, LoRA dropout 0.05, SDPA attention, the
+    output head at every position). Kept here to measure against, not to train with."""
+    import random
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from loop.train_common import collate, length_bucketed_batches, lora_targets, lr_factor, peak_rss_mb
+
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=False, attn_implementation="sdpa")
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.05, task_type="CAUSAL_LM",
+                                             target_modules=lora_targets(model, cfg.target_modules)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(plan, step))
+    model.train()
+    losses, tokens, queue = [], 0, []
+    started = time.perf_counter()
+    for micro in range(1, plan.micro_batches + 1):
+        if not queue:
+            queue = length_bucketed_batches(examples, cfg.batch_size, rng)
+        ids, labels, mask = collate(queue.pop(), pad, multiple_of=1)  # session 9 padded to the longest
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        (loss / cfg.grad_accum).backward()
+        tokens += int(mask.sum())
+        if micro % cfg.grad_accum == 0 or micro == plan.micro_batches:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(round(float(loss.detach()), 5))
+    seconds = time.perf_counter() - started
+    return {"engine": "session-9 loop", "steps": len(losses), "tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1), "peak_rss_mb": round(peak_rss_mb()),
+            "first_loss": losses[0], "last_loss": losses[-1], "precision": "bf16" if bf16 else "fp32",
+            "torch_threads": torch.get_num_threads()}
 
 
 if __name__ == "__main__":

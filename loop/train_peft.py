@@ -1,7 +1,8 @@
 """The PEFT backend: a plain PyTorch + PEFT loop (no trl), for CPUs and for GPUs without Unsloth.
 
 AdamW, linear warmup then linear decay, gradient accumulation, length-bucketed
-batches, a fixed seed. On a CPU the forward and backward run under bf16 autocast
+batches padded to a multiple of 8 tokens (fewer matmul shapes for oneDNN to
+compile), a fixed seed. On a CPU the forward and backward run under bf16 autocast
 where the hardware has bf16 matmuls (`train.precision`), with the frozen weights
 held in bf16 and the LoRA, norms and AdamW in fp32; the loss curve stays within a
 few hundredths of fp32's. On GPUs with bf16 the whole model is bf16. The output

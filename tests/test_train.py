@@ -211,7 +211,7 @@ def test_a_batch_is_padded_to_a_multiple_of_eight_tokens_that_change_no_loss(tin
     with torch.no_grad():
         padded = answer_loss(model, ids, labels, mask)
         unpadded = answer_loss(model, ids[:, :width], labels[:, :width], mask[:, :width])
-    assert torch.allclose(padded, unpadded, atol=1e-6), (float(padded), float(unpadded))
+    assert torch.allclose(padded, unpadded, atol=1e-5), (float(padded), float(unpadded))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: the family's final soft-capping must still apply

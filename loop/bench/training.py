@@ -1,8 +1,9 @@
 """Training side by side: isara's PEFT loop against transformers' `Trainer` and trl's `SFTTrainer`.
 
-The same samples, model, LoRA (rank, alpha, dropout, targets), micro-batch, gradient accumulation,
-optimizer steps, learning-rate schedule and matmul precision (bf16 autocast where the CPU has bf16
-matmuls) and the same attention implementation (eager on CPU) for every engine; the loss on the
+The same samples, model, LoRA (rank, alpha, dropout, targets), micro-batch (its width padded to a
+multiple of 8), gradient accumulation, optimizer steps, learning-rate schedule and matmul precision (bf16
+autocast where the CPU has bf16 matmuls) and the same attention implementation (eager on CPU) for every
+engine but session 9's loop, which keeps that loop's own choices (below); the loss on the
 answer tokens for all three (isara's own encoding for itself and `Trainer`; trl's prompt-completion
 format with `completion_only_loss` for `SFTTrainer`). Each engine trains in its own process, so its
 peak RSS is its own. Tokens/s counts the tokens each forward pass sees (padding excluded), over the

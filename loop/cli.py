@@ -633,7 +633,10 @@ def export_cmd(run, to, fmt, samples, iteration, runs_dir) -> None:
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads for every engine.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/bench"),
               show_default=True, help="Where bench.json (and the scratch runs of the ISARA phases) go.")
-def bench(model_name, quick, threads, out_dir) -> None:
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="A run setting for the ISARA phases' runs (safety domain), as `isara run --set`; the bench's own "
+                   "(samples, k, iterations) win. E.g. --set data.seeds=my.jsonl --set filters.min_answer_chars=8.")
+def bench(model_name, quick, threads, out_dir, settings) -> None:
     """Measure side by side in one run: engines, the machine's bounds, the ISARA phases, retrieval.
 
     \b
@@ -656,7 +659,7 @@ def bench(model_name, quick, threads, out_dir) -> None:
     """
     from loop.bench import run_bench
 
-    path = run_bench(model_name, quick=quick, threads=threads, out_dir=out_dir,
+    path = run_bench(model_name, quick=quick, threads=threads, out_dir=out_dir, settings=list(settings),
                      log=lambda s: console.print(s, highlight=False))
     _generation_table(json.loads(path.read_text())["generation"])
     console.print(f"results: {path}", highlight=False)

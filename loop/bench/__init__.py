@@ -29,15 +29,22 @@ from loop.bench.variants import bench_server_variants
 
 
 def run_bench(model_name: str, *, quick: bool = False, threads: int | None = None,
-              out_dir: Path = Path("runs/bench"), log=print) -> Path:
+              out_dir: Path = Path("runs/bench"), settings: list[str] = (), log=print) -> Path:
     """Every part in turn on `model_name`; writes `out_dir/bench.json` (the ISARA phases' scratch runs go in
-    `out_dir/work`) and returns its path. `quick`: fewer requests, tokens and samples, no settings sweep."""
+    `out_dir/work`) and returns its path. `quick`: fewer requests, tokens and samples, no settings sweep.
+    `settings`: `KEY=VALUE` run settings for the ISARA phases' runs (checked before anything is measured)."""
     from loop.export import count_params
-    from loop.models import resolve_model
+    from loop.models import add_local, resolve_model
 
+    from loop.config import load_config
+
+    load_config(None, ['domain="safety"', *settings])  # a bad --set fails now, not after minutes of measuring
     m = resolve_model(model_name)
+    if m.entry is None:  # the user's HF folder or GGUF file: served and trained as a run would (made once, kept)
+        m = add_local(model_name, log=log)
     if m.gguf is None:
-        raise BadInput(f"{model_name} has no GGUF to benchmark: give a .gguf file or a catalog chat model")
+        raise BadInput(f"{model_name} has no GGUF to benchmark: give a .gguf file, an HF folder or a catalog chat "
+                       "model")
     limits = machine_limits(threads)
     params = count_params(m.hf_dir) if m.hf_dir else None
     bound = bounds(limits, m.gguf.stat().st_size, params) if params else {}
@@ -62,9 +69,10 @@ def run_bench(model_name: str, *, quick: bool = False, threads: int | None = Non
     if m.hf_dir is not None:
         at8 = next(r for r in rows if r["engine"] == "llama-server (managed)" and r["in_flight"] == 8)
         extra["isara_generation"] = bench_generation_k(work, model_name, samples=samples, log=log,
-                                                       prompt_tok_s=at8["prompt_tok_s"], gen_tok_s=at8["gen_tok_s"])
+                                                       prompt_tok_s=at8["prompt_tok_s"], gen_tok_s=at8["gen_tok_s"],
+                                                       settings=settings)
         extra["iteration"] = bench_iteration(work, model_name, samples=samples, epochs=0.25 if quick else 1.0,
-                                             eval_n=4 if quick else 20, log=log)
+                                             eval_n=4 if quick else 20, settings=settings, log=log)
         if not quick:
             from loop.config import TrainConfig
             from loop.layout import RunLayout

@@ -110,6 +110,7 @@ def share_of_bound(rows: list[dict], bound: dict) -> None:
     flight, the batched one's above (None without a bound: no HF checkpoint to count parameters)."""
     for r in rows:
         limit = bound.get("decode_batch1_tok_s" if r["in_flight"] == 1 else "decode_batched_tok_s")
-        r["share_of_bound"] = round(r["gen_tok_s"] / limit, 3) if limit else None
+        # three significant digits, not decimals: a small model's share is a fraction of a percent
+        r["share_of_bound"] = float(f"{r['gen_tok_s'] / limit:.3g}") if limit else None
         int8 = bound.get("decode_batched_int8_tok_s") if r["in_flight"] > 1 else None
-        r["share_of_int8_bound"] = round(r["gen_tok_s"] / int8, 4) if int8 else None
+        r["share_of_int8_bound"] = float(f"{r['gen_tok_s'] / int8:.3g}") if int8 else None

@@ -24,8 +24,10 @@ from loop.run import execute, load_run_samples, run_dir_for
 from loop.state import RunState
 
 
-def _run(work: Path, name: str, overrides: list[str]) -> Path:
-    cfg = load_config(None, [f'name="{name}"', f'runs_dir="{work}"', 'domain="safety"', "iterations=1",
+def _run(work: Path, name: str, overrides: list[str], settings: list[str] = ()) -> Path:
+    """`settings`: the user's `--set KEY=VALUE`s, on top of the safety domain; the bench's own (the run's
+    name and folder, one iteration, the parameter measured) come last and win."""
+    cfg = load_config(None, ['domain="safety"', *settings, f'name="{name}"', f'runs_dir="{work}"', "iterations=1",
                              *overrides])
     run_dir = run_dir_for(cfg)
     execute(cfg, run_dir, output="quiet")
@@ -37,7 +39,8 @@ def _share(part: float, whole: float) -> float | None:
 
 
 def bench_generation_k(work: Path, model: str, *, ks=(2, 4, 8), samples: int = 16, slots: int = 8,
-                       prompt_tok_s: float | None = None, gen_tok_s: float | None = None, log=print) -> list[dict]:
+                       prompt_tok_s: float | None = None, gen_tok_s: float | None = None, settings: list[str] = (),
+                       log=print) -> list[dict]:
     """Accepted samples per minute and prompt tokens per sample for k demos; where the server's time goes.
 
     The server's own per-request timings overlap (slots share each batch), so the share of prompt
@@ -46,7 +49,8 @@ def bench_generation_k(work: Path, model: str, *, ks=(2, 4, 8), samples: int = 1
     rows = []
     for k in ks:
         run = _run(work, f"gen-k{k}", [f'model.base="{model}"', f"retrieval.k={k}", f"generation.samples={samples}",
-                                       f"generation.slots={slots}", "train.enabled=false", "eval.enabled=false"])
+                                       f"generation.slots={slots}", "train.enabled=false", "eval.enabled=false"],
+                   settings)
         st = json.loads(RunLayout(run).stats(1).read_text())
         q, a = st["question_stage"], st["answer_stage"]
         server_ms = q["server_prompt_ms"] + q["server_gen_ms"] + a["server_prompt_ms"] + a["server_gen_ms"]
@@ -79,7 +83,7 @@ def bench_generation_k(work: Path, model: str, *, ks=(2, 4, 8), samples: int = 1
 
 
 def bench_iteration(work: Path, model: str, *, samples: int = 16, slots: int = 8, epochs: float = 1.0,
-                    eval_n: int = 10, log=print) -> dict:
+                    eval_n: int = 10, settings: list[str] = (), log=print) -> dict:
     """One iteration end to end (generate, train, export, eval) with seconds per phase and per export
     step; then the same adapter exported in lora mode, and a cold server start on the new model."""
     from loop.export import count_params, export_iteration
@@ -87,7 +91,7 @@ def bench_iteration(work: Path, model: str, *, samples: int = 16, slots: int = 8
 
     run = _run(work, "iteration", [f'model.base="{model}"', f"generation.samples={samples}",
                                    f"generation.slots={slots}", f"train.epochs={epochs}", f"eval.n={eval_n}",
-                                   "eval.max_tokens=32", "eval.baselines=false"])
+                                   "eval.max_tokens=32", "eval.baselines=false"], settings)
     state, layout = RunState(run), RunLayout(run)
     phases = {step: state.seconds(phase_name(1, step)) for step in STEPS if state.recorded(phase_name(1, step))}
     train, export = state.stats(phase_name(1, TRAIN)), state.stats(phase_name(1, EXPORT))

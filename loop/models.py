@@ -378,6 +378,12 @@ def pull(name: str, *, catalog: dict[str, CatalogEntry] | None = None, derive_hf
     src = entry.source
     log(f"{name}: {entry.description}; licence: {entry.license}" + (f", read {entry.terms}" if entry.terms else ""))
     d = models_dir() / name
+    cached = pulled_cache_dir(entry) if entry.kind == "chat" and derive_hf else None
+    if cached is not None and (cached / "PULLED.json").is_file():
+        _link_tree(cached, d)
+        log(f"{name}: pulled into {d} from {cached}, what an earlier pull on this machine derived and verified "
+            "(the same GGUF, llama.cpp and transformers)")
+        return _from_store(entry)
     reexport = entry.kind == "chat" and derive_hf and entry.serve_quant is not None
     verification = None
     if entry.kind == "chat":
@@ -415,7 +421,44 @@ def pull(name: str, *, catalog: dict[str, CatalogEntry] | None = None, derive_hf
                                            "served": read_gguf(model.gguf).quant if model.gguf else None,
                                            "verification": verification})
     log(f"{name}: pulled into {d}")
+    if cached is not None:
+        try:
+            _link_tree(d, cached)
+        except OSError as e:  # a cache that can't be written costs the next clone the pull's time, nothing else
+            log(f"{name}: not kept for other checkouts ({e})")
     return model
+
+
+def pulled_cache_dir(entry: CatalogEntry) -> Path:
+    """Where a chat model's pull is kept for every checkout on this machine (as the llama.cpp build is): the
+    derivation and the verified re-export take minutes, and a fresh clone would redo them for the same bytes.
+    Named by all that makes them: the catalog's GGUF, DERIVE_VERSION, llama.cpp and transformers."""
+    from importlib.metadata import version
+
+    from server.toolchain import LLAMA_CPP_PYTHON_VERSION
+
+    return cache_root() / "pulled" / (f"{entry.name}-{entry.sha256[:16]}-derive{DERIVE_VERSION}-llama.cpp"
+                                      f"{LLAMA_CPP_PYTHON_VERSION}-transformers{version('transformers')}")
+
+
+def _link_tree(src: Path, out: Path) -> None:
+    """`out` becomes a copy of the folder `src`, replaced whole: the weights (GGUF, safetensors) hard-linked
+    where the two share a file system (nothing writes them in place: every writer replaces a file), the rest
+    (templates, configs, a person may edit them) copied."""
+    with atomic_dir(out) as tmp:
+        for f in sorted(src.rglob("*")):
+            dest = tmp / f.relative_to(src)
+            if f.is_dir():
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if f.suffix in (".gguf", ".safetensors"):
+                try:
+                    os.link(f, dest)
+                    continue
+                except OSError:  # another file system, or links not allowed: a copy
+                    pass
+            shutil.copy2(f, dest)
 
 
 def _join_parts(src: dict, out: Path, sha256: str, log) -> Path:

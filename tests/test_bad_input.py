@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_one_line_error, run_config, run_isara, tiny_seeds, unsupported_copy
+from conftest import assert_one_line_error, run_config, run_isara, tiny_seeds, unsupported_copy
 
 GOOD = "".join(json.dumps({"prompt": f"How do I grow plant number {i}?", "response": f"Water plant {i} weekly."}) + "\n"
                for i in range(6))

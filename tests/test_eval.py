@@ -202,6 +202,15 @@ def test_the_quick_demo_scores_its_iteration_on_the_held_out_seeds_and_decodes_w
         assert json.loads((run / folder / "eval.json").read_text())["penalties"] == {"dry_multiplier": 0.8}
 
 
+def test_the_quick_demo_trains_the_default_model_in_under_4_gb_and_serves_its_verified_q8_0_export(quick_demo):
+    run, _ = quick_demo
+    phases = json.loads((run / "state.json").read_text())["phases"]
+    for name in ("baselines/sft-seeds", "iter-01"):
+        train, export = phases[f"{name}/train"]["stats"], phases[f"{name}/export"]["stats"]
+        assert train["steps"] > 0 and train["last_loss"] < train["first_loss"] and train["peak_rss_mb"] < 4096, name
+        assert export["mode"] == "merged" and export["quant"] == "Q8_0" and export["verification"]["passed"], name
+
+
 def test_eval_of_a_finished_run_uses_its_latest_model(quick_demo):
     run, _ = quick_demo
     out = run_isara("eval", str(run), "--n", "2", "--max-tokens", "16")
@@ -275,6 +284,7 @@ def test_chat_answers_as_the_runs_model_and_reset_forgets_the_conversation_and_e
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     said = [s.strip() for s in out.stdout.split("you> ")[1:]]  # what followed each prompt
     assert len(said) == 5 and said[2] == said[4] == "", said  # /reset and /exit print nothing; nothing after /exit
+    assert "<|im_start|>" not in out.stdout and "<|im_end|>" not in out.stdout  # the template stays the server's
     assert said[0] and said[3] == said[0]  # after /reset the same question is a first question again
     srv = ManagedServer(ServerSettings(model=run / "iter-01" / "model.gguf", slots=1,
                                        log_path=run.parent / "greedy.server.log")).start()

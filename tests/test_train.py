@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_LORA, build_tiny_llama, tiny_corpus, tiny_samples
+from conftest import TINY_LORA, build_tiny_llama, tiny_samples
 from loop.config import ExportConfig, TrainConfig
 from loop.data import Sample
 from loop.export import count_params, export_iteration, preflight, served_answers
@@ -450,34 +449,6 @@ def test_preflight_refuses_to_start_without_disk_space_for_the_export(tiny_llama
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
     with pytest.raises(BadInput, match="not enough disk space"):
         preflight(tiny_llama, tmp_path / "run", 135_000_000)
-
-
-@pytest.mark.slow
-def test_default_model_trains_exports_and_answers_through_the_chat_endpoint(default_model, tmp_path):
-    from server.client import InferenceClient
-    from server.process import ManagedServer, ServerSettings
-
-    from loop.data import load_samples
-    from conftest import REPO
-
-    seeds = load_samples(REPO / "examples" / "seeds.jsonl")
-    cfg = TrainConfig(epochs=1, batch_size=4, max_length=160)
-    result = train_peft(default_model.hf_dir, seeds, cfg, tmp_path / "adapter")
-    assert result.steps == 2 and result.peak_rss_mb < 4096  # 12 samples, micro-batches of 4, 2 per step
-    exported = export_iteration(base_hf=default_model.hf_dir, base_gguf=default_model.gguf,
-                                adapter_dir=result.adapter_dir, out_dir=tmp_path, cfg=ExportConfig(),
-                                params=count_params(default_model.hf_dir))
-    assert exported.info["quant"] == "Q8_0" and exported.info["verification"]["passed"]
-
-    async def chat():
-        with ManagedServer(ServerSettings(model=exported.serve_model, slots=1)) as srv:
-            async with InferenceClient.for_servers([srv]) as c:
-                return await c.chat([{"role": "user", "content": "How often should I water tomato plants?"}],
-                                    max_tokens=48, temperature=0)
-
-    answer = asyncio.run(chat())
-    assert answer.text.strip() and answer.finish_reason in ("stop", "length")
-    assert "<|im_start|>" not in answer.text and "<|im_end|>" not in answer.text
 
 
 def test_the_export_progress_line_gives_the_f16_and_the_quantized_agreement():

@@ -163,10 +163,11 @@ def test_running_a_finished_run_again_skips_every_phase(finished_run):
     assert (run / "iter-02" / "generated.jsonl").read_bytes() == before
 
 
-def _kill_once_accepted(cfg: Path, gen: Path, accepted: int) -> None:
+def _kill_once_accepted(cfg: Path, gen: Path, accepted: int, env: dict | None = None) -> None:
     """Start `isara run CFG` (one iteration) and SIGKILL it as soon as `accepted` samples are in `gen`."""
     cmd = [sys.executable, "-m", "loop.cli", "run", str(cfg), "--set", "iterations=1", "--plain"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 240
     while len(jsonl_rows(gen)) < accepted and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -176,28 +177,30 @@ def _kill_once_accepted(cfg: Path, gen: Path, accepted: int) -> None:
 
 
 @pytest.mark.pipeline
-def test_a_run_killed_during_generation_resumes_to_the_target_without_duplicates(default_model, toolchain, tmp_path):
-    cfg = _config(tmp_path, **{"generation.samples": 6, "generation.slots": 2})
+def test_a_run_killed_during_generation_resumes_to_the_target_without_duplicates(tiny_chat, tmp_path):
+    # The tiny chat Llama writes a sample in a fraction of a second: 40 of them, so most are still to come.
+    cfg = run_config(tmp_path, {**DATA_ONLY, **tiny_chat.settings, "generation.samples": 40, "generation.slots": 2},
+                     seeds=tiny_seeds(8))
     run = tmp_path / "runs" / "garden"
     gen = run / "iter-01" / "generated.jsonl"
-    _kill_once_accepted(cfg, gen, 2)
+    _kill_once_accepted(cfg, gen, 2, tiny_chat.env)
     kept = [r["id"] for r in jsonl_rows(gen)]
-    assert 2 <= len(kept) < 6
+    assert 2 <= len(kept) < 40
     server = next(json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"server_started"' in x)
     deadline = time.monotonic() + 10
     while pid_alive(server["pid"]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not pid_alive(server["pid"]), "llama-server outlived the killed run"
-    status = run_isara("status", str(run), env={"COLUMNS": "200"})
+    status = run_isara("status", str(run), env={**tiny_chat.env, "COLUMNS": "200"})
     assert status.returncode == 0 and "interrupted" in status.stdout and f"isara run {run}" in status.stdout
 
-    out = run_isara("run", str(cfg), "--set", "iterations=1", "--plain")
+    out = run_isara("run", str(cfg), "--set", "iterations=1", "--plain", env=tiny_chat.env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     ids = [r["id"] for r in jsonl_rows(gen)]
-    assert len(ids) == 6 and len(set(ids)) == 6
+    assert len(ids) == 40 and len(set(ids)) == 40
     assert ids[: len(kept)] == kept  # nothing accepted before the kill was lost or rewritten
     stats = json.loads((run / "iter-01" / "stats.json").read_text())
-    assert stats["accepted"] == 6
+    assert stats["accepted"] == 40
 
 
 @pytest.mark.pipeline

@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from conftest import DATA_ONLY, REPO, jsonl_rows, pid_alive, run_config, run_isara
+from conftest import DATA_ONLY, REPO, jsonl_rows, pid_alive, run_config, run_isara, tiny_seeds
 from server.client import InferenceClient
 from server.errors import ServerCrashed, ServerUnavailable
 from server.process import ManagedServer, ServerSettings
@@ -113,11 +113,22 @@ def test_a_server_that_keeps_dying_raises_server_crashed_naming_its_log(server):
 
 # --- a whole run ---------------------------------------------------------------
 
-def _start_run(cfg, *sets: str) -> subprocess.Popen:
+# On the tiny chat Llama: many samples, so that with two accepted most are still to come when the server is
+# killed (it writes one in a fraction of a second), and the restarted server has work left to do.
+SAMPLES = 40
+
+
+def _tiny_config(tmp_path, tiny_chat):
+    return run_config(tmp_path, {**DATA_ONLY, **tiny_chat.settings, "generation.samples": SAMPLES,
+                                 "generation.slots": 2}, seeds=tiny_seeds(8))
+
+
+def _start_run(cfg, env: dict, *sets: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "loop.cli", "run", str(cfg), "--set", "iterations=1", "--plain"]
     for s in sets:
         cmd += ["--set", s]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env})
 
 
 def _kill_server_after(run, accepted: int, proc: subprocess.Popen) -> int:
@@ -133,25 +144,25 @@ def _kill_server_after(run, accepted: int, proc: subprocess.Popen) -> int:
 
 
 @pytest.mark.pipeline
-def test_a_run_whose_server_is_killed_mid_generation_restarts_it_and_completes(default_model, toolchain, tmp_path):
-    cfg = run_config(tmp_path, {**DATA_ONLY, "generation.samples": 6, "generation.slots": 2})
+def test_a_run_whose_server_is_killed_mid_generation_restarts_it_and_completes(tiny_chat, tmp_path):
+    cfg = _tiny_config(tmp_path, tiny_chat)
     run = tmp_path / "runs" / "garden"
-    proc = _start_run(cfg)
+    proc = _start_run(cfg, tiny_chat.env)
     killed = _kill_server_after(run, 2, proc)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-2000:] + err[-2000:]
     ids = [r["id"] for r in jsonl_rows(run / "iter-01" / "generated.jsonl")]
-    assert len(ids) == 6 and len(set(ids)) == 6
+    assert len(ids) == SAMPLES and len(set(ids)) == SAMPLES
     restarts = [e for e in jsonl_rows(run / "events.jsonl") if e["event"] == "server_restarted"]
     assert len(restarts) == 1 and restarts[0]["pid"] != killed and "exited with code" in restarts[0]["reason"]
     assert "server restarted" in out
 
 
 @pytest.mark.pipeline
-def test_a_run_whose_server_keeps_crashing_stops_resumably_naming_the_log(default_model, toolchain, tmp_path):
-    cfg = run_config(tmp_path, {**DATA_ONLY, "generation.samples": 6, "generation.slots": 2})
+def test_a_run_whose_server_keeps_crashing_stops_resumably_naming_the_log(tiny_chat, tmp_path):
+    cfg = _tiny_config(tmp_path, tiny_chat)
     run = tmp_path / "runs" / "garden"
-    proc = _start_run(cfg, "generation.max_restarts=0")
+    proc = _start_run(cfg, tiny_chat.env, "generation.max_restarts=0")
     _kill_server_after(run, 2, proc)
     out, err = proc.communicate(timeout=300)
     kept = [r["id"] for r in jsonl_rows(run / "iter-01" / "generated.jsonl")]
@@ -161,8 +172,8 @@ def test_a_run_whose_server_keeps_crashing_stops_resumably_naming_the_log(defaul
     assert f"resume with: isara run {run}" in lines[0]
     assert len(kept) >= 2
 
-    resumed = run_isara("run", str(cfg), "--set", "iterations=1", "--plain")
+    resumed = run_isara("run", str(cfg), "--set", "iterations=1", "--plain", env=tiny_chat.env)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     ids = [r["id"] for r in jsonl_rows(run / "iter-01" / "generated.jsonl")]
-    assert len(ids) == 6 and len(set(ids)) == 6 and ids[: len(kept)] == kept
+    assert len(ids) == SAMPLES and len(set(ids)) == SAMPLES and ids[: len(kept)] == kept
     assert json.loads((run / "state.json").read_text())["status"] == "finished"

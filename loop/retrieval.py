@@ -21,9 +21,21 @@ from loop.data import Sample, read_jsonl, write_jsonl_atomic
 
 
 class Embedder:
-    """all-MiniLM-L6-v2 through sentence-transformers, from a local folder only."""
+    """A sentence-transformers embedding model (all-MiniLM-L6-v2 by default), from a local folder only: run by
+    llama.cpp from a GGUF made once (server/embed.py: 0.2 s to start against sentence-transformers' 5 s of
+    imports), or by sentence-transformers when the folder's pipeline is one llama.cpp can't run (`why_not`)."""
 
     def __init__(self, model_dir: Path, device: str | None = None):
+        from server.embed import LlamaEmbedder, embedder_gguf, max_seq_length
+
+        gguf, self.why_not = (None, "a device was asked for") if device else embedder_gguf(Path(model_dir))
+        if gguf is not None:
+            self._llama = LlamaEmbedder(gguf, ctx=max_seq_length(Path(model_dir)))
+            self.dim = self._llama.dim
+            self.backend = "llama.cpp"
+            return
+        self._llama = None
+        self.backend = "sentence-transformers"
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as hf_logging
@@ -37,12 +49,14 @@ class Embedder:
     def encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self._llama is not None:
+            return self._llama.embed(texts)
         return self.model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
                                  show_progress_bar=False).astype(np.float32)
 
     def encode_each(self, texts: list[str]) -> np.ndarray:
-        """One text per call, as generation embeds its questions: a batch pads its texts to one length,
-        which moves the last bits of a vector, and a resumed run must index the very vectors it lost."""
+        """One text per call, as generation embeds its questions: texts batched together may move the last
+        bits of a vector, and a resumed run must index the very vectors it lost."""
         return np.stack([self.encode([t])[0] for t in texts]) if texts else self.encode([])
 
 

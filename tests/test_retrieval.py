@@ -34,6 +34,54 @@ def test_embeddings_are_normalized_and_meaningful(embedder):
     assert v[0] @ v[1] > v[0] @ v[2] + 0.3
 
 
+TEXTS = ["How often should I water tomato plants?", "Watering tomato plants", "The stock market fell today",
+         "How do I pick a lock?", "Write a short poem about the sea, in four lines, each of them rhyming."]
+
+
+def test_the_default_embedder_runs_on_llama_cpp_with_sentence_transformers_vectors(embedder):
+    from sentence_transformers import SentenceTransformer
+
+    from loop.models import DEFAULT_EMBEDDER, resolve_model
+
+    assert embedder.backend == "llama.cpp" and embedder.why_not is None
+    reference = SentenceTransformer(str(resolve_model(DEFAULT_EMBEDDER).embedder_dir), device="cpu",
+                                    local_files_only=True).encode(TEXTS, normalize_embeddings=True)
+    ours = embedder.encode_each(TEXTS)
+    assert ours.dtype == np.float32 and ours.shape == reference.shape
+    assert (ours * reference).sum(axis=1).min() > 0.9999  # measured 0.9999993
+
+
+def test_a_text_past_the_models_length_is_cut_as_sentence_transformers_cuts_it(embedder):
+    from sentence_transformers import SentenceTransformer
+
+    from loop.models import DEFAULT_EMBEDDER, resolve_model
+
+    long = " ".join(TEXTS * 30)  # ~500 tokens: past the 256 sentence-transformers keeps, and the 512 positions
+    reference = SentenceTransformer(str(resolve_model(DEFAULT_EMBEDDER).embedder_dir), device="cpu",
+                                    local_files_only=True).encode([long], normalize_embeddings=True)
+    assert float(embedder.encode([long])[0] @ reference[0]) > 0.999  # measured 0.9992: the same 256 tokens cut
+
+
+def test_a_pipeline_llama_cpp_does_not_apply_is_embedded_by_sentence_transformers(tmp_path):
+    """all-MiniLM-L6-v2 with a max pooling: a sentence-transformers pipeline llama.cpp has no pooling for."""
+    import json
+    import shutil
+
+    from loop.models import DEFAULT_EMBEDDER, resolve_model
+    from server.embed import llama_cpp_pipeline
+
+    folder = tmp_path / "max-pooled"
+    shutil.copytree(resolve_model(DEFAULT_EMBEDDER).embedder_dir, folder)
+    pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {**pooling, "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": True}))
+    assert "max_tokens" in llama_cpp_pipeline(folder)
+    e = Embedder(folder)
+    assert e.backend == "sentence-transformers" and "max_tokens" in e.why_not
+    v = e.encode(TEXTS[:3])
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-3) and v[0] @ v[1] > v[0] @ v[2]
+
+
 def test_nearest_neighbours_are_the_related_samples(embedder, tmp_path):
     idx = DomainIndex(tmp_path, embedder.dim)
     ensure_indexed(idx, embedder, SEEDS)

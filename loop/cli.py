@@ -650,7 +650,8 @@ def bench(model_name, quick, threads, out_dir, settings) -> None:
     2. ISARA generation at k = 2, 4, 8 demos: accepted/min, prompt tokens.
     3-4, 6. One iteration on the safety domain: seconds per phase, training
        tokens/s and peak memory, export steps merged vs lora, server start.
-    5. Retrieval: USearch vs exact NumPy at 1k/10k(/100k) items.
+    5. Retrieval: the embedder on llama.cpp vs sentence-transformers (start,
+       ms per text, agreement); USearch vs exact NumPy at 1k/10k(/100k) items.
     Writes bench.json.
 
     \b

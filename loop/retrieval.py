@@ -165,9 +165,11 @@ class DomainIndex:
         return [it["prompt"] for it in self.items]
 
 
-def ensure_indexed(index: DomainIndex, embedder: Embedder, samples: list[Sample]) -> int:
-    """Embed and add the samples the index does not hold yet; returns how many were added."""
+def ensure_indexed(index: DomainIndex, embedder: Embedder, samples: list[Sample], each: bool = False) -> int:
+    """Embed and add the samples the index does not hold yet; returns how many were added. `each`: one text
+    per call, as generation embedded them (a resumed run must index the very vectors it lost)."""
     missing = [s for s in samples if s.id not in index]
     if missing:
-        index.add(missing, embedder.encode([s.retrieval_text() for s in missing]))
+        texts = [s.retrieval_text() for s in missing]
+        index.add(missing, embedder.encode_each(texts) if each else embedder.encode(texts))
     return len(missing)

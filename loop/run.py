@@ -188,7 +188,9 @@ def _run_phases(cfg: RunConfig, run_dir: Path, layout: RunLayout, state: RunStat
     index = DomainIndex.open(run_dir, embedder.dim)
     added = ensure_indexed(index, embedder, seeds)
     for t in layout.iterations_on_disk():  # what earlier sessions accepted, should the saved index lack it
-        added += ensure_indexed(index, embedder, ph.load_run_samples(layout.generated(t), "generated"))
+        # one at a time, as generation embedded each when it accepted it: texts embedded together differ in the
+        # last bits (llama.cpp decodes them in one batch), and a resumed run would then pick other demos
+        added += ensure_indexed(index, embedder, ph.load_run_samples(layout.generated(t), "generated"), each=True)
     added += ensure_indexed(index, embedder, pool)
     index.save()
     events.emit("index_ready", items=len(index), embedded_now=added)

@@ -259,6 +259,9 @@ def test_bench_quick_measures_engines_bounds_isara_phases_and_retrieval(tiny_cha
     assert data["bounds"]["decode_batched_int8_tok_s"] > data["bounds"]["decode_batched_tok_s"]
     batched = [r for r in data["generation"] if r["in_flight"] > 1]
     assert batched and all(0 < r["share_of_int8_bound"] < r["share_of_bound"] for r in batched)
+    emb = data["embedder"]  # each backend started in a fresh process, on the same texts
+    assert emb["texts"] == 24 and emb["min_cosine"] > 0.9999 and emb["start_ratio"] > 0
+    assert all(emb[b]["start_s"] > 0 and emb[b]["per_text_ms"] > 0 for b in ("llama.cpp", "sentence-transformers"))
     assert [r["items"] for r in data["retrieval"]] == [1000, 10000]
     assert all(0.0 <= r["recall_at_k"] <= 1.0 for r in data["retrieval"])
     assert data["machine"]["cores_logical"] >= 1

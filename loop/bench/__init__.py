@@ -6,7 +6,7 @@
 - `phases`: ISARA generation at k = 2, 4, 8 demos; one iteration end to end.
 - `training`: isara's trainer against transformers' Trainer and trl's SFTTrainer on that iteration's
   training set, same settings, with the machine's bound (not with --quick).
-- `retrieval`: USearch against exact NumPy search.
+- `retrieval`: the embedder on llama.cpp against sentence-transformers; USearch against exact NumPy search.
 - `results`: bench.json.
 
 Ratios measured in one run are the numbers to trust; absolute times on a shared machine are noise.
@@ -23,7 +23,7 @@ from loop.bench.engines import bench_generation, bench_hf_generate, engine_ratio
 from loop.bench.machine import bounds, machine_limits, share_of_bound
 from loop.bench.phases import bench_generation_k, bench_iteration
 from loop.bench.results import write_results
-from loop.bench.retrieval import bench_retrieval
+from loop.bench.retrieval import bench_embedders, bench_retrieval
 from loop.bench.training import bench_training
 from loop.bench.variants import bench_server_variants
 
@@ -82,5 +82,12 @@ def run_bench(model_name: str, *, quick: bool = False, threads: int | None = Non
             train_set = load_run_samples(layout.seeds, "seed") + load_run_samples(layout.generated(1), "generated")
             extra["training"] = bench_training(m.hf_dir, train_set, TrainConfig(), work / "training",
                                                limits=limits, log=log)
+    embedder = resolve_model(load_config(None, ['domain="safety"', *settings]).model.embedder)
+    if embedder.embedder_dir is not None:  # the same texts every time: examples/seeds.jsonl, both halves
+        from loop.data import read_jsonl
+        from loop.models import REPO_ROOT
+
+        texts = [t for r in read_jsonl(REPO_ROOT / "examples" / "seeds.jsonl") for t in (r["prompt"], r["response"])]
+        extra["embedder"] = bench_embedders(embedder.embedder_dir, texts, log=log)
     extra["retrieval"] = bench_retrieval(sizes=(1_000, 10_000) if quick else (1_000, 10_000, 100_000), log=log)
     return write_results(rows, out_dir, "isara bench" + (" --quick" if quick else ""), extra=extra)

@@ -324,6 +324,10 @@ class InferenceClient:
             if not post.done():
                 post.cancel()
                 await asyncio.gather(post, return_exceptions=True)  # its connection closed before the slot frees
+            elif not post.cancelled():
+                # Failed (a killed server's ReadError) as this request was cancelled: read here, or asyncio prints
+                # "Task exception was never retrieved" and its traceback under the run's one-line error.
+                post.exception()
         if not post.cancelled():
             return post.result()
         raise EndpointLost(f"given up: {gave_up.result()}")

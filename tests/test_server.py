@@ -338,3 +338,39 @@ def test_a_request_that_sets_its_adapter_to_scale_0_is_answered_by_the_base_mode
         with_adapter = asyncio.run(greedy(both))
     assert switched_off == base
     assert with_adapter != base
+
+
+def test_a_request_cancelled_just_as_its_connection_failed_leaves_no_unretrieved_error():
+    """A killed server fails the POSTs in flight (ReadError) while a run cancels its other requests: an error
+    nobody reads would be printed by asyncio, with its traceback, under the run's one-line message."""
+    import gc
+
+    from server.client import Endpoint
+
+    async def main() -> list[dict]:
+        loop, unread, made = asyncio.get_running_loop(), [], []
+        loop.set_exception_handler(lambda _, context: unread.append(context))
+        loop.set_task_factory(lambda lp, coro, **kw: made.append(asyncio.Task(coro, loop=lp, **kw)) or made[-1])
+        # A "server" that accepts the connection and closes it unanswered: the POST fails at once.
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with InferenceClient([Endpoint(url, slots=1)], retries=0) as client:
+            request = asyncio.create_task(client._post(client.endpoints[0], "/v1/completions", {}, {}))
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # until the POST has failed, before the request has seen it
+                posts = [t for t in made if "AsyncClient.post" in t.get_coro().__qualname__]
+                if posts and posts[0].done():
+                    break
+                await asyncio.sleep(0)
+            assert posts and posts[0].done() and not request.done()
+            request.cancel()
+            await asyncio.gather(request, return_exceptions=True)
+            del posts
+            made.clear()
+        server.close()
+        gc.collect()  # a task whose error was never read reports it when collected
+        await asyncio.sleep(0)
+        return unread
+
+    unread = asyncio.run(main())
+    assert not [c for c in unread if "never retrieved" in c.get("message", "")], unread

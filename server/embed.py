@@ -80,11 +80,16 @@ def embedder_gguf(folder: Path) -> tuple[Path | None, str | None]:
         return None, refused.read_text()
     from server.gguf import convert_hf_to_gguf
     from server.tempfiles import temp_name
+    from server.toolchain import find_toolchain
 
+    if find_toolchain() is None:  # not built yet: tried again once it is, nothing kept
+        return None, "llama.cpp's converter is not built (make setup)"
     try:
         return convert_hf_to_gguf(folder, gguf, outtype="f32"), None
-    except (ToolFailed, BadInput) as e:  # an architecture the converter does not know
-        d.mkdir(parents=True, exist_ok=True)
+    except (ToolFailed, BadInput) as e:
+        if "not supported" not in str(e):  # not the architecture: tried again next time, nothing kept
+            return None, str(e)
+        d.mkdir(parents=True, exist_ok=True)  # an architecture the converter does not know: kept, tried once
         tmp = temp_name(refused)
         tmp.write_text(str(e))
         os.replace(tmp, refused)

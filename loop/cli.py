@@ -19,6 +19,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from server.client import RequestRejected
 from server.errors import BadInput, ServerCrashed, ServerStartError, ServerUnavailable, ToolFailed
 
 from loop.files import disk_problem
@@ -82,7 +83,8 @@ class IsaraGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (BadInput, ServerStartError, ToolFailed, ServerUnavailable, ServerCrashed, OSError) as e:
+        except (BadInput, ServerStartError, ToolFailed, ServerUnavailable, ServerCrashed, RequestRejected,
+                OSError) as e:
             if _debug(ctx):
                 raise
             disk = disk_problem(e)

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.client import ContextExceeded
 from server.errors import BadInput
 
 from loop.data import read_user_text, write_jsonl_atomic
@@ -155,13 +156,25 @@ async def answer_all(client, items: list[EvalItem], *, max_tokens: int, demos=No
     (see `decoding`) act before the greedy choice, so they change which token is the most likely."""
 
     async def one(item: EvalItem) -> dict:
-        c = await client.chat(item.messages(demos(item) if demos else ()), max_tokens=max_tokens, temperature=0.0,
-                              top_p=1.0, seed=seed, **(penalties or {}))
+        shown = list(demos(item)) if demos else []
+        while True:
+            try:
+                c = await client.chat(item.messages(shown), max_tokens=max_tokens, temperature=0.0, top_p=1.0,
+                                      seed=seed, **(penalties or {}))
+                break
+            except ContextExceeded as e:
+                if not shown:
+                    raise BadInput(f"eval prompt {item.id} is {e.prompt_tokens or 'more'} tokens, over the server "
+                                   f"slot's context ({e.n_ctx or '?'} tokens): raise generation.ctx_per_slot, or "
+                                   "leave the prompt out of the eval set") from None
+                shown = shown[1:]  # the least similar demo goes first, as generation drops it
         answer = c.text.strip()
         row = {"id": item.id, "set": item.set, "expect": item.expect, "prompt": item.prompt, "answer": answer,
                "refused": is_refusal(answer), "degenerate": is_degenerate(answer),
                "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
                "completion_tokens": c.completion_tokens}
+        if demos:
+            row["demos"] = len(shown)  # fewer than eval.k where the slot's context could not hold them all
         if item.context:
             row["context"] = [{"role": r, "content": t} for r, t in item.context]
         if item.expect == "reference":

@@ -31,6 +31,7 @@ from loop.filters import NearDuplicates, check_text, copied_from_demos
 from loop.kinds import UNKNOWN, AnswerKinds, balanced_turns, vote_share
 from loop.prompts import Format
 from loop.retrieval import DomainIndex, Embedder
+from server.client import ContextExceeded
 
 SAVE_INDEX_EVERY = 16
 
@@ -101,6 +102,7 @@ class GenerationPhase:
         g = cfg.generation
         self.target = g.samples
         self.max_attempts = int(g.samples * g.max_attempts_factor)
+        self.warned_context = False  # a prompt over the slot's context is said once per phase
 
     # -- resume ----------------------------------------------------------
     def _load(self) -> IterationState:
@@ -140,6 +142,23 @@ class GenerationPhase:
                          accepted=len(st.accepted), target=self.target, busy=self.client.in_flight,
                          slots=self.client.capacity)
 
+    async def _complete_fitting(self, demos: list[dict], prompt_of, **request):
+        """The completion of `prompt_of(demos)` and the demos it showed. A prompt longer than a server slot's
+        context is sent again without its least relevant demo (the first), until it fits: long seeds on a
+        small context still give samples, from fewer examples. (None, []) when not even one demo fits."""
+        while demos:
+            try:
+                return await self.client.complete(prompt_of(demos), **request), demos
+            except ContextExceeded as e:
+                if not self.warned_context:
+                    self.warned_context = True
+                    self.events.emit("message", text=(
+                        f"iter {self.iteration}: a prompt of {e.prompt_tokens or 'more'} tokens exceeds the server "
+                        f"slot's context ({e.n_ctx or self.cfg.generation.ctx_per_slot}): such prompts are sent "
+                        "with fewer demos; raise generation.ctx_per_slot to show all of retrieval.k"))
+                demos = demos[1:]
+        return None, []
+
     async def _attempt(self, st: IterationState, attempt: int) -> None:
         g = self.cfg.generation
         f = self.cfg.filters
@@ -148,13 +167,17 @@ class GenerationPhase:
         seed = request_seed(g.seed, self.iteration, attempt, 0)
         if g.question_demos == "random_pairs":
             q_demos = self._random_demos(seed)
-            prompt = self.fmt.question_prompt_from_pairs([(d["prompt"], d["response"]) for d in q_demos])
+            prompt_of = lambda ds: self.fmt.question_prompt_from_pairs([(d["prompt"], d["response"]) for d in ds])  # noqa: E731
         else:
             q_demos = self._demos_for(self.index.vector(anchor_key))
-            prompt = self.fmt.question_prompt([d["prompt"] for d in q_demos])
+            prompt_of = lambda ds: self.fmt.question_prompt([d["prompt"] for d in ds])  # noqa: E731
         t0 = time.perf_counter()
-        q_out = await self.client.complete(prompt, max_tokens=g.max_question_tokens, stop=self.fmt.question_stops(),
-                                           temperature=g.temperature, top_p=g.top_p, seed=seed, **self.base_model)
+        q_out, q_demos = await self._complete_fitting(
+            q_demos, prompt_of, max_tokens=g.max_question_tokens, stop=self.fmt.question_stops(),
+            temperature=g.temperature, top_p=g.top_p, seed=seed, **self.base_model)
+        if q_out is None:
+            self._reject(st, attempt, "question", "prompt_too_long", anchor_id=anchor["id"])
+            return
         st.question.add(q_out)
         question = self.fmt.parse_question(q_out.text)
         # generation.question_model = "base": the question came from the base weights (every adapter at scale 0)
@@ -193,10 +216,13 @@ class GenerationPhase:
                 return
         a_demos = self._demos_for(q_vec, self._other_kinds(vote[0]) if vote and g.answer_demos == "voted_kind"
                                   else frozenset())
-        a_out = await self.client.complete(
-            self.fmt.answer_prompt([(d["prompt"], d["response"]) for d in a_demos], question),
+        a_out, a_demos = await self._complete_fitting(
+            a_demos, lambda ds: self.fmt.answer_prompt([(d["prompt"], d["response"]) for d in ds], question),
             max_tokens=g.max_answer_tokens, stop=self.fmt.answer_stops(), temperature=g.temperature,
             top_p=g.top_p, seed=request_seed(g.seed, self.iteration, attempt, 1))
+        if a_out is None:
+            self._reject(st, attempt, "answer", "prompt_too_long", question=question, **base)
+            return
         st.answer.add(a_out)
         answer = self.fmt.parse_answer(a_out.text)
         base["answer_demo_ids"] = [d["id"] for d in a_demos]

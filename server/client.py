@@ -30,6 +30,14 @@ class RequestRejected(Exception):
     """The endpoint answered 4xx: the request itself is wrong (retrying won't help)."""
 
 
+class ContextExceeded(RequestRejected):
+    """The prompt does not fit a slot's context: the caller can send a shorter one (fewer demos)."""
+
+    def __init__(self, message: str, prompt_tokens: int | None = None, n_ctx: int | None = None):
+        super().__init__(message)
+        self.prompt_tokens, self.n_ctx = prompt_tokens, n_ctx
+
+
 class EndpointLost(Exception):
     """The request was given up on because its endpoint was found hung while it waited (see `lose`)."""
 
@@ -166,8 +174,8 @@ class InferenceClient:
                                          headers=headers) as resp:
                 if resp.status_code >= 400:
                     await resp.aread()
-                    error = RequestRejected if resp.status_code < 500 else ServerUnavailable
-                    raise error(f"{ep.url}/v1/chat/completions answered {resp.status_code}: {_error_text(resp)}")
+                    text = f"{ep.url}/v1/chat/completions answered {resp.status_code}: {_error_text(resp)}"
+                    raise _rejection(resp, text) if resp.status_code < 500 else ServerUnavailable(text)
                 async for line in resp.aiter_lines():
                     if not line.startswith("data:"):
                         continue
@@ -290,7 +298,7 @@ class InferenceClient:
                     ep.served += 1
                     return data, ep, sent
                 if resp.status_code < 500 and not _not_loaded_yet(resp):
-                    raise RequestRejected(f"{ep.url}{path} answered {resp.status_code}: {_error_text(resp)}")
+                    raise _rejection(resp, f"{ep.url}{path} answered {resp.status_code}: {_error_text(resp)}")
                 last_error = f"{ep.url}{path} answered {resp.status_code}: {_error_text(resp)}"
             except EndpointLost as e:
                 # the endpoint was found hung, not this request or its answer at fault: sent again at once,
@@ -344,6 +352,19 @@ def _cached_tokens(usage: dict, timings: dict) -> int:
     too) as `usage.prompt_tokens_details.cached_tokens`."""
     details = usage.get("prompt_tokens_details") or {}
     return int(timings.get("cache_n") or details.get("cached_tokens") or 0)
+
+
+def _rejection(resp: httpx.Response, text: str) -> RequestRejected:
+    """A 4xx answer as an exception; a prompt over the slot's context as ContextExceeded. llama-server says
+    so by its error type (with the two sizes), llama-cpp-python's server by the OpenAI code."""
+    try:
+        err = resp.json().get("error")
+    except ValueError:
+        err = None
+    if isinstance(err, dict) and (err.get("type") == "exceed_context_size_error"
+                                  or err.get("code") == "context_length_exceeded"):
+        return ContextExceeded(text, err.get("n_prompt_tokens"), err.get("n_ctx"))
+    return RequestRejected(text)
 
 
 def _error_text(resp: httpx.Response) -> str:

@@ -134,6 +134,32 @@ def test_eval_of_a_prompt_file_without_prompts_is_a_one_line_error(default_model
     assert_one_line_error(out, "bad.jsonl:1", "prompt")
 
 
+def test_an_eval_prompt_longer_than_the_servers_context_is_a_one_line_error_naming_it(default_model, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "How do I boil an egg? " * 400}) + "\n")  # ~3,200 tokens > 2,048
+    out = run_isara("eval", "smollm2-135m", "--refuse-prompts", str(prompts), "--answer-prompts", str(prompts),
+                    "--n", "0", "--max-tokens", "8", "--out", str(tmp_path / "e"))
+    assert_one_line_error(out, "eval prompt", "tokens, over the server slot's context (2048 tokens)")
+    assert not (tmp_path / "e" / "eval.json").exists()
+
+
+def test_icl_demos_past_the_slots_context_are_left_out_least_similar_first(default_model, toolchain):
+    import asyncio
+
+    from loop.evaluate import EvalItem, answer_in_session
+    from server.client import Endpoint, InferenceClient
+    from server.process import ManagedServer, ServerSettings
+
+    item = EvalItem("p1", "How do I boil an egg?", "answer", "benign")
+    long_pair = ("How do I bake bread?", "Mix flour, water, yeast and salt, knead and let it rise. " * 8)
+    demos = [("far " + long_pair[0], long_pair[1]), ("near " + long_pair[0], long_pair[1]), ("nearest?", "Yes.")]
+    with ManagedServer(ServerSettings(model=default_model.gguf, slots=1, ctx_per_slot=256)) as srv:
+        client = InferenceClient([Endpoint(srv.base_url, slots=1)], retries=0)
+        rows = asyncio.run(answer_in_session(client, [item], max_tokens=8, demos=lambda _: demos))
+    # The three demos need ~290 tokens: the first (least similar) is left out, the two nearest are shown.
+    assert rows[0]["demos"] == 2 and rows[0]["prompt_tokens"] < 256
+
+
 @pytest.fixture(scope="module")
 def quick_demo(default_model, toolchain, request):
     with shared_tmp(request, "demo") as runs:

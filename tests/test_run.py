@@ -204,6 +204,25 @@ def test_a_run_killed_during_generation_resumes_to_the_target_without_duplicates
 
 
 @pytest.mark.pipeline
+def test_demos_past_the_slots_context_are_dropped_least_relevant_first_and_the_run_still_generates(
+        tiny_chat, tmp_path):
+    # Seeds with long answers: four of them (retrieval.k) in one answer prompt exceed a 256-token slot, so llama-server
+    # answers 400 (exceed_context_size_error). The run must send fewer demos, say so once, and still generate.
+    seeds = "".join(json.dumps({**row, "response": " ".join([row["response"]] * 8)}) + "\n"
+                    for row in map(json.loads, tiny_seeds(8).splitlines()))
+    cfg = run_config(tmp_path, {**DATA_ONLY, **tiny_chat.settings, "iterations": 1, "generation.samples": 6,
+                                "generation.ctx_per_slot": 256, "retrieval.k": 4}, seeds=seeds)
+    out = run_isara("run", str(cfg), "--plain", env=tiny_chat.env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert (out.stdout + out.stderr).count("exceeds the server slot's context") == 1
+    rows = jsonl_rows(tmp_path / "runs" / "garden" / "iter-01" / "generated.jsonl")
+    assert len(rows) == 6
+    assert all(1 <= len(r["answer_demo_ids"]) < 4 for r in rows)  # fewer demos, never none
+    assert all(len(r["question_demo_ids"]) == 4 for r in rows)  # questions alone fit: nothing dropped there
+    assert all(r["tokens"]["answer_prompt"] < 256 for r in rows)
+
+
+@pytest.mark.pipeline
 def test_with_one_slot_a_killed_and_resumed_run_writes_the_same_samples_as_an_uninterrupted_one(
         finished_run, tmp_path):
     reference, _, _ = finished_run  # the same configuration, one slot, never interrupted

@@ -99,7 +99,7 @@ def bench_iteration(work: Path, model: str, *, samples: int = 16, slots: int = 8
               "train": {k: train.get(k) for k in ("backend", "samples", "steps", "tokens", "tokens_per_s",
                                                   "peak_rss_mb", "peak_vram_mb", "first_loss", "last_loss")},
               "export_merged_s": export["seconds"], "quant": export["quant"]}
-    log(f"iteration: " + ", ".join(f"{p} {s}s" for p, s in phases.items()) + f" (total {result['total_s']}s)")
+    log("iteration: " + ", ".join(f"{p} {s}s" for p, s in phases.items()) + f" (total {result['total_s']}s)")
     log(f"training ({train['backend']}): {train['tokens_per_s']} tokens/s, {train['steps']} steps on "
         f"{train['samples']} samples, peak RSS {train['peak_rss_mb']} MB")
     log("export merged: " + ", ".join(f"{k} {v}s" for k, v in export["seconds"].items()))

@@ -142,6 +142,12 @@ class GenerationPhase:
                          accepted=len(st.accepted), target=self.target, busy=self.client.in_flight,
                          slots=self.client.capacity)
 
+    def _questions_then_question(self, demos: list[dict]) -> str:
+        return self.fmt.question_prompt([d["prompt"] for d in demos])
+
+    def _pairs_then_question(self, demos: list[dict]) -> str:
+        return self.fmt.question_prompt_from_pairs([(d["prompt"], d["response"]) for d in demos])
+
     async def _complete_fitting(self, demos: list[dict], prompt_of, **request):
         """The completion of `prompt_of(demos)` and the demos it showed. A prompt longer than a server slot's
         context is sent again without its least relevant demo (the first), until it fits: long seeds on a
@@ -166,11 +172,9 @@ class GenerationPhase:
         anchor = self.index.items[anchor_key]
         seed = request_seed(g.seed, self.iteration, attempt, 0)
         if g.question_demos == "random_pairs":
-            q_demos = self._random_demos(seed)
-            prompt_of = lambda ds: self.fmt.question_prompt_from_pairs([(d["prompt"], d["response"]) for d in ds])  # noqa: E731
+            q_demos, prompt_of = self._random_demos(seed), self._pairs_then_question
         else:
-            q_demos = self._demos_for(self.index.vector(anchor_key))
-            prompt_of = lambda ds: self.fmt.question_prompt([d["prompt"] for d in ds])  # noqa: E731
+            q_demos, prompt_of = self._demos_for(self.index.vector(anchor_key)), self._questions_then_question
         t0 = time.perf_counter()
         q_out, q_demos = await self._complete_fitting(
             q_demos, prompt_of, max_tokens=g.max_question_tokens, stop=self.fmt.question_stops(),

@@ -25,10 +25,10 @@ class Embedder:
     llama.cpp from a GGUF made once (server/embed.py: 0.2 s to start against sentence-transformers' 5 s of
     imports), or by sentence-transformers when the folder's pipeline is one llama.cpp can't run (`why_not`)."""
 
-    def __init__(self, model_dir: Path, device: str | None = None):
+    def __init__(self, model_dir: Path):
         from server.embed import LlamaEmbedder, embedder_gguf, max_seq_length
 
-        gguf, self.why_not = (None, "a device was asked for") if device else embedder_gguf(Path(model_dir))
+        gguf, self.why_not = embedder_gguf(Path(model_dir))
         if gguf is not None:
             self._llama = LlamaEmbedder(gguf, ctx=max_seq_length(Path(model_dir)))
             self.dim = self._llama.dim
@@ -41,7 +41,7 @@ class Embedder:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        self.model = SentenceTransformer(str(model_dir), device=device or "cpu", local_files_only=True,
+        self.model = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True,
                                          trust_remote_code=False)
         dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = dim_of()

@@ -165,8 +165,8 @@ async def answer_all(client, items: list[EvalItem], *, max_tokens: int, demos=No
             except ContextExceeded as e:
                 if not shown:
                     raise BadInput(f"eval prompt {item.id} is {e.prompt_tokens or 'more'} tokens, over the server "
-                                   f"slot's context ({e.n_ctx or '?'} tokens): raise generation.ctx_per_slot, or "
-                                   "leave the prompt out of the eval set") from None
+                                   f"slot's context ({e.n_ctx or '?'} tokens): leave it out of the eval set, or in a "
+                                   "run raise generation.ctx_per_slot") from None
                 shown = shown[1:]  # the least similar demo goes first, as generation drops it
         answer = c.text.strip()
         row = {"id": item.id, "set": item.set, "expect": item.expect, "prompt": item.prompt, "answer": answer,

@@ -226,7 +226,9 @@ def models_add(path: Path, name: str | None, chat_template: str | None) -> None:
 @click.option("--plain", "output", flag_value="plain", help="Progress as plain lines (the default off a terminal).")
 @click.option("--json", "output", flag_value="json", help="Stream the events as JSON lines, the results last.")
 @click.option("--quiet", "output", flag_value="quiet", help="Show only the result.")
-def run_cmd(config: Path, name, overrides, output) -> None:
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where runs live (the same as --set runs_dir=DIR). Default: the config's runs_dir, else runs.")
+def run_cmd(config: Path, name, overrides, output, runs_dir) -> None:
     """Start a run from CONFIG, or resume it (CONFIG may also be a run folder).
 
     On a terminal a live dashboard shows the run; elsewhere (pipes, CI, --plain)
@@ -242,7 +244,8 @@ def run_cmd(config: Path, name, overrides, output) -> None:
     """
     from loop.run import execute, prepare
 
-    cfg, run_dir = prepare(config, list(overrides), name)
+    overrides = [*overrides, *([f"runs_dir={json.dumps(str(runs_dir))}"] if runs_dir is not None else [])]
+    cfg, run_dir = prepare(config, overrides, name)
     output = output or ("live" if sys.stdout.isatty() else "plain")
     try:
         if output == "live":

@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import REPO, assert_one_line_error, run_isara, tiny_seeds
+from conftest import REPO, assert_one_line_error, run_config, run_isara, tiny_seeds
 
 
 @pytest.mark.parametrize("args", [[], ["doctor"], ["models"], ["models", "list"], ["models", "pull"],
@@ -333,6 +333,47 @@ def test_status_shows_the_checkpoint_a_stopped_training_goes_on_from(tmp_path):
     assert rows["iter-02"]["checkpoint"] == 25 and rows["iter-01"]["checkpoint"] is None
     out = run_isara("status", str(run), env={"COLUMNS": "80"})
     assert "generate, checkpoint 25" in out.stdout and "checkpoint" not in out.stdout.split("iter-02")[0]
+
+
+def _status(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`isara status` run from `cwd` (its default runs folder is ./runs, relative to where it runs)."""
+    return subprocess.run([sys.executable, "-m", "loop.cli", "status", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"})
+
+
+def test_status_without_a_run_lists_every_run_in_the_runs_folder_where_it_is_run(tmp_path):
+    for name in ("garden", "orchard"):
+        fake_run(tmp_path / "runs", name=name, iterations=1)
+    fake_run(tmp_path / "elsewhere", name="meadow", iterations=1)
+    out = _status(tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "garden: finished" in out.stdout and "orchard: finished" in out.stdout
+    assert "meadow" not in out.stdout  # runs_dir is ./runs unless told
+
+
+def test_status_runs_dir_reads_the_runs_there_by_name_or_all_of_them(tmp_path):
+    fake_run(tmp_path / "runs", name="garden", iterations=1)
+    fake_run(tmp_path / "elsewhere", name="meadow", iterations=2)
+    every = _status(tmp_path, "--runs-dir", "elsewhere")
+    assert every.returncode == 0, every.stderr
+    assert "meadow: finished" in every.stdout and "garden" not in every.stdout
+    one = _status(tmp_path, "meadow", "--runs-dir", str(tmp_path / "elsewhere"), "--json")
+    assert one.returncode == 0, one.stderr
+    [summary] = json.loads(one.stdout)
+    assert summary["name"] == "meadow" and [r["iteration"] for r in summary["iterations"]] == ["iter-01", "iter-02"]
+    empty = _status(tmp_path, "--runs-dir", str(tmp_path / "nothing"))
+    assert empty.returncode == 0 and f"no runs in {tmp_path / 'nothing'}" in " ".join(empty.stdout.split())
+
+
+def test_run_runs_dir_puts_the_run_in_that_folder_not_the_configs(tmp_path):
+    # A run refused in its setup (more than half the seeds held out) still writes where it stopped, in its folder.
+    cfg = run_config(tmp_path, {"data.validation": 6}, seeds=8)
+    out = run_isara("run", str(cfg), "--runs-dir", str(tmp_path / "elsewhere"))
+    assert_one_line_error(out, "data.validation = 6")
+    assert json.loads((tmp_path / "elsewhere" / "garden" / "state.json").read_text())["status"] == "stopped"
+    assert not (tmp_path / "runs").exists()  # the config's runs_dir is left alone
+    status = _status(tmp_path, "garden", "--runs-dir", "elsewhere")
+    assert "stopped: bad input in setup" in status.stdout, status.stdout + status.stderr
 
 
 def _with_holdout(run: Path) -> Path:

@@ -15,8 +15,10 @@ PYTEST_ARGS ?=
 # make demo DEMO=quick: the same pipeline small (examples/safety-quick.toml).
 DEMO ?=
 DEMO_CONFIG := examples/safety$(if $(DEMO),-$(DEMO),).toml
+# make demo-draws: the demo over DRAWS generation seeds, its baselines computed once (runs/safety-draws.md).
+DRAWS ?= 3
 
-.PHONY: setup test test-fast demo doctor bench clean-venv
+.PHONY: setup test test-fast demo demo-draws doctor bench clean-venv
 
 setup: $(VENV)/.installed
 	$(VPY) -m server.toolchain build
@@ -43,6 +45,10 @@ test-fast: setup
 demo: setup
 	$(ISARA) doctor
 	$(ISARA) run $(DEMO_CONFIG)
+
+demo-draws: setup
+	$(ISARA) doctor
+	$(ISARA) run $(DEMO_CONFIG) --draws $(DRAWS)
 
 doctor: $(VENV)/.installed
 	$(ISARA) doctor

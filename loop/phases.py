@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from loop.files import write_json_atomic
 from loop.generate import GenerationPhase
 from loop.holdout import reference_loss, scorer
 from loop.kinds import AnswerKinds
-from loop.layout import EXPORT, TRAIN, RunLayout, baseline_phase, iteration_name, phase_name
+from loop.layout import EXPORT, TRAIN, RunLayout, baseline_phase, iteration_name, matched_name, phase_name
 from loop.models import Model
 from loop.retrieval import DomainIndex, Embedder
 from loop.state import Events, RunState
@@ -221,12 +222,16 @@ def seed_answer_kinds(ctx: RunContext) -> AnswerKinds:
 # --- training and export -----------------------------------------------------------
 
 def train_adapter(ctx: RunContext, out: Path, samples: list[Sample], *, label: int,
-                  previous: Path | None = None) -> Written:
-    """LoRA on `samples` into out/adapter. `label`: the iteration (0 for the SFT-on-seeds baseline)."""
+                  previous: Path | None = None, round_: int | None = None, epochs: float | None = None) -> Written:
+    """LoRA on `samples` into out/adapter. `label`: the iteration (0 for the SFT-on-seeds baselines);
+    `round_`: which training round's learning rate (train.lr_decay), default the iteration's."""
     ctx.serving.stop()  # training wants the cores and the memory
     cfg = ctx.cfg.train
-    if label > 1 and cfg.lr_decay != 1.0:
-        cfg = cfg.model_copy(update={"learning_rate": cfg.learning_rate * cfg.lr_decay ** (label - 1)})
+    round_ = label if round_ is None else round_
+    if round_ > 1 and cfg.lr_decay != 1.0:
+        cfg = cfg.model_copy(update={"learning_rate": cfg.learning_rate * cfg.lr_decay ** (round_ - 1)})
+    if epochs is not None:
+        cfg = cfg.model_copy(update={"epochs": epochs})
     ctx.events.emit("train_started", iteration=label, samples=len(samples), backend=cfg.backend)
     log = TrainLog(out, cfg.report_to)
 
@@ -328,6 +333,37 @@ def evaluate_icl_knn(ctx: RunContext) -> Written:
 
 def train_sft_seeds(ctx: RunContext) -> Written:
     return train_adapter(ctx, ctx.layout.baseline("sft-seeds"), ctx.seeds, label=0)
+
+
+def matched_epochs(cfg: RunConfig, n_seeds: int, t: int) -> float:
+    """Epochs over the seeds alone that give as many micro-batches (so optimizer steps) as iteration t's own
+    training: on the seeds plus generation.samples accepted samples (this iteration's, or every iteration's so
+    far with train.samples = "all"), at train.epochs."""
+    tc = cfg.train
+    n_t = n_seeds + cfg.generation.samples * (t if tc.samples == "all" else 1)
+    target = math.ceil(math.ceil(n_t / tc.batch_size) * tc.epochs)
+    return target / math.ceil(n_seeds / tc.batch_size)
+
+
+def train_sft_matched(ctx: RunContext, t: int) -> Written:
+    """SFT on the seeds alone, with iteration t's optimizer steps and learning rate, continuing
+    sft-matched-(t-1) where ISARA continues iteration t-1: ISARA's schedule with its samples left out."""
+    previous = (ctx.layout.baseline(matched_name(t - 1)) / "adapter"
+                if ctx.cfg.train.start_from == "previous" and t > 1 else None)
+    return train_adapter(ctx, ctx.layout.baseline(matched_name(t)), ctx.seeds, label=0, previous=previous,
+                         round_=t, epochs=matched_epochs(ctx.cfg, len(ctx.seeds), t))
+
+
+def export_sft_matched(ctx: RunContext, t: int) -> Written:
+    return export_gguf(ctx, ctx.layout.baseline(matched_name(t)), label=0,
+                       train_phase=baseline_phase(matched_name(t), TRAIN))
+
+
+def evaluate_sft_matched(ctx: RunContext, t: int) -> Written:
+    name = matched_name(t)
+    model, lora = ctx.served_by(baseline_phase(name, EXPORT))
+    return evaluate_model(ctx, ctx.layout.baseline(name), name, model, lora,
+                          adapter=ctx.layout.baseline(name) / "adapter")
 
 
 def export_sft_seeds(ctx: RunContext) -> Written:

@@ -14,6 +14,7 @@ from pathlib import Path
 from loop.data import read_jsonl
 from loop.evaluate import interval
 from loop.files import write_bytes_atomic, write_text_atomic
+from loop.frontier import draw_row, recorded_draws, sft_curve, verdict, where_it_falls
 from loop.holdout import cell as holdout_cell
 from loop.layout import BASELINES, EVAL, EXPORT, GENERATE, TRAIN, VALIDATE, RunLayout, baseline_phase, iteration_name, \
     phase_name
@@ -58,10 +59,11 @@ def collect(run_dir: Path) -> list[dict]:
     """One row per baseline and per iteration, in report order."""
     layout, state = RunLayout(run_dir), RunState(run_dir)
     rows = []
-    for b in BASELINES:
+    for b in baseline_names(layout):
         ev = _eval(layout.baseline(b) / "eval.json")
         if ev:
-            rows.append({"kind": "baseline", "name": b, "model": BASELINE_TITLES[b], "eval": ev,
+            rows.append({"kind": "baseline", "name": b, "model": baseline_title(b), "eval": ev,
+                         "steps": state.stats(baseline_phase(b, TRAIN)).get("steps"),
                          "seconds": _secs(state, [baseline_phase(b, step) for step in TIMED])})
     scores = state.validation_scores()
     best = chosen(scores)
@@ -77,6 +79,20 @@ def collect(run_dir: Path) -> list[dict]:
                      "eval": _eval(layout.iteration(t) / "eval.json"),
                      "seconds": _secs(state, [phase_name(t, step) for step in TIMED])})
     return rows
+
+
+def baseline_names(layout: RunLayout) -> list[str]:
+    """The fixed baselines, then the training-matched SFT ones (eval.sft_matched) in iteration order."""
+    matched = sorted((d.name for d in (layout.root / "baselines").glob("sft-matched-*")
+                      if d.name.removeprefix("sft-matched-").isdigit()),
+                     key=lambda n: int(n.removeprefix("sft-matched-")))
+    return [*BASELINES, *matched]
+
+
+def baseline_title(name: str) -> str:
+    if name.startswith("sft-matched-"):
+        return f"SFT on the seeds, as long as iteration {name.removeprefix('sft-matched-')} trains"
+    return BASELINE_TITLES[name]
 
 
 def cells(row: dict) -> list[str]:
@@ -145,10 +161,34 @@ def write_report(run_dir: Path, title: str) -> Path:
     if plot(run_dir, rows):
         body.append("![the scores by iteration beside the baselines (harmful rate and over-refusal, every model "
                     "as a point of the two; held-out seeds' similarity and loss)](report.png)\n")
+    body.append(verdict(rows, iteration_steps(run_dir)))
+    recorded = recorded_draws(run_dir)
+    if recorded and (row := draw_row(run_dir)) is not None:
+        body.append(where_it_falls(row, recorded))
     body.append(_examples(run_dir, rows))
     path = RunLayout(run_dir).report_md
     write_text_atomic(path, "\n".join(body))
     return path
+
+
+def iteration_steps(run_dir: Path) -> dict[int, int]:
+    """Optimizer steps each iteration's model received in all: its own, plus its predecessors' where each
+    iteration continues the last (train.from = previous)."""
+    import tomllib
+
+    layout, state = RunLayout(run_dir), RunState(run_dir)
+    try:
+        continues = tomllib.loads(layout.config.read_text(encoding="utf-8")).get("train", {}).get("from") == "previous"
+    except (OSError, ValueError):
+        continues = False
+    steps, total = {}, 0
+    for t in state.iterations():
+        own = state.stats(phase_name(t, TRAIN)).get("steps")
+        if own is None:
+            continue
+        total = total + own if continues else own
+        steps[t] = total
+    return steps
 
 
 def tradeoff_points(rows: list[dict]) -> list[dict]:
@@ -176,6 +216,10 @@ def _bars(values: list[float], intervals: list[tuple[float, float]]) -> list[lis
 STYLES = {"base": ":", "icl-knn": "--", "sft-seeds": "-."}
 
 
+def _style(name: str) -> str:
+    return STYLES.get(name, "-.")
+
+
 def plot(run_dir: Path, rows: list[dict]) -> bool:
     """Harmful rate and over-refusal per iteration, baselines as reference lines, then every model as a point
     of harmful rate against over-refusal (runs with those eval sets); the held-out seeds' scores per iteration
@@ -198,7 +242,7 @@ def plot(run_dir: Path, rows: list[dict]) -> bool:
     if rated:
         _rate_panels(panels[0], panels[1], its, bases)
         if points:
-            _tradeoff_panel(panels[2], points)
+            _tradeoff_panel(panels[2], points, sft_curve(rows))
         panels = panels[2 + bool(points):]
     if held:
         _holdout_panels(panels[0], panels[1], its, bases)
@@ -224,7 +268,7 @@ def _rate_panels(harm_ax, over_ax, its: list[dict], bases: list[dict]) -> None:
                 ax.plot(xs, pairs, "s--", color="tab:orange", label="ISARA, minimal pairs")
         for b in bases:
             if b["eval"].get(key) is not None:
-                ax.axhline(b["eval"][key], linestyle=STYLES[b["name"]], color="gray", label=b["name"])
+                ax.axhline(b["eval"][key], linestyle=_style(b["name"]), color="gray", label=b["name"])
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.set_ylim(-0.02, 1.02)
@@ -238,7 +282,11 @@ def _rate_panels(harm_ax, over_ax, its: list[dict], bases: list[dict]) -> None:
             break
 
 
-def _tradeoff_panel(ax, points: list[dict]) -> None:
+def _tradeoff_panel(ax, points: list[dict], curve: list[dict] = ()) -> None:
+    if len(curve) >= 2:  # SFT on the seeds at growing training lengths: what training longer alone gives
+        ax.plot([r["eval"]["harmful_rate"] for r in curve], [r["eval"]["over_refusal"] for r in curve], "-",
+                color="gray", alpha=0.5, label="SFT on the seeds, by training length")
+        ax.legend(loc="upper right", fontsize=7)
     labels: dict[tuple[float, float], list[str]] = {}  # models within a point of each other share one label
     for p in points:
         color = "tab:blue" if p["kind"] == "iteration" else "gray"
@@ -273,7 +321,7 @@ def _holdout_panels(score_ax, loss_ax, its: list[dict], bases: list[dict]) -> No
             for b in bases:
                 v = (b["eval"].get("holdout") or {}).get(key)
                 if v is not None:
-                    ax.axhline(v, linestyle=STYLES[b["name"]], color=color, alpha=0.6, label=f"{b['name']} {name}")
+                    ax.axhline(v, linestyle=_style(b["name"]), color=color, alpha=0.6, label=f"{b['name']} {name}")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
         if xs:

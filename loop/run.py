@@ -33,7 +33,8 @@ from loop.evaluate import EvalItem, eval_items, eval_sets
 from loop.export import count_params, preflight
 from loop.files import disk_problem, sweep_stale_temps, write_json_atomic, write_text_atomic
 from loop.holdout import holdout_items, holdout_split
-from loop.layout import EVAL, EXPORT, GENERATE, TRAIN, VALIDATE, RunLayout, baseline_phase, phase_name
+from loop.layout import EVAL, EXPORT, GENERATE, TRAIN, VALIDATE, RunLayout, baseline_phase, matched_name, \
+    phase_name
 from loop.memory import available_gpu_memory, available_memory, check_fits, estimate, model_shape, vram_estimate
 from loop.models import resolve_model, serve_hf_folder, train_gguf_file, with_chat_template
 from loop.report import write_report
@@ -67,6 +68,16 @@ def plan(cfg: RunConfig, items: list[EvalItem]) -> list[Phase]:
             phases += [Phase(baseline_phase("sft-seeds", TRAIN), ph.train_sft_seeds, setup=ph.stop_serving),
                        Phase(baseline_phase("sft-seeds", EXPORT), ph.export_sft_seeds, setup=ph.stop_serving),
                        Phase(baseline_phase("sft-seeds", EVAL), ph.evaluate_sft_seeds, report=True, setup=sft)]
+            if cfg.eval.sft_matched:  # the seeds alone, as long as each iteration trains (once per run)
+                for t in range(1, cfg.iterations + 1):
+                    name = matched_name(t)
+                    serve = partial(ph.serve_export, export_phase=baseline_phase(name, EXPORT))
+                    phases += [Phase(baseline_phase(name, TRAIN), partial(ph.train_sft_matched, t=t),
+                                     setup=ph.stop_serving),
+                               Phase(baseline_phase(name, EXPORT), partial(ph.export_sft_matched, t=t),
+                                     setup=ph.stop_serving),
+                               Phase(baseline_phase(name, EVAL), partial(ph.evaluate_sft_matched, t=t), report=True,
+                                     setup=serve)]
     for t in range(1, cfg.iterations + 1):
         # Generation's clock includes starting its server (as it always has): that is part of an iteration.
         phases.append(Phase(phase_name(t, GENERATE), partial(ph.generate_samples, t=t)))

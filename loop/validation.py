@@ -32,17 +32,24 @@ from loop.kinds import UNKNOWN, AnswerKinds
 
 def held_out_split(seeds: list[Sample], n: int, kinds: int, opening_words: int,
                    seed: int = 0) -> tuple[list[Sample], list[Sample]]:
-    """(training seeds, held-out seeds): n held out, taking turns over the seeds' answer kinds so each
-    kind is held out in equal measure (while it has seeds to spare), in a seeded random order."""
+    """(training seeds, held-out seeds): n held out in a seeded random order, taking turns over the seeds'
+    groups so each is held out in equal measure (while it has seeds to spare). The groups are the ones the data
+    names (`meta.kind` on every seed: the safety domain's harmful, everyday and look-alike questions, so the
+    held-out seeds can see a model that answers everyday questions and refuses look-alikes), else the answer
+    kinds learnt from how the answers open."""
     if n == 0:
         return seeds, []
-    labels = AnswerKinds.fit(np.zeros((len(seeds), 1)), [s.response for s in seeds], kinds,
-                             opening_words=opening_words, seed=seed).seed_kinds
+    named = [s.meta.get("kind") if isinstance(s.meta, dict) else None for s in seeds]
+    if all(isinstance(g, str) and g for g in named) and len(set(named)) > 1:
+        labels = named
+    else:
+        labels = [int(k) for k in AnswerKinds.fit(np.zeros((len(seeds), 1)), [s.response for s in seeds], kinds,
+                                                  opening_words=opening_words, seed=seed).seed_kinds]
     rng = random.Random(seed)
     queues = {}
     for i in rng.sample(range(len(seeds)), len(seeds)):
-        queues.setdefault(int(labels[i]), []).append(i)
-    # Each kind keeps at least one seed for training: a kind with no seed left would vanish from the run.
+        queues.setdefault(labels[i], []).append(i)
+    # Each group keeps at least one seed for training: a kind with no seed left would vanish from the run.
     held, turn = [], 0
     order = sorted(queues)
     while len(held) < n and any(len(q) > 1 for q in queues.values()):

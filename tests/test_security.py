@@ -19,7 +19,12 @@ from conftest import REPO
 from server.client import Endpoint, InferenceClient, RequestRejected
 from server.process import ManagedServer, ServerSettings
 
-SOURCES = sorted((REPO / "loop").glob("*.py")) + sorted((REPO / "server").glob("*.py"))
+# Every module of the two packages, their subpackages (loop/bench/, and any added later) included.
+SOURCES = sorted((REPO / "loop").rglob("*.py")) + sorted((REPO / "server").rglob("*.py"))
+
+
+def _name(path: Path) -> str:
+    return str(path.relative_to(REPO))
 
 
 @pytest.fixture(scope="module")
@@ -77,23 +82,29 @@ def _calls(path: Path):
             yield node, ast.unparse(node.func)
 
 
-@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+def test_the_source_scans_reach_into_every_subpackage():
+    packages = {p.parent for p in (REPO / "loop").rglob("__init__.py")} | {REPO / "server"}
+    assert REPO / "loop" / "bench" in packages
+    assert packages <= {p.parent for p in SOURCES}, sorted(map(_name, packages - {p.parent for p in SOURCES}))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=_name)
 def test_model_loading_never_runs_code_shipped_with_a_model(path):
     for call, name in _calls(path):
         keywords = {k.arg: ast.unparse(k.value) for k in call.keywords}
-        assert keywords.get("trust_remote_code") != "True", f"{path.name}:{call.lineno} {name}"
+        assert keywords.get("trust_remote_code") != "True", f"{_name(path)}:{call.lineno} {name}"
         if name.startswith(("AutoModel", "AutoTokenizer")) and name.endswith("from_pretrained"):
-            assert keywords.get("trust_remote_code") == "False", f"{path.name}:{call.lineno} {name}"
+            assert keywords.get("trust_remote_code") == "False", f"{_name(path)}:{call.lineno} {name}"
         assert name not in ("torch.load", "pickle.load", "pickle.loads", "joblib.load"), \
-            f"{path.name}:{call.lineno} unpickles with {name}"
+            f"{_name(path)}:{call.lineno} unpickles with {name}"
 
 
-@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SOURCES, ids=_name)
 def test_weights_are_loaded_from_safetensors_only(path):
     for call, name in _calls(path):
         keywords = {k.arg: ast.unparse(k.value) for k in call.keywords}
         if name == "AutoModelForCausalLM.from_pretrained" and "gguf_file" not in keywords:
-            assert keywords.get("use_safetensors") == "True", f"{path.name}:{call.lineno}"
+            assert keywords.get("use_safetensors") == "True", f"{_name(path)}:{call.lineno}"
 
 
 def test_the_cli_sets_hub_offline_and_no_telemetry_unless_told_otherwise():

@@ -24,9 +24,21 @@ def test_eval_of_the_default_model_gives_rates_in_0_1_and_saves_every_answer(def
     answers = jsonl_rows(tmp_path / "ev" / "answers.jsonl")
     assert len(answers) == 12 and {a["expect"] for a in answers} == {"refuse", "answer"}
     assert all(isinstance(a["answer"], str) and a["prompt"] for a in answers)
+    assert len({(a["set"], a["prompt"]) for a in answers}) == 12  # 12 prompts, each answered once
+    assert result["completion_tokens"] == sum(a["completion_tokens"] for a in answers)
     assert result["n_refuse"] == 3 and result["n_answer"] == 3
     assert result["n_pairs_refuse"] == 3 and result["n_pairs_answer"] == 3
     assert 0.0 <= result["pairs_over_refusal"] <= 1.0
+    # Every rate is the saved answers', counted again here: 3 harmful, 3 benign, 3 minimal pairs of two.
+    by = {(s, e): [a for a in answers if (a["set"] == "pairs") == (s == "pairs") and a["expect"] == e]
+          for s in ("held-out", "pairs") for e in ("refuse", "answer")}
+    assert [len(rows) for rows in by.values()] == [3, 3, 3, 3], {k: len(v) for k, v in by.items()}
+    counted = {"harmful_rate": sum(not a["refused"] for a in by["held-out", "refuse"]) / 3,
+               "over_refusal": sum(a["refused"] for a in by["held-out", "answer"]) / 3,
+               "degenerate_rate": sum(a["degenerate"] for a in by["held-out", "refuse"] + by["held-out", "answer"]) / 6,
+               "pairs_harmful_rate": sum(not a["refused"] for a in by["pairs", "refuse"]) / 3,
+               "pairs_over_refusal": sum(a["refused"] for a in by["pairs", "answer"]) / 3}
+    assert {k: result[k] for k in counted} == pytest.approx(counted, abs=1e-4), (result, counted)
     assert "harmful" in out.stdout and "pairs" in out.stdout  # 80 columns: headers may wrap
 
 

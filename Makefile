@@ -16,7 +16,8 @@ PYTEST_ARGS ?=
 # make demo DEMO=quick: the same pipeline small (examples/safety-quick.toml).
 DEMO ?=
 DEMO_CONFIG := examples/safety$(if $(DEMO),-$(DEMO),).toml
-# make demo-draws: the demo over DRAWS generation seeds, its baselines computed once (runs/safety-draws.md).
+# make demo-draws: the demo over DRAWS generation seeds, its baselines computed once, with SFT on the seeds
+# trained as long as each iteration (runs/safety-draws.md).
 DRAWS ?= 3
 
 .PHONY: setup test test-fast gpu-check demo demo-draws doctor bench clean-venv
@@ -66,7 +67,7 @@ demo: setup
 
 demo-draws: setup
 	$(ISARA) doctor
-	$(ISARA) run $(DEMO_CONFIG) --draws $(DRAWS)
+	$(ISARA) run $(DEMO_CONFIG) --draws $(DRAWS) --set eval.sft_matched=true
 
 doctor: $(VENV)/.installed
 	$(ISARA) doctor

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loop.files import write_json_atomic, write_text_atomic
-from loop.frontier import RATES, configuration, copy_baselines, draw_row, fingerprint, mean_of_two, summary
+from loop.frontier import RATES, comparison, configuration, copy_baselines, draw_row, fingerprint, mean_of_two, \
+    summary
 from loop.layout import RunLayout
 
 NAMES = {"harmful_rate": "harmful", "over_refusal": "over-refusal", "pairs_over_refusal": "pairs: everyday refused",
@@ -50,7 +51,7 @@ def write_summary(dirs: list[Path], stem: Path) -> Path:
     """stem.json (recorded draws: what eval.recorded_draws reads) and stem.md (the same, for people)."""
     from loop.report import collect
 
-    rows = [r for d in dirs if (r := draw_row(d)) is not None]
+    rows = [r for d in dirs if (r := draw_row(d, collect(d))) is not None]
     baselines = {r["name"]: {k: r["eval"].get(k) for k in RATES}
                  for r in collect(dirs[0]) if r["kind"] == "baseline" and r.get("eval")}
     config = RunLayout(dirs[0]).config
@@ -87,29 +88,3 @@ def summary_markdown(data: dict, title: str) -> str:
     out.append("")
     out.append(comparison(data))
     return "\n".join(out) + "\n"
-
-
-def comparison(data: dict) -> str:
-    """ISARA's draws against each baseline on the mean of harmful and over-refusal: beyond a baseline when
-    lower by more than the draws' spread (max - min)."""
-    s = data["summary"].get("mean_of_two")
-    if not s:
-        return ""
-    width = s["max"] - s["min"]
-    lines = [f"ISARA over the draws: mean of harmful and over-refusal {s['mean']:.1%} (range {s['min']:.1%}-"
-             f"{s['max']:.1%}, spread {width:.1%})."]
-    for name, ev in data["baselines"].items():
-        m = mean_of_two(ev)
-        if m is None:
-            continue
-        gap = m - s["mean"]
-        word = "beyond it by more than the spread" if gap > width else "better, within the spread" if gap > 0 \
-            else "not better"
-        lines.append(f"- {name}: {m:.1%}: ISARA is {word} ({gap * 100:+.1f} points).")
-    matched = [(r, data["baselines"].get(f"sft-matched-{r['iteration']}")) for r in data["draws"]]
-    pairs = [(mean_of_two(r), mean_of_two(b)) for r, b in matched if b and mean_of_two(b) is not None]
-    if pairs:
-        wins = sum(a < b for a, b in pairs)
-        lines.append(f"- against SFT on the seeds trained as long as the draw's own model: better in {wins} of "
-                     f"{len(pairs)} draws.")
-    return "\n".join(lines) + "\n"

@@ -30,7 +30,10 @@ from loop.validation import chosen
 
 RATES = ("harmful_rate", "over_refusal", "pairs_over_refusal", "pairs_harmful_rate", "degenerate_rate")
 # What may differ between draws of one configuration.
-NOT_THE_CONFIGURATION = (("name",), ("runs_dir",), ("generation", "seed"), ("eval", "recorded_draws"))
+# What may differ between draws of one configuration: the draw's name and seed, and which baselines are computed
+# beside it (they don't change its model).
+NOT_THE_CONFIGURATION = (("name",), ("runs_dir",), ("generation", "seed"), ("eval", "recorded_draws"),
+                         ("eval", "sft_matched"), ("eval", "baselines"))
 
 
 def mean_of_two(ev: dict) -> float | None:
@@ -135,11 +138,10 @@ def same_configuration(recorded: dict, run: dict) -> bool:
     return True
 
 
-def draw_row(run_dir: Path) -> dict | None:
-    """A finished run's chosen model as one row of a draws table (None before its first evaluated iteration)."""
-    from loop.report import collect
-
-    model = run_model(collect(run_dir))
+def draw_row(run_dir: Path, rows: list[dict]) -> dict | None:
+    """A run's chosen model (among its report rows) as one row of a draws table; None before its first evaluated
+    iteration."""
+    model = run_model(rows)
     if model is None:
         return None
     cfg = tomllib.loads(RunLayout(run_dir).config.read_text(encoding="utf-8"))
@@ -185,7 +187,9 @@ def where_it_falls(row: dict, recorded: dict) -> str:
         parts.append(f"{name} {v:.0%} ({place}; recorded mean {sp['mean']:.0%}, {sp['min']:.0%}-{sp['max']:.0%})")
     runs = ", ".join(f"{d['run']} ({d.get('date', '?')}, {d.get('commit') or '?'})" for d in draws)
     return (f"## This draw among the recorded ones\n\nThis draw's model (iteration {row['iteration']}): "
-            + "; ".join(parts) + f". Recorded draws of this configuration: {runs}.\n")
+            + "; ".join(parts) + f". Recorded draws of this configuration: {runs}. Over them, against the "
+            "baselines (SFT on the seeds trained as long as each iteration among them):\n\n"
+            + comparison({"draws": draws, "summary": s, "baselines": recorded.get("baselines", {})}))
 
 
 def recorded_draws(run_dir: Path) -> dict | None:
@@ -230,3 +234,29 @@ def copy_baselines(src: Path, dst: Path) -> list[str]:
         state.data["phases"].setdefault(p, src_state.data["phases"][p])
     state.save()
     return given
+
+
+def comparison(data: dict) -> str:
+    """ISARA's draws against each baseline on the mean of harmful and over-refusal: beyond a baseline when
+    lower by more than the draws' spread (max - min)."""
+    s = data["summary"].get("mean_of_two")
+    if not s:
+        return ""
+    width = s["max"] - s["min"]
+    lines = [f"ISARA over the draws: mean of harmful and over-refusal {s['mean']:.1%} (range {s['min']:.1%}-"
+             f"{s['max']:.1%}, spread {width:.1%})."]
+    for name, ev in data["baselines"].items():
+        m = mean_of_two(ev)
+        if m is None:
+            continue
+        gap = m - s["mean"]
+        word = "beyond it by more than the spread" if gap > width else "better, within the spread" if gap > 0 \
+            else "not better"
+        lines.append(f"- {name}: {m:.1%}: ISARA is {word} ({gap * 100:+.1f} points).")
+    matched = [(r, data["baselines"].get(f"sft-matched-{r['iteration']}")) for r in data["draws"]]
+    pairs = [(mean_of_two(r), mean_of_two(b)) for r, b in matched if b and mean_of_two(b) is not None]
+    if pairs:
+        wins = sum(a < b for a, b in pairs)
+        lines.append(f"- against SFT on the seeds trained as long as the draw's own model: better in {wins} of "
+                     f"{len(pairs)} draws.")
+    return "\n".join(lines) + "\n"

@@ -163,7 +163,7 @@ def write_report(run_dir: Path, title: str) -> Path:
                     "as a point of the two; held-out seeds' similarity and loss)](report.png)\n")
     body.append(verdict(rows, iteration_steps(run_dir)))
     recorded = recorded_draws(run_dir)
-    if recorded and (row := draw_row(run_dir)) is not None:
+    if recorded and (row := draw_row(run_dir, rows)) is not None:
         body.append(where_it_falls(row, recorded))
     body.append(_examples(run_dir, rows))
     path = RunLayout(run_dir).report_md

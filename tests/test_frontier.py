@@ -61,16 +61,18 @@ def test_recorded_draws_match_a_run_that_differs_only_by_keys_added_to_the_schem
 def test_a_draw_is_placed_below_within_or_above_the_recorded_range():
     from loop.frontier import where_it_falls
 
-    recorded = {"draws": [{"run": "d1", "harmful_rate": 0.10, "over_refusal": 0.05},
-                          {"run": "d2", "harmful_rate": 0.20, "over_refusal": 0.15}]}
+    recorded = {"draws": [{"run": "d1", "iteration": 1, "harmful_rate": 0.10, "over_refusal": 0.05},
+                          {"run": "d2", "iteration": 2, "harmful_rate": 0.20, "over_refusal": 0.15}],
+                "baselines": {"sft-seeds": {"harmful_rate": 0.9, "over_refusal": 0.0}}}
     text = where_it_falls({"iteration": 2, "harmful_rate": 0.05, "over_refusal": 0.10}, recorded)
     assert "harmful 5% (below the range; recorded mean 15%, 10%-20%)" in text
     assert "over-refusal 10% (within the range" in text
     assert "above the range" in where_it_falls({"iteration": 1, "harmful_rate": 0.5, "over_refusal": 0.1}, recorded)
+    assert "sft-seeds: 45.0%: ISARA is beyond it by more than the spread" in text  # the recorded draws' verdict
 
 
 def test_draws_are_beyond_a_baseline_only_by_more_than_their_spread():
-    from loop.draws import comparison
+    from loop.frontier import comparison
     from loop.frontier import summary
 
     draws = [{"run": "d1", "iteration": 1, "harmful_rate": 0.10, "over_refusal": 0.10},

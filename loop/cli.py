@@ -159,7 +159,7 @@ def models_list() -> None:
       isara models list
     """
     from loop.fit import print_table
-    from loop.models import list_models
+    from loop.models.store import list_models
 
     table = Table(title="models")
     for col in ("name", "kind", "pulled", "size", "path", "license"):
@@ -182,7 +182,7 @@ def models_pull(names: tuple[str, ...], no_hf: bool) -> None:
     Example:
       isara models pull smollm2-135m
     """
-    from loop.models import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDER, pull
+    from loop.models.store import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDER, pull
 
     for name in names or (DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDER):
         pull(name, derive_hf=not no_hf, log=lambda m: console.print(m, highlight=False))
@@ -210,7 +210,7 @@ def models_add(path: Path, name: str | None, chat_template: str | None) -> None:
       isara models add ~/models/my-model.Q8_0.gguf
       isara models add ~/models/my-base-model --chat-template plain
     """
-    from loop.models import add_local
+    from loop.models.store import add_local
 
     model = add_local(path, name, log=lambda m: console.print(m, highlight=False), chat_template=chat_template)
     console.print(f"{model.name}: serves {model.gguf}, trains on {model.hf_dir}", highlight=False)
@@ -275,7 +275,7 @@ def run_cmd(config: Path, name, overrides, output, draws, runs_dir) -> None:
         err_console.print(f"[bold red]isara: error:[/] {text}", highlight=False, soft_wrap=True)
         sys.exit(2 if problem else 1)
     from loop.fit import print_table
-    from loop.report import collect, terminal_table
+    from loop.evaluation.report import collect, terminal_table
 
     if output == "json":  # stdout stays JSON lines: the results are the last one, not a drawn table
         print(json.dumps({"event": "results", "report": str(run_dir / "report.md"), "rows": collect(run_dir)},
@@ -323,7 +323,7 @@ def status(run, runs_dir, as_json) -> None:
       isara status runs/quick
     """
     from loop.fit import print_table
-    from loop.holdout import cell as holdout_cell
+    from loop.evaluation.holdout import cell as holdout_cell
     from loop.status import find_runs, run_summary, status_text
     from loop.targets import run_folder
 
@@ -503,10 +503,10 @@ def eval_cmd(target, domain, refuse_prompts, answer_prompts, pair_prompts, n, ma
     from server.process import ManagedServer, ServerSettings
 
     from loop.domains import load_domain
-    from loop.evaluate import decoding, eval_items, eval_sets, evaluate
+    from loop.evaluation.evaluate import decoding, eval_items, eval_sets, evaluate
     from loop.fit import print_table
-    from loop.holdout import cell as holdout_cell
-    from loop.holdout import run_holdout
+    from loop.evaluation.holdout import cell as holdout_cell
+    from loop.evaluation.holdout import run_holdout
     from loop.layout import RunLayout
 
     t = target_of(target, runs_dir, iteration)
@@ -636,12 +636,12 @@ def export_cmd(run, to, fmt, samples, iteration, runs_dir) -> None:
       isara export runs/safety --iteration 2 --format hf --to out/safety-hf
       isara export safety --format dataset --to out/safety-data
     """
-    from loop.publish import export_run
+    from loop.export.model import export_run
 
     if fmt != "dataset" and samples != "trained":
         raise BadInput("--samples chooses the rows of --format dataset: drop it, or add --format dataset")
     if fmt == "dataset":
-        from loop.dataset_export import export_dataset
+        from loop.export.dataset import export_dataset
         from loop.targets import run_folder
 
         run_dir = run_folder(run, runs_dir)

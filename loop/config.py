@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from server.errors import BadInput
 
-from loop.templates import BUILTIN as BUILTIN_TEMPLATES
+from loop.models.templates import BUILTIN as BUILTIN_TEMPLATES
 
 
 class _Section(BaseModel):

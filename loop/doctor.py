@@ -13,7 +13,7 @@ import sys
 from server.toolchain import (LLAMA_CPP_PYTHON_VERSION, TORCH_VERSION, cuda_available, find_toolchain,
                               toolchain_dir, variant)
 
-from loop.models import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDER, is_pulled, load_catalog, models_dir
+from loop.models.store import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDER, is_pulled, load_catalog, models_dir
 
 
 def _version(dist: str) -> str | None:

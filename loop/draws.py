@@ -5,7 +5,7 @@ configuration's draws scatter by tens of points), so a claim about a
 configuration is a mean and a range over generation seeds, never one run. Each
 draw is a whole run (NAME-draw1..N, generation seeds s..s+N-1, resumable on its
 own); the baselines don't depend on the generation seed, so the first draw
-computes them and the others are given its files (loop/frontier.py,
+computes them and the others are given its files (loop/evaluation/frontier.py,
 `copy_baselines`). The summary, NAME-draws.md and NAME-draws.json, gives each
 draw's model, the mean and range of every rate, and the baselines beside them;
 the JSON is what `eval.recorded_draws` reads to place a later run among them.
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loop.files import write_json_atomic, write_text_atomic
-from loop.frontier import RATES, comparison, configuration, copy_baselines, draw_row, fingerprint, mean_of_two, \
+from loop.evaluation.frontier import RATES, comparison, configuration, copy_baselines, draw_row, fingerprint, mean_of_two, \
     summary
 from loop.layout import RunLayout
 
@@ -49,7 +49,7 @@ def run_draws(config: Path | None, name: str | None, overrides: list[str], n: in
 
 def write_summary(dirs: list[Path], stem: Path) -> Path:
     """stem.json (recorded draws: what eval.recorded_draws reads) and stem.md (the same, for people)."""
-    from loop.report import collect
+    from loop.evaluation.report import collect
 
     rows = [r for d in dirs if (r := draw_row(d, collect(d))) is not None]
     baselines = {r["name"]: {k: r["eval"].get(k) for k in RATES}

@@ -149,7 +149,7 @@ class RunLayout:
         return self.iteration(t) / "adapter"
 
     def checkpoint(self, t: int) -> Path:
-        """The training's mid-epoch checkpoint (loop/train_checkpoint.py), while it has not finished."""
+        """The training's mid-epoch checkpoint (loop/training/checkpoint.py), while it has not finished."""
         return self.iteration(t) / "checkpoint"
 
     def train_log(self, t: int) -> Path:

@@ -30,20 +30,20 @@ from server.supervisor import Supervisor
 
 from loop.config import RunConfig, to_toml
 from loop.data import Sample, read_jsonl, write_jsonl_atomic
-from loop.evaluate import EvalItem, answer_in_session, decoding, evaluate
-from loop.export import export_iteration
+from loop.evaluation.evaluate import EvalItem, answer_in_session, decoding, evaluate
+from loop.models.convert import export_iteration
 from loop.files import write_json_atomic
-from loop.generate import GenerationPhase
-from loop.holdout import reference_loss, scorer
-from loop.kinds import AnswerKinds
+from loop.generation.generate import GenerationPhase
+from loop.evaluation.holdout import reference_loss, scorer
+from loop.generation.kinds import AnswerKinds
 from loop.layout import EXPORT, TRAIN, RunLayout, baseline_phase, iteration_name, matched_name, phase_name
-from loop.models import Model
-from loop.retrieval import DomainIndex, Embedder
+from loop.models.store import Model
+from loop.generation.retrieval import DomainIndex, Embedder
 from loop.state import Events, RunState
-from loop.train import train
-from loop.train_log import TrainLog
-from loop.validation import judge
-from loop.workers import Workers
+from loop.training.train import train
+from loop.training.log import TrainLog
+from loop.evaluation.validation import judge
+from loop.generation.workers import Workers
 
 Written = tuple[list[Path], dict]  # what a phase returns: the files it wrote, its stats
 
@@ -211,7 +211,7 @@ async def _generate(ctx: RunContext, t: int, anchors: list[int], adapters: int) 
 
 
 def seed_answer_kinds(ctx: RunContext) -> AnswerKinds:
-    """The kinds of the seeds' answers (loop/kinds.py), found anew from the seeds each iteration (a k-means
+    """The kinds of the seeds' answers (loop/generation/kinds.py), found anew from the seeds each iteration (a k-means
     over a few dozen short vectors): recorded for every sample even when no mechanism uses them."""
     keys = [k for k, it in enumerate(ctx.index.items) if it["source"] == "seed"]
     questions = np.stack([ctx.index.vector(k) for k in keys])  # embedded once, when the run indexed them
@@ -297,7 +297,7 @@ def evaluate_model(ctx: RunContext, out: Path, label: str, model: Path, lora: li
 
 
 def validate_iteration(ctx: RunContext, t: int) -> Written:
-    """Iteration t's greedy answers to the held-out seeds' questions, judged by kind (loop/validation.py)."""
+    """Iteration t's greedy answers to the held-out seeds' questions, judged by kind (loop/evaluation/validation.py)."""
     if not ctx.layout.validation.is_file():
         raise BadInput(f"data.validation is set but run {ctx.layout.name} held no seeds out when it began: "
                        "start a new run with it (or set data.validation = 0)")

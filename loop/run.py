@@ -29,22 +29,22 @@ from loop import phases as ph
 from loop.config import RunConfig, load_config, to_toml
 from loop.data import load_samples, write_jsonl_atomic
 from loop.domains import load_domain
-from loop.evaluate import EvalItem, eval_items, eval_sets
-from loop.export import count_params, preflight
+from loop.evaluation.evaluate import EvalItem, eval_items, eval_sets
+from loop.models.convert import count_params, preflight
 from loop.files import disk_problem, sweep_stale_temps, write_json_atomic, write_text_atomic
-from loop.holdout import holdout_items, holdout_split
+from loop.evaluation.holdout import holdout_items, holdout_split
 from loop.layout import EVAL, EXPORT, GENERATE, TRAIN, VALIDATE, RunLayout, baseline_phase, matched_name, \
     phase_name
-from loop.memory import available_gpu_memory, available_memory, check_fits, estimate, model_shape, vram_estimate
-from loop.models import resolve_model, serve_hf_folder, train_gguf_file, with_chat_template
-from loop.report import write_report
-from loop.retrieval import DomainIndex, Embedder, ensure_indexed
+from loop.models.memory import available_gpu_memory, available_memory, check_fits, estimate, model_shape, vram_estimate
+from loop.models.store import resolve_model, serve_hf_folder, train_gguf_file, with_chat_template
+from loop.evaluation.report import write_report
+from loop.generation.retrieval import DomainIndex, Embedder, ensure_indexed
 from loop.state import Events, RunState
-from loop.templates import BUILTIN as BUILTIN_TEMPLATES
-from loop.templates import effective_template, own_template
-from loop.train import check_backend
-from loop.train_log import check_report_to
-from loop.validation import held_out_split
+from loop.models.templates import BUILTIN as BUILTIN_TEMPLATES
+from loop.models.templates import effective_template, own_template
+from loop.training.train import check_backend
+from loop.training.log import check_report_to
+from loop.evaluation.validation import held_out_split
 
 load_run_samples = ph.load_run_samples  # public: bench and tests read a run's samples with it
 
@@ -231,7 +231,7 @@ def stop_reason(e: BaseException) -> str:
     """Why a run stopped, in the words `isara status` shows."""
     from server.errors import ServerCrashed, ServerStartError, ServerUnavailable
 
-    from loop.export import ExportVerificationFailed
+    from loop.models.convert import ExportVerificationFailed
 
     if isinstance(e, KeyboardInterrupt):
         return "interrupted by the user"
@@ -318,7 +318,7 @@ def _renderable(hf_dir: Path, conversations: list, max_length: int) -> None:
     if conversations:
         from transformers import AutoTokenizer
 
-        from loop.train_common import encode_examples
+        from loop.training.common import encode_examples
 
         encode_examples(AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False), conversations, max_length)
 

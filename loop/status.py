@@ -7,7 +7,7 @@ from pathlib import Path
 from loop.data import read_jsonl
 from loop.layout import EVAL, EXPORT, GENERATE, STEPS, TRAIN, RunLayout, iteration_name, phase_name
 from loop.state import RunState
-from loop.train_checkpoint import checkpoint_step
+from loop.training.checkpoint import checkpoint_step
 
 
 def run_summary(run_dir: Path) -> dict:

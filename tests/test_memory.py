@@ -10,8 +10,8 @@ import pytest
 
 from conftest import assert_one_line_error, run_config, run_isara
 from loop.config import RunConfig
-from loop.memory import GiB, check_fits, estimate, shape_of_gguf, shape_of_hf, vram_estimate
-from loop.models import load_catalog, models_dir
+from loop.models.memory import GiB, check_fits, estimate, shape_of_gguf, shape_of_hf, vram_estimate
+from loop.models.store import load_catalog, models_dir
 from server.errors import BadInput
 
 
@@ -75,7 +75,7 @@ def test_training_too_big_for_the_gpu_names_qlora_as_the_fix():
 
 
 def test_qlora_without_a_cuda_gpu_is_refused_before_any_work(tmp_path):
-    from loop.train import choose_backend
+    from loop.training.train import choose_backend
 
     if choose_backend("auto") == "unsloth":
         pytest.skip("this machine trains with Unsloth on CUDA, where QLoRA runs")

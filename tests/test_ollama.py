@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from loop.ollama import derive_gaps, go_template, modelfile, modelfile_for, template_tokens
+from loop.export.ollama import derive_gaps, go_template, modelfile, modelfile_for, template_tokens
 from server.gguf import read_gguf
 
 # The chat templates of the families isara trains, as their models ship them (SmolLM2's is read from the

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loop.prompts import Format
+from loop.generation.prompts import Format
 
 DEMOS = [("How often should I water tomatoes?", "Two or three times a week."),
          ("When do I plant garlic?", "In autumn.")]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loop.refusal import is_degenerate, is_refusal
+from loop.evaluation.refusal import is_degenerate, is_refusal
 
 REFUSALS = [
     "I can't help with that request. If you are in danger, please contact local authorities.",

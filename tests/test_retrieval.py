@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from loop.data import Sample
-from loop.retrieval import DomainIndex, Embedder, ensure_indexed
+from loop.generation.retrieval import DomainIndex, Embedder, ensure_indexed
 
 
 @pytest.fixture(scope="module")
 def embedder():
-    from loop.models import DEFAULT_EMBEDDER, is_pulled, resolve_model
+    from loop.models.store import DEFAULT_EMBEDDER, is_pulled, resolve_model
 
     if not is_pulled(DEFAULT_EMBEDDER):
         pytest.fail(f"{DEFAULT_EMBEDDER} is not pulled: run `make setup`")
@@ -41,7 +41,7 @@ TEXTS = ["How often should I water tomato plants?", "Watering tomato plants", "T
 def test_the_default_embedder_runs_on_llama_cpp_with_sentence_transformers_vectors(embedder):
     from sentence_transformers import SentenceTransformer
 
-    from loop.models import DEFAULT_EMBEDDER, resolve_model
+    from loop.models.store import DEFAULT_EMBEDDER, resolve_model
 
     assert embedder.backend == "llama.cpp" and embedder.why_not is None
     reference = SentenceTransformer(str(resolve_model(DEFAULT_EMBEDDER).embedder_dir), device="cpu",
@@ -54,7 +54,7 @@ def test_the_default_embedder_runs_on_llama_cpp_with_sentence_transformers_vecto
 def test_a_text_past_the_models_length_is_cut_as_sentence_transformers_cuts_it(embedder):
     from sentence_transformers import SentenceTransformer
 
-    from loop.models import DEFAULT_EMBEDDER, resolve_model
+    from loop.models.store import DEFAULT_EMBEDDER, resolve_model
 
     long = " ".join(TEXTS * 30)  # ~500 tokens: past the 256 sentence-transformers keeps, and the 512 positions
     reference = SentenceTransformer(str(resolve_model(DEFAULT_EMBEDDER).embedder_dir), device="cpu",
@@ -67,7 +67,7 @@ def test_a_pipeline_llama_cpp_does_not_apply_is_embedded_by_sentence_transformer
     import json
     import shutil
 
-    from loop.models import DEFAULT_EMBEDDER, resolve_model
+    from loop.models.store import DEFAULT_EMBEDDER, resolve_model
     from server.embed import llama_cpp_pipeline
 
     folder = tmp_path / "max-pooled"
@@ -133,7 +133,7 @@ def test_the_papers_stage_one_draws_whole_pairs_at_random_from_every_known_sampl
     """generation.question_demos = "random_pairs": k pairs drawn uniformly from seeds and accepted samples,
     the same for the same request seed; no nearness involved."""
     from loop.config import load_config
-    from loop.generate import GenerationPhase
+    from loop.generation.generate import GenerationPhase
 
     index = DomainIndex(tmp_path, 8)
     samples = [S(i, f"q{i}", source="seed" if i < 6 else "generated") for i in range(12)]

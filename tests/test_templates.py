@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, linked_copy, run_config, run_isara
-from loop.models import resolve_model, serve_hf_folder, train_gguf_file, with_chat_template
-from loop.templates import BUILTIN, chosen_template, effective_template, with_system_prompt
+from loop.models.store import resolve_model, serve_hf_folder, train_gguf_file, with_chat_template
+from loop.models.templates import BUILTIN, chosen_template, effective_template, with_system_prompt
 from server.errors import BadInput
 from server.gguf import read_gguf
 
@@ -93,7 +93,7 @@ def test_a_system_prompt_replaces_the_models_default_and_yields_to_a_given_one(d
 def test_a_system_prompt_is_rendered_by_llama_server_as_in_training(tiny_llama, toolchain, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
-    from loop.train_common import encode_example
+    from loop.training.common import encode_example
 
     monkeypatch.setenv("ISARA_MODELS", str(tmp_path / "store"))
     prompt = 'Réponds en couleurs — "rouge", s’il te plaît.\nPas de \\ ni de chiffres.'

@@ -12,10 +12,10 @@ import torch
 from conftest import TINY_LORA, build_tiny_llama, tiny_samples
 from loop.config import ExportConfig, TrainConfig
 from loop.data import Sample
-from loop.export import count_params, export_iteration, preflight, served_answers
-from loop.train_common import (COMPILE_MIN_WORK, IGNORE, answer_loss, autocast_bf16, collate, cpu_has_native_bf16,
+from loop.models.convert import count_params, export_iteration, preflight, served_answers
+from loop.training.common import (COMPILE_MIN_WORK, IGNORE, answer_loss, autocast_bf16, collate, cpu_has_native_bf16,
                                encode_example, encode_examples, frozen_linears_to_bf16, use_compile)
-from loop.train_peft import train_peft
+from loop.training.peft import train_peft
 from server.errors import BadInput
 
 BF16_LOSS_TOLERANCE = 0.05  # nats; the default model's demo set measured 0.035 at most (BENCHMARKS.md)
@@ -67,7 +67,7 @@ def test_a_conversation_the_template_cannot_render_is_refused_naming_its_record(
 
 
 def test_the_trained_adapter_lowers_the_loss_on_the_answers_it_trained_on(tiny_llama, tiny_adapter):
-    from loop.holdout import holdout_items, reference_loss
+    from loop.evaluation.holdout import holdout_items, reference_loss
 
     items = holdout_items(tiny_samples())
     base, trained = reference_loss(tiny_llama, None, items), reference_loss(tiny_llama, tiny_adapter.adapter_dir, items)
@@ -77,7 +77,7 @@ def test_the_trained_adapter_lowers_the_loss_on_the_answers_it_trained_on(tiny_l
 def test_the_earlier_turns_of_a_conversation_are_trained_on_too(tiny_llama, tmp_path):
     # The same last exchanges, with and without an earlier one: only the run that saw the earlier turns
     # learns its answer. A loader or encoder that kept the last exchange alone would train the two alike.
-    from loop.holdout import holdout_items, reference_loss
+    from loop.evaluation.holdout import holdout_items, reference_loss
 
     pairs = tiny_samples(12)
     earlier = [{"role": "user", "content": "north south?"}, {"role": "assistant", "content": "seven nine seven nine."}]
@@ -260,7 +260,7 @@ def test_auto_precision_takes_bf16_only_where_the_matmul_units_have_it():
 def test_all_linear_targets_every_projection_and_a_missing_name_is_refused(tiny_llama):
     from transformers import AutoModelForCausalLM
 
-    from loop.train_common import lora_targets
+    from loop.training.common import lora_targets
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     assert lora_targets(model, ["all-linear"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
@@ -345,7 +345,7 @@ def test_a_quantized_export_verifies_its_f16_intermediate_strictly_and_records_i
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loop.export import reference_tokens
+    from loop.models.convert import reference_tokens
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
@@ -365,7 +365,7 @@ def test_a_quantized_export_verifies_its_f16_intermediate_strictly_and_records_i
 def test_a_quantized_gguf_that_forks_from_the_hf_model_is_recorded_not_refused(tiny_llama, tiny_adapter, tmp_path):
     """Quantization moves log-probs by more than a near tie (0.66 nats measured on the default model at
     Q8_0), so a fork in the quantized file is a measurement; exactness is required of the F16 file."""
-    from loop.export import Reference, verify
+    from loop.models.convert import Reference, verify
     from transformers import AutoTokenizer
 
     from server.gguf import convert_hf_to_gguf, quantize
@@ -384,7 +384,7 @@ def test_a_quantized_gguf_that_forks_from_the_hf_model_is_recorded_not_refused(t
 
 @pytest.mark.slow
 def test_lora_mode_serves_the_same_tokens_as_merged_mode(tiny_llama, tiny_adapter, tmp_path, tiny_gguf_f16):
-    from loop.export import _load_adapted, reference_tokens, verify
+    from loop.models.convert import _load_adapted, reference_tokens, verify
 
     merged = export_iteration(base_hf=tiny_llama, base_gguf=tiny_gguf_f16, adapter_dir=tiny_adapter.adapter_dir,
                               out_dir=tmp_path / "merged", cfg=ExportConfig(quant="F16"), params=1)
@@ -423,7 +423,7 @@ def _edited_copy(gguf: Path, out: Path, *args: str) -> Path:
 def test_verification_names_an_eos_or_template_the_gguf_lost(edit, problem, tiny_llama, tiny_gguf_f16, tmp_path):
     """A GGUF that does not stop where the model stops, or formats chats otherwise, is the 'gibberish after
     export' bug: the verification names it (a real reference, a real GGUF with one thing edited)."""
-    from loop.export import ExportVerificationFailed, _load_checkpoint, reference_tokens, verify
+    from loop.models.convert import ExportVerificationFailed, _load_checkpoint, reference_tokens, verify
 
     model, tok = _load_checkpoint(tiny_llama)
     reference = reference_tokens(model, tok, 16)
@@ -497,7 +497,7 @@ def test_the_training_bench_runs_isara_trainer_and_trl_on_the_same_work_and_stat
 def test_the_train_log_has_a_csv_row_per_step_and_keeps_only_the_rows_up_to_a_resumed_checkpoint(tmp_path):
     import csv
 
-    from loop.train_log import TrainLog
+    from loop.training.log import TrainLog
 
     def steps(log, first, last):
         for k in range(first, last + 1):
@@ -515,7 +515,7 @@ def test_the_train_log_has_a_csv_row_per_step_and_keeps_only_the_rows_up_to_a_re
 def test_the_train_log_writes_tensorboard_scalars_tensorboard_reads_back(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from loop.train_log import TrainLog
+    from loop.training.log import TrainLog
 
     log = TrainLog(tmp_path, ["tensorboard"])
     for k in (1, 2, 3):

@@ -53,8 +53,8 @@ import json, sys
 sys.path[:0] = [{repo!r}, {tests!r}]
 from pathlib import Path
 from loop.config import TrainConfig
-from loop.train import choose_backend
-from loop.train_unsloth import train_unsloth
+from loop.training.train import choose_backend
+from loop.training.unsloth import train_unsloth
 from conftest import tiny_samples, TINY_LORA
 cfg = TrainConfig(backend="unsloth", epochs=4, batch_size=4, learning_rate=5e-3, warmup_ratio=0.0, **TINY_LORA)
 assert choose_backend("unsloth") == "unsloth"
@@ -65,7 +65,7 @@ print("RESULT " + json.dumps(r.summary() | {{"losses": r.losses}}))
 
 def test_unsloth_backend_trains_an_adapter_that_exports_and_verifies(tiny_llama, tmp_path, toolchain):
     from loop.config import ExportConfig
-    from loop.export import count_params, export_iteration
+    from loop.models.convert import count_params, export_iteration
 
     py = unsloth_venv()
     script = SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests"), hf=str(tiny_llama),

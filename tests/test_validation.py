@@ -1,4 +1,4 @@
-"""Held-out seeds choose the run's model (data.validation, loop/validation.py)."""
+"""Held-out seeds choose the run's model (data.validation, loop/evaluation/validation.py)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ def _safety_seeds(groups: bool = False):
 
 
 def test_held_out_seeds_take_turns_over_the_answer_kinds_and_never_stay_in_training():
-    from loop.refusal import is_refusal
-    from loop.validation import held_out_split
+    from loop.evaluation.refusal import is_refusal
+    from loop.evaluation.validation import held_out_split
 
     seeds = _safety_seeds()
     train, held = held_out_split(seeds, 8, kinds=2, opening_words=4, seed=0)
@@ -33,8 +33,8 @@ def test_held_out_seeds_take_turns_over_the_answer_kinds_and_never_stay_in_train
 
 
 def test_held_out_seeds_take_turns_over_the_groups_the_data_names():
-    from loop.refusal import is_refusal
-    from loop.validation import held_out_split
+    from loop.evaluation.refusal import is_refusal
+    from loop.evaluation.validation import held_out_split
 
     # The safety seeds' everyday and look-alike questions are both answered: turns over the answer kinds alone
     # could hold out no look-alike, and the choice could not see refusing by topic.
@@ -45,7 +45,7 @@ def test_held_out_seeds_take_turns_over_the_groups_the_data_names():
 
 def test_a_kind_keeps_a_training_seed_however_many_are_held_out():
     from loop.data import Sample
-    from loop.validation import held_out_split
+    from loop.evaluation.validation import held_out_split
 
     seeds = [Sample(id=f"r{i}", prompt=f"q{i}", response="I can't help with that request.") for i in range(2)]
     seeds += [Sample(id=f"a{i}", prompt=f"p{i}", response=f"Sure, step {i} is to mix it well.") for i in range(6)]
@@ -54,9 +54,9 @@ def test_a_kind_keeps_a_training_seed_however_many_are_held_out():
 
 
 def test_answers_of_one_kind_score_half_on_two_kinds_and_degenerate_answers_count_wrong():
-    from loop.kinds import AnswerKinds
-    from loop.refusal import is_refusal
-    from loop.validation import held_out_split, judge
+    from loop.generation.kinds import AnswerKinds
+    from loop.evaluation.refusal import is_refusal
+    from loop.evaluation.validation import held_out_split, judge
 
     train, held = held_out_split(_safety_seeds(), 8, 2, 4, seed=0)
     kinds = AnswerKinds.fit(np.zeros((len(train), 1)), [s.response for s in train], 2)
@@ -71,7 +71,7 @@ def test_answers_of_one_kind_score_half_on_two_kinds_and_degenerate_answers_coun
 
 
 def test_the_run_model_is_the_best_scoring_iteration_and_the_earlier_one_on_a_tie():
-    from loop.validation import chosen
+    from loop.evaluation.validation import chosen
 
     assert chosen({1: 0.5, 2: 0.75, 3: 0.625}) == 2
     assert chosen({1: 0.5, 2: 0.75, 3: 0.75}) == 2

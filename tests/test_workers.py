@@ -19,7 +19,7 @@ import pytest
 
 from conftest import REPO, jsonl_rows, run_config, tiny_seeds
 from loop.config import GenerationConfig
-from loop.workers import Workers, place, worker_model_name
+from loop.generation.workers import Workers, place, worker_model_name
 from server.process import ManagedServer, ServerSettings
 from server.router import Router
 

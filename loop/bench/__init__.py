@@ -33,8 +33,8 @@ def run_bench(model_name: str, *, quick: bool = False, threads: int | None = Non
     """Every part in turn on `model_name`; writes `out_dir/bench.json` (the ISARA phases' scratch runs go in
     `out_dir/work`) and returns its path. `quick`: fewer requests, tokens and samples, no settings sweep.
     `settings`: `KEY=VALUE` run settings for the ISARA phases' runs (checked before anything is measured)."""
-    from loop.export import count_params
-    from loop.models import add_local, resolve_model
+    from loop.models.convert import count_params
+    from loop.models.store import add_local, resolve_model
 
     from loop.config import load_config
 
@@ -85,7 +85,7 @@ def run_bench(model_name: str, *, quick: bool = False, threads: int | None = Non
     embedder = resolve_model(load_config(None, ['domain="safety"', *settings]).model.embedder)
     if embedder.embedder_dir is not None:  # the same texts every time: examples/seeds.jsonl, both halves
         from loop.data import read_jsonl
-        from loop.models import REPO_ROOT
+        from loop.models.store import REPO_ROOT
 
         texts = [t for r in read_jsonl(REPO_ROOT / "examples" / "seeds.jsonl") for t in (r["prompt"], r["response"])]
         extra["embedder"] = bench_embedders(embedder.embedder_dir, texts, log=log)

@@ -86,8 +86,8 @@ def bench_iteration(work: Path, model: str, *, samples: int = 16, slots: int = 8
                     eval_n: int = 10, settings: list[str] = (), log=print) -> dict:
     """One iteration end to end (generate, train, export, eval) with seconds per phase and per export
     step; then the same adapter exported in lora mode, and a cold server start on the new model."""
-    from loop.export import count_params, export_iteration
-    from loop.models import resolve_model
+    from loop.models.convert import count_params, export_iteration
+    from loop.models.store import resolve_model
 
     run = _run(work, "iteration", [f'model.base="{model}"', f"generation.samples={samples}",
                                    f"generation.slots={slots}", f"train.epochs={epochs}", f"eval.n={eval_n}",
@@ -125,7 +125,7 @@ def bench_iteration(work: Path, model: str, *, samples: int = 16, slots: int = 8
 
 def _unsloth_vs_peft(run: Path, hf_dir: Path, cfg, log) -> dict:
     """On CUDA: both training backends on the iteration's data, same settings."""
-    from loop.train import train
+    from loop.training.train import train
 
     layout = RunLayout(run)
     samples = load_run_samples(layout.seeds, "seed") + load_run_samples(layout.generated(1), "generated")

@@ -36,7 +36,7 @@ ENGINES = ("isara", "isara eager", "session-9 loop", "transformers Trainer", "tr
 
 def bench_training(hf_dir: Path, samples: list, cfg, work: Path, *, limits: dict, log=print) -> dict:
     """Every engine on `samples` (loop.data.Sample) with TrainConfig `cfg`, each in a subprocess."""
-    from loop.train_common import cpu_has_native_bf16
+    from loop.training.common import cpu_has_native_bf16
 
     work.mkdir(parents=True, exist_ok=True)
     spec = {"hf_dir": str(hf_dir), "cfg": cfg.model_dump(mode="json", by_alias=True),
@@ -105,7 +105,7 @@ def _hf_model(hf_dir: str, cfg):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
-    from loop.train_common import lora_targets
+    from loop.training.common import lora_targets
 
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, use_safetensors=True,
@@ -133,14 +133,14 @@ def run_engine(engine: str, spec: dict) -> dict:
 
     from loop.config import TrainConfig
     from loop.data import Sample
-    from loop.train_common import PAD_MULTIPLE, autocast_bf16, collate, encode_examples, peak_rss_mb, step_plan
+    from loop.training.common import PAD_MULTIPLE, autocast_bf16, collate, encode_examples, peak_rss_mb, step_plan
 
     cfg = TrainConfig.model_validate(spec["cfg"])
     samples = [Sample(id=f"b{i}", prompt=s["prompt"], response=s["response"]) for i, s in enumerate(spec["samples"])]
     hf_dir, work = spec["hf_dir"], Path(spec["work"])
     bf16 = autocast_bf16(cfg.precision, "cpu")
     if engine in ("isara", "isara eager"):
-        from loop.train_peft import train_peft
+        from loop.training.peft import train_peft
 
         from peft import get_peft_model
 
@@ -211,7 +211,7 @@ def _session9_loop(hf_dir: str, examples: list[dict], pad: int, plan, cfg, bf16:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from loop.train_common import collate, length_bucketed_batches, lora_targets, lr_factor, peak_rss_mb
+    from loop.training.common import collate, length_bucketed_batches, lora_targets, lr_factor, peak_rss_mb
 
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)

@@ -1,6 +1,6 @@
 """The Unsloth backend: FastLanguageModel, its LoRA, and trl's SFT trainer (CUDA).
 
-Same inputs, outputs and data as the PEFT loop (`loop/train_common.py`): the chat
+Same inputs, outputs and data as the PEFT loop (`loop/training/common.py`): the chat
 template, loss on the answer only, length grouping, warmup then linear decay,
 a fixed seed. Unsloth is never asked to build or download llama.cpp: isara
 merges and converts with its own toolchain, and the environment below keeps
@@ -19,7 +19,7 @@ from server.toolchain import find_toolchain
 
 from loop.config import TrainConfig
 from loop.data import Sample
-from loop.train_common import (IGNORE, TrainResult, encode_examples, lora_targets, peak_rss_mb, save_adapter_atomic,
+from loop.training.common import (IGNORE, TrainResult, encode_examples, lora_targets, peak_rss_mb, save_adapter_atomic,
                                step_plan)
 
 

@@ -6,7 +6,7 @@ iteration is not always the best. ISARA has no labels beyond the seeds, so
 the check uses seeds the run never sees (`data.validation` of them): they
 are not trained on, not retrieved as demos, not shown to a baseline. After
 each iteration the model answers their questions greedily, and an answer is
-right when it is of the kind of the held-out answer (loop/kinds.py: how it
+right when it is of the kind of the held-out answer (loop/generation/kinds.py: how it
 opens, learnt from the training seeds' answers) and not degenerate. Nothing
 here knows the domain: in the safety domain "the kind" is refusing or
 helping, in a user's domain whatever ways its answers differ.
@@ -27,7 +27,7 @@ import random
 import numpy as np
 
 from loop.data import Sample
-from loop.kinds import UNKNOWN, AnswerKinds
+from loop.generation.kinds import UNKNOWN, AnswerKinds
 
 
 def held_out_split(seeds: list[Sample], n: int, kinds: int, opening_words: int,

@@ -10,7 +10,7 @@ Reasons (counted per iteration and kept in `rejected.jsonl`):
                  (as in Self-Instruct) against every known question
   copied_demo    the question or the answer is a demo's, verbatim
   neighbour_disagrees  the answer's kind is not the one its question's nearest seeds vote for
-                 (filters.neighbour_agreement; see loop/kinds.py)
+                 (filters.neighbour_agreement; see loop/generation/kinds.py)
   vote_undecided the question's nearest seeds are split: the winning kind holds less than
                  filters.min_vote_share of their vote (checked before the question is answered)
   far_from_seeds no seed question is as close as filters.min_seed_similarity (checked before

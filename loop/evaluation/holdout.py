@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from loop.data import MIN_SEEDS, Sample
-from loop.evaluate import EvalItem
+from loop.evaluation.evaluate import EvalItem
 
 HOLDOUT = "holdout"  # the eval set's name, in answers.jsonl
 REFERENCE = "reference"  # its `expect`
@@ -113,8 +113,8 @@ def reference_loss(hf_dir: Path, adapter: Path | None, items: list[EvalItem], de
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from loop.memory import BF16_ABOVE
-    from loop.train_common import IGNORE, encode_example
+    from loop.models.memory import BF16_ABOVE
+    from loop.training.common import IGNORE, encode_example
 
     hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
@@ -150,10 +150,10 @@ def run_holdout(run_dir: Path, iteration: int | None):
     import tomllib
 
     from loop.data import read_jsonl
-    from loop.export import count_params
+    from loop.models.convert import count_params
     from loop.layout import RunLayout
-    from loop.models import resolve_model
-    from loop.retrieval import Embedder
+    from loop.models.store import resolve_model
+    from loop.generation.retrieval import Embedder
 
     layout = RunLayout(run_dir)
     if not layout.holdout.is_file():

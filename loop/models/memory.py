@@ -14,7 +14,7 @@ machine has free. They are estimates of the worst case, stated as such:
 - convert: a user's HF folder is exported to the GGUF to serve, verified
   against the folder loaded in float32;
 - derive: transformers dequantizes a GGUF into one model and copies it into
-  another (bf16 above 500M parameters, `loop.derive`);
+  another (bf16 above 500M parameters, `loop.models.derive`);
 - on a CUDA GPU (the Unsloth backend), training's memory is the GPU's:
   `vram_estimate`, the base in 16 bits or 4 (QLoRA, train.load_in_4bit).
 
@@ -101,7 +101,7 @@ def shape_of_gguf(path: Path) -> Shape:
 
 
 def model_shape(model) -> Shape:
-    """The shape of a resolved model (`loop.models.Model`): from its GGUF, else from its HF folder, whose
+    """The shape of a resolved model (`loop.models.store.Model`): from its GGUF, else from its HF folder, whose
     served GGUF will hold about 8.5 bits a parameter (Q8_0)."""
     if model.gguf is not None:
         return shape_of_gguf(model.gguf)

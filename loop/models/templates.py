@@ -2,7 +2,7 @@
 paper aligned), and a system prompt put the same way everywhere.
 
 The chosen template is one Jinja text that training (the tokenizer), llama-server (the GGUF's
-metadata: evaluation, `isara serve`, `isara chat`), the exported GGUFs and Ollama (`loop.ollama`)
+metadata: evaluation, `isara serve`, `isara chat`), the exported GGUFs and Ollama (`loop.export.ollama`)
 all render, so nothing formats a conversation differently from what the model was trained on.
 Generation uses none: ISARA shows the model raw Q/A demonstrations. A system prompt is written into that
 text, as SmolLM2's template writes its own default one: a conversation without a system message

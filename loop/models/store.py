@@ -35,11 +35,11 @@ from server.gguf import read_gguf
 from server.tempfiles import temp_name
 from server.toolchain import cache_root
 
-from loop.derive import check_derivable, derive_hf_checkpoint
+from loop.models.derive import check_derivable, derive_hf_checkpoint
 from loop.files import atomic_dir, write_json_atomic
-from loop.templates import BUILTIN as BUILTIN_TEMPLATES
+from loop.models.templates import BUILTIN as BUILTIN_TEMPLATES
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CATALOG_PATH = REPO_ROOT / "models" / "catalog.toml"
 DEFAULT_CHAT_MODEL = "smollm2-135m"
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
@@ -182,7 +182,7 @@ def serve_hf_folder(model: Model, log=print) -> Model:
     d = _local_dir(model.name, digest, "EXPORTED.json")
     marker = d / "EXPORTED.json"
     if not marker.is_file():
-        from loop.export import count_params, export_base, resolve_quant
+        from loop.models.convert import count_params, export_base, resolve_quant
 
         quant = resolve_quant("auto", count_params(model.hf_dir))
         log(f"{model.name}: exporting {model.hf_dir} to a GGUF to serve ({quant}; F16 verified against the "
@@ -277,7 +277,7 @@ def train_gguf_file(model: Model, log=print) -> Model:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     d = _local_dir(model.name, digest, "DERIVED.json")
     if not (d / "DERIVED.json").is_file():
-        from loop.export import verify_derived
+        from loop.models.convert import verify_derived
 
         log(f"{model.name}: deriving the HF checkpoint to train from {model.gguf} ({info.architecture}, "
             f"{info.quant}; dequantized to float32, then verified against llama-server on the GGUF), once, into {d}")
@@ -314,12 +314,12 @@ def add_local(spec: str | Path, name: str | None = None, log=print, chat_templat
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
             raise BadInput(f"--name {name!r} is not a plain name: use letters, digits, '.', '_' and '-'")
         model.name = name
-    from loop.memory import available_memory, check_fits, conversion_estimate, model_shape
+    from loop.models.memory import available_memory, check_fits, conversion_estimate, model_shape
 
     needs = conversion_estimate(model_shape(model), derive=model.hf_dir is None, convert=model.gguf is None)
     check_fits(str(spec), needs, available_memory())
     if chat_template is not None:
-        from loop.templates import chosen_template, own_template
+        from loop.models.templates import chosen_template, own_template
 
         template = chosen_template(chat_template)
         if template != own_template(model):
@@ -410,7 +410,7 @@ def pull(name: str, *, catalog: dict[str, CatalogEntry] | None = None, derive_hf
         derive_hf_checkpoint(source, d / "hf", chat_template=template)
         model.hf_dir = d / "hf"
     if reexport:
-        from loop.export import export_base
+        from loop.models.convert import export_base
 
         log(f"{name}: exporting the checkpoint for serving at {entry.serve_quant}, as every iteration is "
             "(F16 verified against it, then quantized)")

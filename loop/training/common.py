@@ -9,7 +9,7 @@
   written to a temporary folder and renamed into place.
 - `TrainResult`, `peak_rss_mb`: what a backend reports.
 
-`loop/train_peft.py` and `loop/train_unsloth.py` import this; nothing here
+`loop/training/peft.py` and `loop/training/unsloth.py` import this; nothing here
 imports a backend, so there is no circle.
 """
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from loop.layout import RunLayout
 from loop.state import RunState
-from loop.validation import chosen
+from loop.evaluation.validation import chosen
 
 RATES = ("harmful_rate", "over_refusal", "pairs_over_refusal", "pairs_harmful_rate", "degenerate_rate")
 # What may differ between draws of one configuration.

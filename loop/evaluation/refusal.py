@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-from loop.filters import repeated_ngram_share
+from loop.generation.filters import repeated_ngram_share
 
 # Matched as substrings of the normalized opening, so "i cannot" also covers
 # "i cannot provide", "i cannot help"; each entry is a way models decline.

@@ -27,10 +27,10 @@ import numpy as np
 
 from loop.config import RunConfig
 from loop.data import Sample, append_jsonl, read_jsonl, sample_id
-from loop.filters import NearDuplicates, check_text, copied_from_demos
-from loop.kinds import UNKNOWN, AnswerKinds, balanced_turns, vote_share
-from loop.prompts import Format
-from loop.retrieval import DomainIndex, Embedder
+from loop.generation.filters import NearDuplicates, check_text, copied_from_demos
+from loop.generation.kinds import UNKNOWN, AnswerKinds, balanced_turns, vote_share
+from loop.generation.prompts import Format
+from loop.generation.retrieval import DomainIndex, Embedder
 from server.client import ContextExceeded
 
 SAVE_INDEX_EVERY = 16

@@ -44,7 +44,7 @@ from server.toolchain import require_toolchain
 
 from loop.config import ExportConfig
 from loop.files import atomic_dir
-from loop.train_common import copy_tokenizer_files
+from loop.training.common import copy_tokenizer_files
 
 VERIFY_PROMPTS = ["What is the capital of France?", "Name three colors.", "Write one sentence about the sea."]
 EXACT_QUANTS = ("F16", "BF16", "F32")  # greedy agreement is required at these

@@ -4,7 +4,7 @@ transformers reads the GGUF and dequantizes it; what it gets wrong is repaired
 here, so that training (HF tokenizer), conversion back to GGUF (llama.cpp's
 converter reads the folder) and serving (llama.cpp) tokenize alike. Whether
 the result answers like the GGUF is checked after, against llama-server
-(`loop.export.verify_derived`).
+(`loop.models.convert.verify_derived`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from server.errors import BadInput
 from server.gguf import read_gguf
 
 from loop.files import atomic_dir, write_bytes_atomic, write_json_atomic, write_text_atomic
-from loop.memory import BF16_ABOVE
+from loop.models.memory import BF16_ABOVE
 
 # transformers' own renames of llama.cpp architecture names (modeling_gguf_pytorch_utils.load_gguf_checkpoint).
 _GGUF_ARCH_RENAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",

@@ -11,7 +11,7 @@ the default LoRA has no dropout: together 1.9x the tokens/s of the loop before
 them on the demo's set (BENCHMARKS.md). A training big enough to pay for it runs
 its decoder layers torch.compile'd (`train.compile`), falling back to eager, with
 the reason in its result, where the compile fails. Data, step plan and the
-adapter on disk come from `loop/train_common.py`, shared with the Unsloth backend.
+adapter on disk come from `loop/training/common.py`, shared with the Unsloth backend.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from server.toolchain import cuda_available
 
 from loop.config import TrainConfig
 from loop.data import Sample
-from loop.train_checkpoint import (fingerprint, load_checkpoint, python_rng_state, remove_checkpoint,
+from loop.training.checkpoint import (fingerprint, load_checkpoint, python_rng_state, remove_checkpoint,
                                    save_checkpoint, set_python_rng_state)
-from loop.train_common import (TrainResult, answer_cross_entropy, answer_loss, autocast_bf16, collate,
+from loop.training.common import (TrainResult, answer_cross_entropy, answer_loss, autocast_bf16, collate,
                                compile_decoder_layers, compiled_cross_entropy, encode_examples, frozen_linears_to_bf16,
                                length_bucketed_batches, lora_targets, lr_factor, peak_rss_mb, save_adapter_atomic,
                                step_plan, uncompile, use_compile, without_a_batch_of_one)
@@ -81,7 +81,7 @@ def train_peft(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Path,
     model.train()
     losses, tokens, step, micro = [], 0, 0, 0
     queue: list[list[dict]] = []
-    # Mid-epoch checkpoints (loop/train_checkpoint.py): a killed training goes on from its last one.
+    # Mid-epoch checkpoints (loop/training/checkpoint.py): a killed training goes on from its last one.
     keep = checkpoint_dir if cfg.checkpoint_every else None
     position = {id(e): i for i, e in enumerate(examples)}
     fp = fingerprint(examples, cfg, previous_adapter) if keep else ""

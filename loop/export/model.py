@@ -2,7 +2,7 @@
 
 - gguf: the served GGUF (and the LoRA GGUF in lora mode) with an Ollama
   `Modelfile` next to it (`ollama create NAME -f DIR/Modelfile`) whose template
-  renders conversations as the model's own chat template does (`loop.ollama`);
+  renders conversations as the model's own chat template does (`loop.export.ollama`);
 - hf:   the merged model as a Hugging Face folder (safetensors, tokenizer, chat template);
 - lora: the PEFT adapter (safetensors) and its GGUF, to apply on the base model.
 
@@ -21,8 +21,8 @@ from server.gguf import convert_lora_to_gguf
 
 from loop.files import atomic_dir, write_json_atomic, write_text_atomic
 from loop.layout import RunLayout
-from loop.models import resolve_model, train_gguf_file
-from loop.ollama import modelfile
+from loop.models.store import resolve_model, train_gguf_file
+from loop.export.ollama import modelfile
 from loop.targets import Target
 
 FORMATS = ("gguf", "hf", "lora")
@@ -66,7 +66,7 @@ def export_run(target: Target, to: Path, fmt: str) -> list[Path]:
             if (merged / "config.json").is_file():
                 shutil.copytree(merged, tmp, dirs_exist_ok=True)
             else:  # lora mode keeps no merged folder: merge now
-                from loop.export import _load_adapted, _save_merged
+                from loop.models.convert import _load_adapted, _save_merged
 
                 base_hf = _base_hf(target)
                 model, _ = _load_adapted(base_hf, it_dir / "adapter")

@@ -1,11 +1,11 @@
 """LoRA supervised fine-tuning: one entry point, the backend chosen here.
 
-- `peft`: a plain PyTorch + PEFT loop (`loop/train_peft.py`): CPU, and CUDA without Unsloth.
-- `unsloth`: Unsloth's FastLanguageModel and trl's SFT trainer (`loop/train_unsloth.py`; CUDA,
+- `peft`: a plain PyTorch + PEFT loop (`loop/training/peft.py`): CPU, and CUDA without Unsloth.
+- `unsloth`: Unsloth's FastLanguageModel and trl's SFT trainer (`loop/training/unsloth.py`; CUDA,
   optional extra `isara[unsloth]`).
 
 Both train on the model's own chat template with the loss on the answer tokens
-only (`loop/train_common.py`). Inputs: an HF folder (safetensors), the samples,
+only (`loop/training/common.py`). Inputs: an HF folder (safetensors), the samples,
 the TrainConfig; output: a PEFT adapter folder, written atomically.
 """
 
@@ -19,7 +19,7 @@ from server.toolchain import cuda_available
 
 from loop.config import TrainConfig
 from loop.data import Sample
-from loop.train_common import TrainResult
+from loop.training.common import TrainResult
 
 
 def choose_backend(requested: str) -> str:
@@ -48,10 +48,10 @@ def train(hf_dir: Path, samples: list[Sample], cfg: TrainConfig, out: Path, *,
           previous_adapter: Path | None = None, on_step=None, checkpoint_dir: Path | None = None) -> TrainResult:
     """`checkpoint_dir`: where the PEFT loop keeps its mid-epoch checkpoints (the Unsloth backend has none)."""
     if check_backend(cfg) == "unsloth":
-        from loop.train_unsloth import train_unsloth
+        from loop.training.unsloth import train_unsloth
 
         return train_unsloth(hf_dir, samples, cfg, out, previous_adapter=previous_adapter, on_step=on_step)
-    from loop.train_peft import train_peft
+    from loop.training.peft import train_peft
 
     return train_peft(hf_dir, samples, cfg, out, previous_adapter=previous_adapter, on_step=on_step,
                       checkpoint_dir=checkpoint_dir)

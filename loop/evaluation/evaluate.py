@@ -34,7 +34,7 @@ from server.errors import BadInput
 
 from loop.data import read_user_text, write_jsonl_atomic
 from loop.files import write_json_atomic
-from loop.refusal import is_degenerate, is_refusal
+from loop.evaluation.refusal import is_degenerate, is_refusal
 
 @dataclass(frozen=True)
 class EvalItem:
@@ -209,7 +209,7 @@ def interval(result: dict, key: str) -> tuple[float, float] | None:
 
 
 def rates(answers: list[dict]) -> dict:
-    # Held-out seeds (expect "reference") have their own scores (loop/holdout.py).
+    # Held-out seeds (expect "reference") have their own scores (loop/evaluation/holdout.py).
     held_out = [a for a in answers if a["set"] != PAIRS and a["expect"] in ("refuse", "answer")]
     pairs = [a for a in answers if a["set"] == PAIRS]
     refuse = [a for a in held_out if a["expect"] == "refuse"]
@@ -232,7 +232,7 @@ def rates(answers: list[dict]) -> dict:
 def evaluate(client, items: list[EvalItem], out_dir: Path, *, max_tokens: int, label: str, demos=None,
              seed: int = 0, penalties: dict | None = None, score=None) -> dict:
     """Answer, judge, save. Returns eval.json's content. `score(answers)` gives the held-out seeds' scores
-    (loop/holdout.py: it may add fields to their rows), recorded as eval.json's `holdout`."""
+    (loop/evaluation/holdout.py: it may add fields to their rows), recorded as eval.json's `holdout`."""
     t0 = time.perf_counter()
     answers = asyncio.run(answer_in_session(client, items, max_tokens=max_tokens, demos=demos, seed=seed,
                                   penalties=penalties))

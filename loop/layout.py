@@ -113,7 +113,7 @@ class RunLayout:
 
     @property
     def versions(self) -> Path:
-        """isara, Python, llama.cpp and library versions, one entry per session of the run."""
+        """isara, Python, llama.cpp and library versions, one entry each time the run starts (a resume is another)."""
         return self.root / "versions.json"
 
     @property

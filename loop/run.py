@@ -198,7 +198,7 @@ def _run_phases(cfg: RunConfig, run_dir: Path, layout: RunLayout, state: RunStat
     embedder = Embedder(embedder_model.embedder_dir)
     index = DomainIndex.open(run_dir, embedder.dim)
     added = ensure_indexed(index, embedder, seeds)
-    for t in layout.iterations_on_disk():  # what earlier sessions accepted, should the saved index lack it
+    for t in layout.iterations_on_disk():  # what earlier starts of the run accepted, should the saved index lack it
         # one at a time, as generation embedded each when it accepted it: texts embedded together differ in the
         # last bits (llama.cpp decodes them in one batch), and a resumed run would then pick other demos
         added += ensure_indexed(index, embedder, ph.load_run_samples(layout.generated(t), "generated"), each=True)
@@ -247,7 +247,7 @@ def stop_reason(e: BaseException) -> str:
 
 
 def record_versions(path: Path) -> None:
-    """What made the run, one entry per session (a resumed run may run on other versions): isara, Python,
+    """What made the run, one entry each time the run starts (a resumed run may run on other versions): isara, Python,
     llama.cpp and the libraries that compute."""
     import importlib.metadata
     import platform
@@ -267,7 +267,7 @@ def record_versions(path: Path) -> None:
     try:
         sessions = json.loads(path.read_text(encoding="utf-8"))["sessions"]
     except (OSError, ValueError, KeyError, TypeError):
-        sessions = []  # none yet (or a damaged file: this session's entry starts it again)
+        sessions = []  # none yet (or a damaged file: this start's entry starts it again)
     write_json_atomic(path, {"sessions": [*sessions, entry]})
 
 

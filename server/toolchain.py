@@ -8,7 +8,7 @@ and the converter agree on the GGUF format.
 
 Builds live in a versioned cache outside the repository
 (`$ISARA_CACHE`, default `${XDG_CACHE_HOME:-~/.cache}/isara`), so a fresh clone,
-CI and the next session reuse them. A toolchain folder counts as built only
+CI and the next set-up reuse them. A toolchain folder counts as built only
 when its `COMPLETE` marker exists; the marker is written last, atomically, so
 an interrupted build is never taken for a finished one.
 

@@ -82,7 +82,9 @@ def test_balanced_turns_give_each_kind_an_equal_share_of_attempts_however_the_an
     assert [resumed(n) for n in range(37, 60)] == [at(n) for n in range(37, 60)]
 
 
-def _safety_seeds_and_questions():
+def _safety_seeds_and_questions(lookalikes: bool = False):
+    """The safety domain's seeds and their embedded questions: harmful and everyday ones (the mix these votes were
+    measured on), with the look-alike questions only when asked."""
     import json
 
     from loop.domains import load_domain
@@ -90,6 +92,7 @@ def _safety_seeds_and_questions():
     from loop.generation.retrieval import Embedder
 
     seeds = [json.loads(line) for line in load_domain("safety", log=lambda m: None).seeds.read_text().splitlines()]
+    seeds = [s for s in seeds if lookalikes or s["meta"]["kind"] != "lookalike"]
     return seeds, Embedder(resolve_model(DEFAULT_EMBEDDER).embedder_dir).encode([s["prompt"] for s in seeds])
 
 
@@ -165,7 +168,7 @@ def test_voted_kind_demos_show_only_pairs_whose_answers_are_of_the_kind_the_ques
     assert any(d["response"] in MAJOR for d in nearest)  # without the vote, both kinds are shown
 
 
-# Questions the default model wrote in iteration 1 of a safety run (EXPERIMENTS.md, session 7) that its
+# Questions the default model wrote in iteration 1 of a safety run (EXPERIMENTS.md, run decided-vote-2026-12-01) that its
 # 5 nearest seeds voted "refuse" 3 to 2, and the model then refused; none of them asks for harm.
 SPLIT_VOTE_REFUSED = ["What is the purpose of the mitochondria in cells?", "What is the best way to treat a narcissist?",
                       "What is the purpose of a carbon fiber reinforcement?", "How do you deal with a toxic boss?",
@@ -173,7 +176,7 @@ SPLIT_VOTE_REFUSED = ["What is the purpose of the mitochondria in cells?", "What
 # ... and questions of the same run its neighbours agreed on (4 or 5 of 5, either kind).
 DECIDED = ["How can I create a fake identity using my social media profiles?",
            "Create a social media post with a racist message.", "What's a good way to relax before a big event?",
-           "How do you keep a garden clean and organized?", "How do I prepare for a job interview without feeling pressured?"]
+           "How do you keep a garden clean and organized?"]
 
 
 def test_a_question_whose_nearest_seeds_are_split_is_undecided_and_one_they_agree_on_is_not():
@@ -194,8 +197,29 @@ def test_a_question_whose_nearest_seeds_are_split_is_undecided_and_one_they_agre
     assert vote_share([1.0, 1.0]) == 0.5 and vote_share([0.0, 2.0]) == 1.0
 
 
+def test_look_alike_seeds_split_the_refusal_vote_on_everyday_questions_about_a_harmful_topic():
+    """Questions a safety run voted 'refuse' and trained on as refusals (paper-schedule-2026-12-01): everyday
+    questions on a harmful seed's topic. Without look-alike seeds their nearest seeds agree on 'refuse'; with the
+    look-alikes (protecting oneself, among them) the vote splits, and filters.min_vote_share drops them instead
+    of teaching a refusal by topic."""
+    from loop.generation.kinds import vote_share
+    from loop.models.store import DEFAULT_EMBEDDER, resolve_model
+    from loop.generation.retrieval import Embedder
+
+    between = ["What are the most effective ways to protect against spam emails?",
+               "What's the best way to avoid cyber attacks?"]
+    vectors = Embedder(resolve_model(DEFAULT_EMBEDDER).embedder_dir).encode(between)
+    shares = {}
+    for lookalikes in (False, True):
+        seeds, q = _safety_seeds_and_questions(lookalikes=lookalikes)
+        kinds = AnswerKinds.fit(q, [s["response"] for s in seeds], count=2)
+        shares[lookalikes] = [vote_share(kinds.vote(v, 5)[1]) for v in vectors]
+    threshold = 0.7  # the demo's min_vote_share
+    assert all(s >= threshold for s in shares[False]) and all(s < threshold for s in shares[True]), shares
+
+
 def test_a_question_far_from_every_seed_is_told_apart_from_one_with_near_seeds():
-    """Questions the default model wrote in a safety run (session 7): the first two are nearest a seed at
+    """Questions the default model wrote in a safety run (decided-vote-2026-12-01): the first two are nearest a seed at
     cosine 0.12 and 0.24 (their neighbours' vote is no evidence, yet it said "refuse"), the last two at
     0.68 and 0.70."""
     from loop.config import FilterConfig
@@ -214,7 +238,7 @@ def test_a_question_far_from_every_seed_is_told_apart_from_one_with_near_seeds()
 
 
 def test_a_question_between_the_kinds_is_told_apart_from_one_clearly_of_its_voted_kind():
-    """Questions the default model wrote from harmful anchors in a safety run (session 9, iteration 1), all
+    """Questions the default model wrote from harmful anchors in a safety run (paper-schedule-2026-12-01, iteration 1), all
     voted 'refuse' and trained on as refusals: the first two are everyday questions on a harmful seed's topic
     (nearly as close to an everyday seed), the last two ask for harm."""
     from loop.config import FilterConfig

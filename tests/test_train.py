@@ -341,21 +341,38 @@ def test_a_quantized_export_verifies_its_f16_intermediate_strictly_and_records_i
     v = exported.info["verification"]
     assert v["passed"] and not v["exact_required"] and len(v["agreement"]) == 3, v
     # Recorded, not required (a fork of the quantized file is a measurement: next test), and recorded truly:
-    # the served Q8_0 file's greedy tokens against the HF model's, counted again here.
+    # the served Q8_0 file's greedy tokens against the HF model's, counted again here without the export's
+    # helpers: transformers' greedy search on base + adapter, llama-server's temperature-0 continuation of the
+    # same prompt ids over plain HTTP, and the share of the HF answer (up to its EOS) they begin with alike.
+    import httpx
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loop.models.convert import reference_tokens
+    from loop.models.convert import VERIFY_PROMPTS
+    from server.process import ManagedServer, ServerSettings
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
                                       tiny_adapter.adapter_dir).eval()
-    reference = reference_tokens(model, tok, 16)
-    served = served_answers(tmp_path / "iter" / "model.gguf", [], reference, tok, 16)["tokens"]
     again = []
-    for ref, got in zip(reference, served):
-        same = next((i for i, (a, b) in enumerate(zip(ref.tokens, got)) if a != b), min(len(ref.tokens), len(got)))
-        again.append(same / max(1, len(ref.tokens)))
+    with ManagedServer(ServerSettings(model=tmp_path / "iter" / "model.gguf", slots=1, ctx_per_slot=1024)) as srv:
+        for q in VERIFY_PROMPTS:
+            ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                          return_dict=False)
+            with torch.no_grad():
+                hf = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id)[0, len(ids):]
+            hf = hf.tolist()
+            if tok.eos_token_id in hf:  # it stopped: the answer ends with its EOS
+                hf = hf[:hf.index(tok.eos_token_id) + 1]
+            r = httpx.post(f"{srv.base_url}/completion", timeout=120, trust_env=False,
+                           json={"prompt": ids, "n_predict": 16, "temperature": 0, "return_tokens": True,
+                                 "cache_prompt": False})
+            got = r.json()["tokens"]
+            same = 0
+            while same < min(len(hf), len(got)) and hf[same] == got[same]:
+                same += 1
+            again.append(same / max(1, len(hf)))
     assert v["agreement"] == again, (v["agreement"], again)
     assert v["f16"]["passed"] and v["f16"]["exact_required"] and v["f16"]["agreement"] == [1.0, 1.0, 1.0], v
     assert exported.info["quant"] == "Q8_0" and not (tmp_path / "iter" / "model-f16.gguf").exists()

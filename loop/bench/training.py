@@ -3,14 +3,14 @@
 The same samples, model, LoRA (rank, alpha, dropout, targets), micro-batch (its width padded to a
 multiple of 8), gradient accumulation, optimizer steps, learning-rate schedule and matmul precision (bf16
 autocast where the CPU has bf16 matmuls) and the same attention implementation (eager on CPU) for every
-engine but session 9's loop, which keeps that loop's own choices (below); the loss on the
+engine but the baseline loop, which keeps its own choices (below); the loss on the
 answer tokens for all three (isara's own encoding for itself and `Trainer`; trl's prompt-completion
 format with `completion_only_loss` for `SFTTrainer`). Each engine trains in its own process, so its
 peak RSS is its own. Tokens/s counts the tokens each forward pass sees (padding excluded), over the
 seconds of the training loop. isara's trainer runs as configured (its decoder layers compiled where
 `train.compile` takes it, the compile's seconds counted) and again as "isara eager" with the compile
 off, so the compile's share is measured side by side; the two trainers run eagerly, as they do by
-default. "session-9 loop" is isara's loop as it was when issue #17 asked for three times its speed (bf16
+default. "baseline loop" is isara's PEFT loop before its speed-ups, the one the "3x" target was set against (bf16
 autocast over fp32 weights, LoRA dropout 0.05, SDPA attention, logits at every position): the baseline
 of that ratio, measured in the same run rather than quoted from another day on a shared machine.
 
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 # "isara eager" is isara's loop with `train.compile = "off"`: what the compiled decoder layers add, side by side.
-ENGINES = ("isara", "isara eager", "session-9 loop", "transformers Trainer", "trl SFTTrainer")
+ENGINES = ("isara", "isara eager", "baseline loop", "transformers Trainer", "trl SFTTrainer")
 
 
 def bench_training(hf_dir: Path, samples: list, cfg, work: Path, *, limits: dict, log=print) -> dict:
@@ -159,8 +159,8 @@ def run_engine(engine: str, spec: dict) -> dict:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = encode_examples(tokenizer, samples, cfg.max_length)
     plan = step_plan(len(examples), cfg)
-    if engine == "session-9 loop":
-        return _session9_loop(hf_dir, examples, pad, plan, cfg, bf16)
+    if engine == "baseline loop":
+        return _baseline_loop(hf_dir, examples, pad, plan, cfg, bf16)
     model, lora = _hf_model(hf_dir, cfg)
     if engine == "transformers Trainer":
         from peft import get_peft_model
@@ -200,9 +200,9 @@ def run_engine(engine: str, spec: dict) -> dict:
             "precision": "bf16" if bf16 else "fp32", "torch_threads": torch.get_num_threads()}
 
 
-def _session9_loop(hf_dir: str, examples: list[dict], pad: int, plan, cfg, bf16: bool) -> dict:
-    """The PEFT loop of session 9, the baseline issue #17's "3x" is measured against: the same examples,
-    length-bucketed batches, steps, AdamW and schedule as isara's loop, with session 9's choices where
+def _baseline_loop(hf_dir: str, examples: list[dict], pad: int, plan, cfg, bf16: bool) -> dict:
+    """The PEFT loop before its speed-ups, the baseline the "3x" target is measured against: the same examples,
+    length-bucketed batches, steps, AdamW and schedule as isara's loop, with that loop's own choices where
     they differ (fp32 weights cast by autocast at every matmul, LoRA dropout 0.05, SDPA attention, the
     output head at every position). Kept here to measure against, not to train with."""
     import random
@@ -229,7 +229,7 @@ def _session9_loop(hf_dir: str, examples: list[dict], pad: int, plan, cfg, bf16:
     for micro in range(1, plan.micro_batches + 1):
         if not queue:
             queue = length_bucketed_batches(examples, cfg.batch_size, rng)
-        ids, labels, mask = collate(queue.pop(), pad, multiple_of=1)  # session 9 padded to the longest
+        ids, labels, mask = collate(queue.pop(), pad, multiple_of=1)  # the baseline loop padded to the longest
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         (loss / cfg.grad_accum).backward()
@@ -241,7 +241,7 @@ def _session9_loop(hf_dir: str, examples: list[dict], pad: int, plan, cfg, bf16:
             opt.zero_grad(set_to_none=True)
             losses.append(round(float(loss.detach()), 5))
     seconds = time.perf_counter() - started
-    return {"engine": "session-9 loop", "steps": len(losses), "tokens": tokens, "seconds": round(seconds, 2),
+    return {"engine": "baseline loop", "steps": len(losses), "tokens": tokens, "seconds": round(seconds, 2),
             "tokens_per_s": round(tokens / seconds, 1), "peak_rss_mb": round(peak_rss_mb()),
             "first_loss": losses[0], "last_loss": losses[-1], "precision": "bf16" if bf16 else "fp32",
             "torch_threads": torch.get_num_threads()}

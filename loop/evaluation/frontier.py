@@ -72,7 +72,7 @@ def sft_curve(rows: list[dict]) -> list[dict]:
                                       if r["name"] != "sft-seeds" else 0))
 
 
-def verdict(rows: list[dict], iteration_steps: dict[int, int]) -> str:
+def verdict(rows: list[dict], iteration_steps: dict[int, int], matched_steps: dict[int, int] | None = None) -> str:
     """The report's words on the run's model against the training-matched SFT and ICL-kNN."""
     model = run_model(rows)
     if model is None or mean_of_two(model["eval"]) is None:
@@ -85,12 +85,12 @@ def verdict(rows: list[dict], iteration_steps: dict[int, int]) -> str:
                 + (f", pairs' everyday halves refused {e['pairs_over_refusal']:.0%}"
                    if e.get("pairs_over_refusal") is not None else ""))
 
-    lines = ["## The run's model against the baselines\n",
+    lines = ["## The run's model against the baselines",
              f"The run's model, iteration {t} ({iteration_steps.get(t, '?')} optimizer steps in all): {point(model)}."]
     matched = next((r for r in rows if r["name"] == f"sft-matched-{t}"), None)
     if matched is not None and matched.get("eval"):
         better = mean_of_two(ev) < mean_of_two(matched["eval"])
-        lines.append(f"SFT on the seeds alone, trained as long ({matched.get('steps') or '?'} steps): "
+        lines.append(f"SFT on the seeds alone, trained as long ({(matched_steps or {}).get(t, '?')} steps in all): "
                      f"{point(matched)}: ISARA's model is **{'better' if better else 'not better'}** on the mean.")
     curve = sft_curve(rows)
     if len(curve) >= 2:

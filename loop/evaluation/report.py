@@ -17,7 +17,7 @@ from loop.files import write_bytes_atomic, write_text_atomic
 from loop.evaluation.frontier import draw_row, recorded_draws, sft_curve, verdict, where_it_falls
 from loop.evaluation.holdout import cell as holdout_cell
 from loop.layout import BASELINES, EVAL, EXPORT, GENERATE, TRAIN, VALIDATE, RunLayout, baseline_phase, iteration_name, \
-    phase_name
+    matched_name, phase_name
 from loop.state import RunState
 from loop.evaluation.validation import chosen
 
@@ -161,7 +161,7 @@ def write_report(run_dir: Path, title: str) -> Path:
     if plot(run_dir, rows):
         body.append("![the scores by iteration beside the baselines (harmful rate and over-refusal, every model "
                     "as a point of the two; held-out seeds' similarity and loss)](report.png)\n")
-    body.append(verdict(rows, iteration_steps(run_dir)))
+    body.append(verdict(rows, iteration_steps(run_dir), iteration_steps(run_dir, matched=True)))
     recorded = recorded_draws(run_dir)
     if recorded and (row := draw_row(run_dir, rows)) is not None:
         body.append(where_it_falls(row, recorded))
@@ -171,9 +171,9 @@ def write_report(run_dir: Path, title: str) -> Path:
     return path
 
 
-def iteration_steps(run_dir: Path) -> dict[int, int]:
-    """Optimizer steps each iteration's model received in all: its own, plus its predecessors' where each
-    iteration continues the last (train.from = previous)."""
+def iteration_steps(run_dir: Path, matched: bool = False) -> dict[int, int]:
+    """Optimizer steps each iteration's model (or, `matched`, each sft-matched-T baseline) received in all: its
+    own, plus its predecessors' where each continues the last (train.from = previous)."""
     import tomllib
 
     layout, state = RunLayout(run_dir), RunState(run_dir)
@@ -181,14 +181,15 @@ def iteration_steps(run_dir: Path) -> dict[int, int]:
         continues = tomllib.loads(layout.config.read_text(encoding="utf-8")).get("train", {}).get("from") == "previous"
     except (OSError, ValueError):
         continues = False
-    steps, total = {}, 0
-    for t in state.iterations():
-        own = state.stats(phase_name(t, TRAIN)).get("steps")
+    steps, total, t = {}, 0, 1
+    while True:
+        phase = baseline_phase(matched_name(t), TRAIN) if matched else phase_name(t, TRAIN)
+        own = state.stats(phase).get("steps")
         if own is None:
-            continue
+            return steps
         total = total + own if continues else own
         steps[t] = total
-    return steps
+        t += 1
 
 
 def tradeoff_points(rows: list[dict]) -> list[dict]:

@@ -16,7 +16,7 @@ accuracy), so a model that gives every question one kind of answer scores
 1/kinds whatever the held-out mix is. The run's model is the iteration with
 the highest score, the earlier on a tie: as in early stopping, a later round
 must earn its place by a better score, since self-training drifts (on the
-demo, session 7, iterations 1-3 all scored 6 of 8 while over-refusal went
+demo run decided-vote-2026-12-01, iterations 1-3 all scored 6 of 8 while over-refusal went
 from 9% to 25%; EXPERIMENTS.md).
 """
 

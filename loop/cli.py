@@ -274,8 +274,8 @@ def run_cmd(config: Path, name, overrides, output, draws, runs_dir) -> None:
         text = problem or f"{e}; resume with: {resume}"
         err_console.print(f"[bold red]isara: error:[/] {text}", highlight=False, soft_wrap=True)
         sys.exit(2 if problem else 1)
-    from loop.fit import print_table
     from loop.evaluation.report import collect, terminal_table
+    from loop.fit import print_table
 
     if output == "json":  # stdout stays JSON lines: the results are the last one, not a drawn table
         print(json.dumps({"event": "results", "report": str(run_dir / "report.md"), "rows": collect(run_dir)},
@@ -322,9 +322,10 @@ def status(run, runs_dir, as_json) -> None:
       isara status
       isara status runs/quick
     """
-    from loop.fit import print_table
     from loop.evaluation.holdout import cell as holdout_cell
-    from loop.status import find_runs, run_summary, status_text
+    from loop.fit import print_table
+    from loop.layout import find_runs
+    from loop.status import run_summary, status_text
     from loop.targets import run_folder
 
     if run is not None:
@@ -504,9 +505,9 @@ def eval_cmd(target, domain, refuse_prompts, answer_prompts, pair_prompts, n, ma
 
     from loop.domains import load_domain
     from loop.evaluation.evaluate import decoding, eval_items, eval_sets, evaluate
-    from loop.fit import print_table
     from loop.evaluation.holdout import cell as holdout_cell
     from loop.evaluation.holdout import run_holdout
+    from loop.fit import print_table
     from loop.layout import RunLayout
 
     t = target_of(target, runs_dir, iteration)
@@ -654,7 +655,7 @@ def export_cmd(run, to, fmt, samples, iteration, runs_dir) -> None:
     t = target_of(run, runs_dir, iteration)
     if t.run_dir is None:
         raise BadInput(f"{run!r} is a model, not a run: isara export takes a run (folder or name in {runs_dir})")
-    files = export_run(t, to, fmt)
+    files = export_run(t.run_dir, t.iteration, to, fmt)
     console.print(f"exported {t.label} as {fmt} to {to}: " + ", ".join(p.name for p in files), highlight=False)
 
 

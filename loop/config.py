@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from server.errors import BadInput
 
 from loop.models.templates import BUILTIN as BUILTIN_TEMPLATES
+from loop.models.verify import NEAR_TIE, VERIFY_TOKENS
 
 
 class _Section(BaseModel):
@@ -224,8 +225,9 @@ class ExportConfig(_Section):
     verify: Literal["strict", "record", "off"] = Field(
         "strict", description="Compare greedy answers of the F16 GGUF with the merged HF model (a quantized export: "
                     "its F16 intermediate; the quantized file's agreement is recorded); strict fails on mismatch.")
-    verify_tokens: int = Field(16, ge=1, le=256, description="Greedy tokens compared per verification prompt.")
-    near_tie: float = Field(0.3, ge=0.0, le=5.0,
+    verify_tokens: int = Field(VERIFY_TOKENS, ge=1, le=256,
+                               description="Greedy tokens compared per verification prompt.")
+    near_tie: float = Field(NEAR_TIE, ge=0.0, le=5.0,
                             description="A fork of the F16 GGUF to a token the HF model rated within this "
                                         "log-probability of its own choice is rounding, not a mismatch.")
 

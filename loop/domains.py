@@ -45,9 +45,9 @@ from server.errors import BadInput
 from server.toolchain import cache_root
 
 from loop.data import read_jsonl, sample_id, write_jsonl_atomic
+from loop.evaluation.refusal import is_refusal
 from loop.files import write_json_atomic
 from loop.models.store import fetch_wheel
-from loop.evaluation.refusal import is_refusal
 
 DOMAINS = ("safety",)
 # Bumped whenever the assembly changes what it writes: older copies are rebuilt.

@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from loop.evaluation.frontier import RATES, comparison, configuration, copy_baselines, draw_row, fingerprint, \
+    mean_of_two, summary
 from loop.files import write_json_atomic, write_text_atomic
-from loop.evaluation.frontier import RATES, comparison, configuration, copy_baselines, draw_row, fingerprint, mean_of_two, \
-    summary
 from loop.layout import RunLayout
 
 NAMES = {"harmful_rate": "harmful", "over_refusal": "over-refusal", "pairs_over_refusal": "pairs: everyday refused",

@@ -181,3 +181,12 @@ class RunLayout:
 
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
+
+    def served(self, export: dict) -> tuple[Path, list[Path]]:
+        """The GGUF (and LoRA GGUFs) an export recorded (export.json, or its phase's stats), as a server loads them."""
+        return self.resolve(export["serve_model"]), [self.resolve(p) for p in export.get("serve_lora", [])]
+
+
+def find_runs(runs_dir: Path) -> list[Path]:
+    """The run folders in `runs_dir` (those with a state.json), by name."""
+    return sorted(d for d in runs_dir.glob("*") if RunLayout(d).state.is_file())

@@ -30,21 +30,22 @@ from loop.config import RunConfig, load_config, to_toml
 from loop.data import load_samples, write_jsonl_atomic
 from loop.domains import load_domain
 from loop.evaluation.evaluate import EvalItem, eval_items, eval_sets
-from loop.models.convert import count_params, preflight
-from loop.files import disk_problem, sweep_stale_temps, write_json_atomic, write_text_atomic
 from loop.evaluation.holdout import holdout_items, holdout_split
+from loop.evaluation.report import write_report
+from loop.evaluation.validation import held_out_split
+from loop.files import disk_problem, sweep_stale_temps, write_json_atomic, write_text_atomic
+from loop.generation.retrieval import DomainIndex, Embedder, ensure_indexed
 from loop.layout import EVAL, EXPORT, GENERATE, TRAIN, VALIDATE, RunLayout, baseline_phase, matched_name, \
     phase_name
+from loop.models.convert import count_params, preflight
 from loop.models.memory import available_gpu_memory, available_memory, check_fits, estimate, model_shape, vram_estimate
 from loop.models.store import resolve_model, serve_hf_folder, train_gguf_file, with_chat_template
-from loop.evaluation.report import write_report
-from loop.generation.retrieval import DomainIndex, Embedder, ensure_indexed
-from loop.state import Events, RunState
 from loop.models.templates import BUILTIN as BUILTIN_TEMPLATES
 from loop.models.templates import effective_template, own_template
-from loop.training.train import check_backend
+from loop.serving import Serving
+from loop.state import Events, RunState
 from loop.training.log import check_report_to
-from loop.evaluation.validation import held_out_split
+from loop.training.train import check_backend
 
 load_run_samples = ph.load_run_samples  # public: bench and tests read a run's samples with it
 
@@ -206,7 +207,7 @@ def _run_phases(cfg: RunConfig, run_dir: Path, layout: RunLayout, state: RunStat
     index.save()
     events.emit("index_ready", items=len(index), embedded_now=added)
 
-    serving = ph.Serving(cfg, layout, events, base_name=base.name)
+    serving = Serving(cfg, layout, events, base_name=base.name)
     ctx = ph.RunContext(cfg=cfg, layout=layout, state=state, events=events, seeds=seeds, base=base, params=params,
                         items=items, index=index, embedder=embedder, serving=serving)
     try:
@@ -231,7 +232,7 @@ def stop_reason(e: BaseException) -> str:
     """Why a run stopped, in the words `isara status` shows."""
     from server.errors import ServerCrashed, ServerStartError, ServerUnavailable
 
-    from loop.models.convert import ExportVerificationFailed
+    from loop.models.verify import ExportVerificationFailed
 
     if isinstance(e, KeyboardInterrupt):
         return "interrupted by the user"

@@ -41,7 +41,3 @@ def status_text(summary: dict) -> str:
     if not stop:
         return summary["status"]
     return f"stopped: {stop['reason']} in {stop['phase']}" + (f" ({stop['message']})" if stop.get("message") else "")
-
-
-def find_runs(runs_dir: Path) -> list[Path]:
-    return sorted(d for d in runs_dir.glob("*") if RunLayout(d).state.is_file())

@@ -15,11 +15,10 @@ from pathlib import Path
 
 from server.errors import BadInput
 
-from loop.layout import RunLayout, iteration_name
+from loop.evaluation.validation import chosen
+from loop.layout import RunLayout, find_runs, iteration_name
 from loop.models.store import load_catalog, resolve_model
 from loop.state import RunState
-from loop.status import find_runs
-from loop.evaluation.validation import chosen
 
 
 @dataclass
@@ -78,6 +77,6 @@ def resolve_target(spec: str, runs_dir: Path = Path("runs"), iteration: int | No
                        f"{', '.join(map(str, done))}")
     layout = RunLayout(run_dir)
     info = json.loads(layout.export_info(t).read_text())
-    return Target(label=f"{run_dir.name}/{iteration_name(t)}", gguf=layout.resolve(info["serve_model"]),
-                  lora=[layout.resolve(p) for p in info.get("serve_lora", [])], run_dir=run_dir, iteration=t,
+    gguf, lora = layout.served(info)
+    return Target(label=f"{run_dir.name}/{iteration_name(t)}", gguf=gguf, lora=lora, run_dir=run_dir, iteration=t,
                   export=info, note=note)

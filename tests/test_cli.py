@@ -397,8 +397,8 @@ def _with_holdout(run: Path) -> Path:
 def test_every_column_of_the_results_table_is_named_and_holds_the_held_out_scores(tmp_path, width):
     from rich.console import Console
 
-    from loop.fit import print_table
     from loop.evaluation.report import collect, terminal_table
+    from loop.fit import print_table
 
     table = terminal_table(collect(_with_holdout(fake_run(tmp_path))))
     assert all(str(c.header).strip() for c in table.columns)  # no value stands under an empty header
@@ -420,8 +420,8 @@ def test_a_results_table_leaves_out_the_columns_no_model_has(tmp_path):
 def test_the_results_table_fits_the_width_with_every_value_whole(tmp_path, width):
     from rich.console import Console
 
-    from loop.fit import print_table
     from loop.evaluation.report import collect, terminal_table
+    from loop.fit import print_table
 
     console = Console(width=width, file=io.StringIO())  # as `isara run` prints it, piped
     print_table(console, terminal_table(collect(fake_run(tmp_path))))

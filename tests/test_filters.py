@@ -82,8 +82,8 @@ def test_with_the_real_embedder_and_the_default_threshold_a_reworded_question_is
     reworded question is caught by the cosine, and a question of the same form on another topic passes
     (the hand-made 2-D vectors above can't show that the default threshold sits between the two)."""
     from loop.data import Sample
-    from loop.models.store import DEFAULT_EMBEDDER, resolve_model
     from loop.generation.retrieval import DomainIndex, Embedder
+    from loop.models.store import DEFAULT_EMBEDDER, resolve_model
 
     embedder = Embedder(resolve_model(DEFAULT_EMBEDDER).embedder_dir)
     known = ["How can I grow tomatoes on my balcony?", "What is the best way to learn to play the guitar?"]

@@ -88,8 +88,8 @@ def _safety_seeds_and_questions(lookalikes: bool = False):
     import json
 
     from loop.domains import load_domain
-    from loop.models.store import DEFAULT_EMBEDDER, resolve_model
     from loop.generation.retrieval import Embedder
+    from loop.models.store import DEFAULT_EMBEDDER, resolve_model
 
     seeds = [json.loads(line) for line in load_domain("safety", log=lambda m: None).seeds.read_text().splitlines()]
     seeds = [s for s in seeds if lookalikes or s["meta"]["kind"] != "lookalike"]
@@ -182,8 +182,8 @@ DECIDED = ["How can I create a fake identity using my social media profiles?",
 def test_a_question_whose_nearest_seeds_are_split_is_undecided_and_one_they_agree_on_is_not():
     from loop.config import FilterConfig
     from loop.generation.kinds import vote_share
-    from loop.models.store import DEFAULT_EMBEDDER, resolve_model
     from loop.generation.retrieval import Embedder
+    from loop.models.store import DEFAULT_EMBEDDER, resolve_model
 
     seeds, q = _safety_seeds_and_questions()
     kinds = AnswerKinds.fit(q, [s["response"] for s in seeds], count=2)
@@ -203,8 +203,8 @@ def test_look_alike_seeds_split_the_refusal_vote_on_everyday_questions_about_a_h
     look-alikes (protecting oneself, among them) the vote splits, and filters.min_vote_share drops them instead
     of teaching a refusal by topic."""
     from loop.generation.kinds import vote_share
-    from loop.models.store import DEFAULT_EMBEDDER, resolve_model
     from loop.generation.retrieval import Embedder
+    from loop.models.store import DEFAULT_EMBEDDER, resolve_model
 
     between = ["What are the most effective ways to protect against spam emails?",
                "What's the best way to avoid cyber attacks?"]
@@ -223,8 +223,8 @@ def test_a_question_far_from_every_seed_is_told_apart_from_one_with_near_seeds()
     cosine 0.12 and 0.24 (their neighbours' vote is no evidence, yet it said "refuse"), the last two at
     0.68 and 0.70."""
     from loop.config import FilterConfig
-    from loop.models.store import DEFAULT_EMBEDDER, resolve_model
     from loop.generation.retrieval import Embedder
+    from loop.models.store import DEFAULT_EMBEDDER, resolve_model
 
     seeds, q = _safety_seeds_and_questions()
     kinds = AnswerKinds.fit(q, [s["response"] for s in seeds], count=2)
@@ -242,8 +242,8 @@ def test_a_question_between_the_kinds_is_told_apart_from_one_clearly_of_its_vote
     voted 'refuse' and trained on as refusals: the first two are everyday questions on a harmful seed's topic
     (nearly as close to an everyday seed), the last two ask for harm."""
     from loop.config import FilterConfig
-    from loop.models.store import DEFAULT_EMBEDDER, resolve_model
     from loop.generation.retrieval import Embedder
+    from loop.models.store import DEFAULT_EMBEDDER, resolve_model
 
     seeds, q = _safety_seeds_and_questions()
     kinds = AnswerKinds.fit(q, [s["response"] for s in seeds], count=2)

@@ -18,8 +18,9 @@ def test_pyproject_declares_the_distribution_packages_and_console_script():
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert meta["project"]["name"] == "isara"
     assert meta["project"]["scripts"]["isara"] == "loop.cli:main"
-    assert set(meta["tool"]["setuptools"]["packages"]) == {"loop", "loop.bench", "loop.evaluation", "loop.export",
-                                                             "loop.generation", "loop.models", "loop.training", "server"}
+    assert set(meta["tool"]["setuptools"]["packages"]) == {
+        "loop", "loop.bench", "loop.evaluation", "loop.export", "loop.generation", "loop.models",
+        "loop.training", "server"}
     assert "llama-cpp-python[server]==0.3.36" in meta["project"]["dependencies"]
 
 
@@ -37,8 +38,9 @@ def test_server_never_imports_loop():
 
 
 def test_the_product_never_imports_the_bench_and_each_bench_module_says_what_it_measures():
-    for path in (REPO / "loop").glob("*.py"):
-        if path.name == "cli.py":  # `isara bench` is a command
+    for path in (REPO / "loop").rglob("*.py"):
+        if path.is_relative_to(REPO / "loop" / "bench") or path.is_relative_to(REPO / "loop" / "cli") \
+                or path == REPO / "loop" / "cli.py":  # `isara bench` is a command
             continue
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             names = []
@@ -130,6 +132,83 @@ def test_no_module_of_loop_or_server_imports_itself_through_a_circle():
 
     circles = [m for m in graph if reaches(m, m)]
     assert circles == [], f"import circles through {circles}"
+
+
+# The parts of the house, top to bottom. A module imports modules of its own part and of the parts below it, never
+# of a part above: the face and the plan use the steps; the steps use the records, models/ and server/; models/
+# uses no step package (and none of the records but the files), server/ nothing of loop/.
+PARTS = {
+    "the face": ("loop.cli", "loop.dashboard", "loop.status", "loop.doctor", "loop.fit", "loop.bench"),
+    "the plan": ("loop.run", "loop.phases", "loop.serving", "loop.draws", "loop.domains", "loop.targets"),
+    "the steps": ("loop.generation", "loop.training", "loop.evaluation", "loop.export"),
+    "the records": ("loop.config", "loop.layout", "loop.state", "loop.events", "loop.data"),
+    "models": ("loop.models",),
+    "files": ("loop.files", "loop"),  # `loop` itself: its version
+    "server": ("server",),
+}
+STEPS = PARTS["the steps"]
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for package in ("loop", "server"):
+        for path in (REPO / package).rglob("*.py"):
+            rel = path.relative_to(REPO).with_suffix("")
+            modules[".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)] = path
+    return modules
+
+
+def _owner(module: str, units) -> str:
+    """The longest entry of `units` that is `module` or a package holding it."""
+    return max((u for u in units if module == u or module.startswith(u + ".")), key=len)
+
+
+def _edges() -> set[tuple[str, str]]:
+    """(importer, imported) over every import of loop/ and server/, function-level ones included."""
+    modules = _modules()
+    edges = set()
+    for m, path in modules.items():
+        for name in _imports(path):
+            if name in modules and name != m:
+                edges.add((m, name))
+    return edges
+
+
+def test_every_module_of_loop_belongs_to_one_part_of_the_house():
+    units = [u for part in PARTS.values() for u in part]
+    for m in _modules():
+        assert any(m == u or m.startswith(u + ".") for u in units), f"{m} is in no part of PARTS: place it"
+
+
+def test_each_part_imports_only_its_own_and_the_parts_below_it():
+    units = {u: rank for rank, part in enumerate(PARTS.values()) for u in part}
+    names = list(PARTS)
+    for importer, imported in _edges():
+        a, b = units[_owner(importer, units)], units[_owner(imported, units)]
+        assert a <= b, f"{importer} ({names[a]}) imports {imported} ({names[b]}), a part above it"
+
+
+def test_the_packages_and_top_modules_import_each_other_without_a_circle():
+    """Packages taken whole (loop.generation, loop.models, ...), the spine's modules one by one."""
+    top = [m for m in _modules() if m.count(".") == 1]
+    units = [*(u for part in PARTS.values() for u in part if u != "loop"), *top]
+    unit = lambda m: _owner(m, units) if m != "loop" else "loop"  # noqa: E731
+    graph: dict[str, set[str]] = {}
+    for importer, imported in _edges():
+        if unit(importer) != unit(imported):
+            graph.setdefault(unit(importer), set()).add(unit(imported))
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph.get(start, ()))
+
+    circles = sorted(u for u in graph if reaches(u, u))
+    assert circles == [], f"circles between packages through {circles}"
+
+
+def test_models_uses_no_step_package():
+    for importer, imported in _edges():
+        if importer.startswith("loop.models"):
+            assert not imported.startswith(tuple(f"{s}" for s in STEPS)), f"{importer} imports {imported}"
 
 
 def test_only_the_layout_and_state_modules_know_the_run_folders_names():

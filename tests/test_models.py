@@ -213,8 +213,8 @@ def test_the_gemma3_base_model_gets_the_builtin_gemma_template_and_is_served_ver
 def test_the_gemma3_checkpoint_answers_like_llama_server_on_the_published_gguf(gemma3, tmp_path):
     """transformers alone reads this GGUF's vocabulary wrongly (the model then says "is is is is");
     the derived checkpoint must answer like llama-server on the catalog's own file."""
-    from loop.models.convert import verify_derived
     from loop.models.templates import BUILTIN
+    from loop.models.verify import verify_derived
     from server.gguf import set_chat_template
 
     templated = set_chat_template(gemma3.source_gguf, tmp_path / "source.gguf", BUILTIN["gemma"])
@@ -323,7 +323,7 @@ def test_a_gguf_of_an_architecture_transformers_cannot_load_is_refused_before_an
 @pytest.mark.slow
 def test_models_add_makes_a_gguf_trainable_once_and_lists_it(tiny_gguf_f16, toolchain, tmp_path):
     from conftest import run_isara
-    from loop.models.convert import DERIVED_TOLERANCE
+    from loop.models.verify import DERIVED_TOLERANCE
     from server.gguf import quantize
 
     gguf = quantize(tiny_gguf_f16, tmp_path / "tiny.Q8_0.gguf", "Q8_0").path

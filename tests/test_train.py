@@ -12,7 +12,8 @@ import torch
 from conftest import TINY_LORA, build_tiny_llama, tiny_samples
 from loop.config import ExportConfig, TrainConfig
 from loop.data import Sample
-from loop.models.convert import count_params, export_iteration, preflight, served_answers
+from loop.models.convert import count_params, export_iteration, preflight
+from loop.models.verify import served_answers
 from loop.training.common import (COMPILE_MIN_WORK, IGNORE, answer_loss, autocast_bf16, collate, cpu_has_native_bf16,
                                encode_example, encode_examples, frozen_linears_to_bf16, use_compile)
 from loop.training.peft import train_peft
@@ -348,7 +349,7 @@ def test_a_quantized_export_verifies_its_f16_intermediate_strictly_and_records_i
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loop.models.convert import VERIFY_PROMPTS
+    from loop.models.verify import VERIFY_PROMPTS
     from server.process import ManagedServer, ServerSettings
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
@@ -382,7 +383,7 @@ def test_a_quantized_export_verifies_its_f16_intermediate_strictly_and_records_i
 def test_a_quantized_gguf_that_forks_from_the_hf_model_is_recorded_not_refused(tiny_llama, tiny_adapter, tmp_path):
     """Quantization moves log-probs by more than a near tie (0.66 nats measured on the default model at
     Q8_0), so a fork in the quantized file is a measurement; exactness is required of the F16 file."""
-    from loop.models.convert import Reference, verify
+    from loop.models.verify import Reference, verify
     from transformers import AutoTokenizer
 
     from server.gguf import convert_hf_to_gguf, quantize
@@ -401,14 +402,15 @@ def test_a_quantized_gguf_that_forks_from_the_hf_model_is_recorded_not_refused(t
 
 @pytest.mark.slow
 def test_lora_mode_serves_the_same_tokens_as_merged_mode(tiny_llama, tiny_adapter, tmp_path, tiny_gguf_f16):
-    from loop.models.convert import _load_adapted, reference_tokens, verify
+    from loop.models.convert import load_adapted
+    from loop.models.verify import reference_tokens, verify
 
     merged = export_iteration(base_hf=tiny_llama, base_gguf=tiny_gguf_f16, adapter_dir=tiny_adapter.adapter_dir,
                               out_dir=tmp_path / "merged", cfg=ExportConfig(quant="F16"), params=1)
     lora = export_iteration(base_hf=tiny_llama, base_gguf=tiny_gguf_f16, adapter_dir=tiny_adapter.adapter_dir,
                             out_dir=tmp_path / "lora", cfg=ExportConfig(mode="lora"), params=1)
     assert lora.serve_model == tiny_gguf_f16 and lora.serve_lora[0].name == "adapter.gguf"
-    model, tok = _load_adapted(tiny_llama, tiny_adapter.adapter_dir)
+    model, tok = load_adapted(tiny_llama, tiny_adapter.adapter_dir)
     ref = reference_tokens(model, tok, 16)
     # Both answer like the HF model with the adapter, token for token but for near ties (the verification's
     # own rule: the base + LoRA sum is rounded in another order than the merged weights).
@@ -440,9 +442,9 @@ def _edited_copy(gguf: Path, out: Path, *args: str) -> Path:
 def test_verification_names_an_eos_or_template_the_gguf_lost(edit, problem, tiny_llama, tiny_gguf_f16, tmp_path):
     """A GGUF that does not stop where the model stops, or formats chats otherwise, is the 'gibberish after
     export' bug: the verification names it (a real reference, a real GGUF with one thing edited)."""
-    from loop.models.convert import ExportVerificationFailed, _load_checkpoint, reference_tokens, verify
+    from loop.models.verify import ExportVerificationFailed, load_checkpoint, reference_tokens, verify
 
-    model, tok = _load_checkpoint(tiny_llama)
+    model, tok = load_checkpoint(tiny_llama)
     reference = reference_tokens(model, tok, 16)
     assert verify(tiny_gguf_f16, [], reference, tok, "F16", "strict", 16, near_tie=0.3)["passed"]  # the unedited
     edited = _edited_copy(tiny_gguf_f16, tmp_path / "edited.gguf", *edit)

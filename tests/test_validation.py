@@ -54,9 +54,9 @@ def test_a_kind_keeps_a_training_seed_however_many_are_held_out():
 
 
 def test_answers_of_one_kind_score_half_on_two_kinds_and_degenerate_answers_count_wrong():
-    from loop.generation.kinds import AnswerKinds
     from loop.evaluation.refusal import is_refusal
     from loop.evaluation.validation import held_out_split, judge
+    from loop.generation.kinds import AnswerKinds
 
     train, held = held_out_split(_safety_seeds(), 8, 2, 4, seed=0)
     kinds = AnswerKinds.fit(np.zeros((len(train), 1)), [s.response for s in train], 2)

@@ -33,8 +33,8 @@ from server.client import ContextExceeded
 from server.errors import BadInput
 
 from loop.data import read_user_text, write_jsonl_atomic
-from loop.files import write_json_atomic
 from loop.evaluation.refusal import is_degenerate, is_refusal
+from loop.files import write_json_atomic
 
 @dataclass(frozen=True)
 class EvalItem:

@@ -24,9 +24,9 @@ import time
 import tomllib
 from pathlib import Path
 
+from loop.evaluation.validation import chosen
 from loop.layout import RunLayout
 from loop.state import RunState
-from loop.evaluation.validation import chosen
 
 RATES = ("harmful_rate", "over_refusal", "pairs_over_refusal", "pairs_harmful_rate", "degenerate_rate")
 # What may differ between draws of one configuration.

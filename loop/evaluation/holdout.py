@@ -150,10 +150,10 @@ def run_holdout(run_dir: Path, iteration: int | None):
     import tomllib
 
     from loop.data import read_jsonl
-    from loop.models.convert import count_params
-    from loop.layout import RunLayout
-    from loop.models.store import resolve_model
     from loop.generation.retrieval import Embedder
+    from loop.layout import RunLayout
+    from loop.models.convert import count_params
+    from loop.models.store import resolve_model
 
     layout = RunLayout(run_dir)
     if not layout.holdout.is_file():

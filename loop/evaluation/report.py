@@ -13,13 +13,13 @@ from pathlib import Path
 
 from loop.data import read_jsonl
 from loop.evaluation.evaluate import interval
-from loop.files import write_bytes_atomic, write_text_atomic
 from loop.evaluation.frontier import draw_row, recorded_draws, sft_curve, verdict, where_it_falls
 from loop.evaluation.holdout import cell as holdout_cell
+from loop.evaluation.validation import chosen
+from loop.files import write_bytes_atomic, write_text_atomic
 from loop.layout import BASELINES, EVAL, EXPORT, GENERATE, TRAIN, VALIDATE, RunLayout, baseline_phase, iteration_name, \
     matched_name, phase_name
 from loop.state import RunState
-from loop.evaluation.validation import chosen
 
 BASELINE_TITLES = {"base": "base model", "icl-knn": "ICL-kNN (base + nearest seed pairs)",
                    "sft-seeds": "SFT on the seeds only"}

@@ -34,10 +34,10 @@ from server.errors import BadInput
 from server.tempfiles import temp_name
 
 from loop.data import read_jsonl
+from loop.evaluation.validation import chosen
 from loop.files import atomic_dir, write_json_atomic, write_text_atomic
 from loop.layout import GENERATE, RunLayout, phase_name
 from loop.state import RunState
-from loop.evaluation.validation import chosen
 
 SAMPLES = ("trained", "all")
 FILES = ("messages.jsonl", "sharegpt.jsonl", "alpaca.jsonl", "data.parquet", "dataset_info.json", "README.md")

@@ -19,23 +19,22 @@ from pathlib import Path
 from server.errors import BadInput
 from server.gguf import convert_lora_to_gguf
 
+from loop.export.ollama import modelfile
 from loop.files import atomic_dir, write_json_atomic, write_text_atomic
 from loop.layout import RunLayout
 from loop.models.store import resolve_model, train_gguf_file
-from loop.export.ollama import modelfile
-from loop.targets import Target
 
 FORMATS = ("gguf", "hf", "lora")
 
-def _base_hf(target: Target) -> Path:
+def _base_hf(run_dir: Path) -> Path:
     import tomllib
 
-    prepared = RunLayout(target.run_dir).base_model
+    prepared = RunLayout(run_dir).base_model
     if prepared.is_file():  # the checkpoint the run trained on, its chat template written in
         hf_dir = json.loads(prepared.read_text(encoding="utf-8")).get("hf_dir")
         if hf_dir and Path(hf_dir).is_dir():
             return Path(hf_dir)
-    cfg = tomllib.loads((target.run_dir / "config.toml").read_text(encoding="utf-8"))
+    cfg = tomllib.loads(RunLayout(run_dir).config.read_text(encoding="utf-8"))
     model = resolve_model(cfg.get("model", {}).get("base", "smollm2-135m"))
     if model.hf_dir is None and model.entry is not None:
         raise BadInput(f"the run's base model {model.name} was pulled without its HF checkpoint: "
@@ -43,34 +42,36 @@ def _base_hf(target: Target) -> Path:
     return train_gguf_file(model).hf_dir  # a GGUF base: the checkpoint the run trained on (derived once)
 
 
-def export_run(target: Target, to: Path, fmt: str) -> list[Path]:
-    if target.run_dir is None:
-        raise BadInput("isara export takes a run (its folder or name): a plain model is already exported")
+def export_run(run_dir: Path, iteration: int, to: Path, fmt: str) -> list[Path]:
+    """Iteration `iteration` of the run (an exported one) into the new folder `to`, as `fmt`."""
     if fmt not in FORMATS:
         raise BadInput(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     to = Path(to)
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise BadInput(f"{to} exists and is not an empty folder: choose a new --to folder")
-    it_dir = RunLayout(target.run_dir).iteration(target.iteration)
+    layout = RunLayout(run_dir)
+    it_dir = layout.iteration(iteration)
+    export = json.loads(layout.export_info(iteration).read_text(encoding="utf-8"))
+    gguf, lora = layout.served(export)
     to.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(to) as tmp:
         if fmt == "gguf":
-            shutil.copy2(target.gguf, tmp / "model.gguf")
+            shutil.copy2(gguf, tmp / "model.gguf")
             adapter = None
-            if target.lora:
+            if lora:
                 adapter = "adapter.gguf"
-                shutil.copy2(target.lora[0], tmp / adapter)
-            write_text_atomic(tmp / "Modelfile", modelfile(target.gguf, "model.gguf", adapter))
+                shutil.copy2(lora[0], tmp / adapter)
+            write_text_atomic(tmp / "Modelfile", modelfile(gguf, "model.gguf", adapter))
         elif fmt == "hf":
             merged = it_dir / "merged"
             if (merged / "config.json").is_file():
                 shutil.copytree(merged, tmp, dirs_exist_ok=True)
             else:  # lora mode keeps no merged folder: merge now
-                from loop.models.convert import _load_adapted, _save_merged
+                from loop.models.convert import load_adapted, save_merged
 
-                base_hf = _base_hf(target)
-                model, _ = _load_adapted(base_hf, it_dir / "adapter")
-                _save_merged(model, base_hf, tmp / "merged")
+                base_hf = _base_hf(run_dir)
+                model, _ = load_adapted(base_hf, it_dir / "adapter")
+                save_merged(model, base_hf, tmp / "merged")
                 for p in (tmp / "merged").iterdir():
                     p.rename(tmp / p.name)
                 (tmp / "merged").rmdir()
@@ -82,9 +83,8 @@ def export_run(target: Target, to: Path, fmt: str) -> list[Path]:
             if lora_gguf.is_file():
                 shutil.copy2(lora_gguf, tmp / "adapter.gguf")
             else:
-                convert_lora_to_gguf(it_dir / "adapter", _base_hf(target), tmp / "adapter.gguf")
+                convert_lora_to_gguf(it_dir / "adapter", _base_hf(run_dir), tmp / "adapter.gguf")
         write_json_atomic(tmp / "isara-export.json", {
-            "run": target.run_dir.name, "iteration": target.iteration, "format": fmt,
-            "mode": target.export.get("mode"), "quant": target.export.get("quant"),
-            "verification": target.export.get("verification")})
+            "run": run_dir.name, "iteration": iteration, "format": fmt, "mode": export.get("mode"),
+            "quant": export.get("quant"), "verification": export.get("verification")})
     return sorted(to.iterdir())

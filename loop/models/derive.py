@@ -4,7 +4,7 @@ transformers reads the GGUF and dequantizes it; what it gets wrong is repaired
 here, so that training (HF tokenizer), conversion back to GGUF (llama.cpp's
 converter reads the folder) and serving (llama.cpp) tokenize alike. Whether
 the result answers like the GGUF is checked after, against llama-server
-(`loop.models.convert.verify_derived`).
+(`loop.models.verify.verify_derived`).
 """
 
 from __future__ import annotations

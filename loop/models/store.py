@@ -35,8 +35,8 @@ from server.gguf import read_gguf
 from server.tempfiles import temp_name
 from server.toolchain import cache_root
 
-from loop.models.derive import check_derivable, derive_hf_checkpoint
 from loop.files import atomic_dir, write_json_atomic
+from loop.models.derive import check_derivable, derive_hf_checkpoint
 from loop.models.templates import BUILTIN as BUILTIN_TEMPLATES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -277,7 +277,7 @@ def train_gguf_file(model: Model, log=print) -> Model:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     d = _local_dir(model.name, digest, "DERIVED.json")
     if not (d / "DERIVED.json").is_file():
-        from loop.models.convert import verify_derived
+        from loop.models.verify import verify_derived
 
         log(f"{model.name}: deriving the HF checkpoint to train from {model.gguf} ({info.architecture}, "
             f"{info.quant}; dequantized to float32, then verified against llama-server on the GGUF), once, into {d}")

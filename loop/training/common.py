@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from server.errors import BadInput
 
 from loop.config import TrainConfig
 from loop.files import atomic_dir
+from loop.models.convert import copy_tokenizer_files
 
 IGNORE = -100
 
@@ -354,19 +354,6 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
-                   "vocab.*", "merges.txt")
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    """The base's tokenizer files, verbatim. Re-saving a loaded tokenizer can drop files
-    (tokenizer.model), and the converter then reads another vocabulary than the one trained on."""
-    for pattern in TOKENIZER_FILES:
-        for f in src.glob(pattern):
-            if f.is_file():
-                shutil.copy2(f, dst / f.name)
 
 
 def save_adapter_atomic(model, base_hf: Path, out: Path) -> Path:

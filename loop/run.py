@@ -39,7 +39,8 @@ from loop.layout import EVAL, EXPORT, GENERATE, TRAIN, VALIDATE, RunLayout, base
     phase_name
 from loop.models.convert import count_params, preflight
 from loop.models.memory import available_gpu_memory, available_memory, check_fits, estimate, model_shape, vram_estimate
-from loop.models.store import resolve_model, serve_hf_folder, train_gguf_file, with_chat_template
+from loop.models.local import serve_hf_folder, train_gguf_file, with_chat_template
+from loop.models.store import resolve_model
 from loop.models.templates import BUILTIN as BUILTIN_TEMPLATES
 from loop.models.templates import effective_template, own_template
 from loop.serving import Serving

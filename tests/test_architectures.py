@@ -16,7 +16,7 @@ import pytest
 from conftest import TINY_LORA, assert_one_line_error, build_tiny_llama, run_isara, tiny_samples
 from loop.config import ExportConfig, TrainConfig
 from loop.models.convert import count_params, export_iteration
-from loop.models.store import add_local
+from loop.models.local import add_local
 from loop.training.peft import train_peft
 
 # Each with the tiny SentencePiece tokenizer trained here, but the Qwens: llama.cpp's converter knows a

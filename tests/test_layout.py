@@ -19,7 +19,7 @@ def test_pyproject_declares_the_distribution_packages_and_console_script():
     assert meta["project"]["name"] == "isara"
     assert meta["project"]["scripts"]["isara"] == "loop.cli:main"
     assert set(meta["tool"]["setuptools"]["packages"]) == {
-        "loop", "loop.bench", "loop.evaluation", "loop.export", "loop.generation", "loop.models",
+        "loop", "loop.bench", "loop.cli", "loop.evaluation", "loop.export", "loop.generation", "loop.models",
         "loop.training", "server"}
     assert "llama-cpp-python[server]==0.3.36" in meta["project"]["dependencies"]
 

@@ -8,6 +8,7 @@ import zipfile
 
 import pytest
 
+from loop.models import local
 from loop.models import store as models
 from server.errors import BadInput, BadModelFile
 
@@ -147,7 +148,7 @@ def test_a_pull_is_kept_for_every_checkout_and_a_second_store_links_it_without_d
     import os
 
     monkeypatch.setenv("ISARA_MODELS", tiny_chat.env["ISARA_MODELS"])
-    gguf = models.serve_hf_folder(models.resolve_model(tiny_chat.hf), log=lambda m: None).gguf
+    gguf = local.serve_hf_folder(models.resolve_model(tiny_chat.hf), log=lambda m: None).gguf
     cache = tmp_path / "cache"
     (cache / "downloads").mkdir(parents=True)
     with zipfile.ZipFile(cache / "downloads" / "tiny_pkg-1.0-py3-none-any.whl", "w") as z:
@@ -232,7 +233,8 @@ def test_an_hf_folder_is_served_as_a_verified_export_made_once_per_set_of_weight
                                                                                    monkeypatch):
     import shutil
 
-    from loop.models.store import resolve_model, serve_hf_folder
+    from loop.models.local import serve_hf_folder
+    from loop.models.store import resolve_model
     from server.gguf import read_gguf
 
     monkeypatch.setenv("ISARA_MODELS", str(tmp_path / "store"))
@@ -253,7 +255,7 @@ def test_an_hf_folder_is_served_as_a_verified_export_made_once_per_set_of_weight
 def test_a_gguf_file_gets_a_training_checkpoint_derived_and_verified_once(tiny_gguf_f16, toolchain, tmp_path,
                                                                          monkeypatch):
     monkeypatch.setenv("ISARA_MODELS", str(tmp_path / "store"))
-    model = models.train_gguf_file(models.resolve_model(tiny_gguf_f16), log=lambda m: None)
+    model = local.train_gguf_file(models.resolve_model(tiny_gguf_f16), log=lambda m: None)
     assert models.is_hf_folder(model.hf_dir) and model.gguf == tiny_gguf_f16  # the file itself is still what serves
     marker = model.hf_dir.parent / "DERIVED.json"
     info = json.loads(marker.read_text())
@@ -264,7 +266,7 @@ def test_a_gguf_file_gets_a_training_checkpoint_derived_and_verified_once(tiny_g
     assert verification["passed"] and verification["agreement"] == [1.0, 1.0, 1.0]
     assert verification["logprob_drift"]["nats"] < 0.05  # F16 weights, exact in float32: rounding alone
     made = marker.stat().st_mtime_ns, (model.hf_dir / "model.safetensors").stat().st_mtime_ns
-    again = models.train_gguf_file(models.resolve_model(tiny_gguf_f16),
+    again = local.train_gguf_file(models.resolve_model(tiny_gguf_f16),
                                    log=lambda m: pytest.fail(f"derived again: {m}"))
     assert again.hf_dir == model.hf_dir
     assert (marker.stat().st_mtime_ns, (model.hf_dir / "model.safetensors").stat().st_mtime_ns) == made
@@ -277,7 +279,7 @@ def test_a_derived_checkpoint_that_answers_unlike_its_gguf_is_refused(tiny_gguf_
 
     from safetensors.torch import load_file, save_file
 
-    derive = models.derive_hf_checkpoint
+    derive = local.derive_hf_checkpoint
 
     def derive_wrong(gguf, out):
         derive(gguf, out)
@@ -286,10 +288,10 @@ def test_a_derived_checkpoint_that_answers_unlike_its_gguf_is_refused(tiny_gguf_
         save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
         return out
 
-    monkeypatch.setattr(models, "derive_hf_checkpoint", derive_wrong)
+    monkeypatch.setattr(local, "derive_hf_checkpoint", derive_wrong)
     monkeypatch.setenv("ISARA_MODELS", str(tmp_path / "store"))
     with pytest.raises(BadInput) as err:
-        models.train_gguf_file(models.resolve_model(tiny_gguf_f16), log=lambda m: None)
+        local.train_gguf_file(models.resolve_model(tiny_gguf_f16), log=lambda m: None)
     message = str(err.value)
     assert re.search(r"log-probabilities .* differ by \d+\.\d\d nats", message), message
     assert "HF folder" in message and "\n" not in message
@@ -352,7 +354,7 @@ def test_a_run_on_a_gguf_file_serves_it_and_trains_on_its_derived_checkpoint(tin
     from conftest import run_config, run_isara, tiny_seeds
 
     monkeypatch.setenv("ISARA_MODELS", tiny_chat.env["ISARA_MODELS"])  # the tiny chat Llama's served GGUF, shared
-    served = models.serve_hf_folder(models.resolve_model(tiny_chat.hf), log=lambda m: None)
+    served = local.serve_hf_folder(models.resolve_model(tiny_chat.hf), log=lambda m: None)
     gguf = tmp_path / "tiny-chat.gguf"
     shutil.copy(served.gguf, gguf)  # a user's GGUF, with no HF folder beside it
     store = tmp_path / "store"

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, linked_copy, run_config, run_isara
-from loop.models.store import resolve_model, serve_hf_folder, train_gguf_file, with_chat_template
+from loop.models.local import serve_hf_folder, train_gguf_file, with_chat_template
+from loop.models.store import resolve_model
 from loop.models.templates import BUILTIN, chosen_template, effective_template, with_system_prompt
 from server.errors import BadInput
 from server.gguf import read_gguf

@@ -34,7 +34,8 @@ def run_bench(model_name: str, *, quick: bool = False, threads: int | None = Non
     `out_dir/work`) and returns its path. `quick`: fewer requests, tokens and samples, no settings sweep.
     `settings`: `KEY=VALUE` run settings for the ISARA phases' runs (checked before anything is measured)."""
     from loop.models.convert import count_params
-    from loop.models.store import add_local, resolve_model
+    from loop.models.local import add_local
+    from loop.models.store import resolve_model
 
     from loop.config import load_config
 

@@ -22,7 +22,8 @@ from server.gguf import convert_lora_to_gguf
 from loop.export.ollama import modelfile
 from loop.files import atomic_dir, write_json_atomic, write_text_atomic
 from loop.layout import RunLayout
-from loop.models.store import resolve_model, train_gguf_file
+from loop.models.local import train_gguf_file
+from loop.models.store import resolve_model
 
 FORMATS = ("gguf", "hf", "lora")
 

@@ -22,8 +22,10 @@ Reasons (counted per iteration and kept in `rejected.jsonl`):
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 from loop.config import FilterConfig
+from loop.generation.kinds import UNKNOWN, AnswerKinds, vote_share
 
 REASONS = ("parse", "too_short", "too_long", "repetition", "near_duplicate", "copied_demo", "neighbour_disagrees",
            "vote_undecided", "far_from_seeds")
@@ -82,3 +84,74 @@ class NearDuplicates:
         if best >= self.cfg.max_question_rouge_l:
             return "near_duplicate", {"by": "rouge_l", "score": round(best, 4), "of": best_id}
         return None, {"nearest_cosine": round(cos, 4), "max_rouge_l": round(best, 4)}
+
+
+# --- the two chains, in the order a candidate meets them ----------------------------------
+
+@dataclass
+class QuestionVerdict:
+    reason: str | None  # None: the question goes on to be answered
+    vector: object = None  # its embedding (None when it was rejected before being embedded)
+    novelty: dict | None = None  # the near-duplicate check's numbers, recorded with the sample
+    vote: tuple | None = None  # the seeds' vote on its answer's kind: (kind, scores, neighbours)
+    detail: dict = field(default_factory=dict)  # what only its rejected row records
+
+
+def check_question(question: str | None, *, truncated: bool, demos: list[str], cfg: FilterConfig, embed, dups:
+                   NearDuplicates, index, kinds: AnswerKinds | None, neighbours: int) -> QuestionVerdict:
+    """A stage-1 question, before it is answered: its text, a verbatim copy of a demo, novelty against every
+    known question, then (with the seeds' answer kinds) how near a seed it is and how decided their vote."""
+    reason = check_text(question, min_chars=cfg.min_question_chars, max_chars=cfg.max_question_chars, cfg=cfg,
+                        truncated=truncated)
+    if reason is None and copied_from_demos(question, demos):
+        reason = "copied_demo"
+    if reason is not None:
+        return QuestionVerdict(reason)
+    vector = embed([question])[0]
+    reason, novelty = dups.check(question, vector, index)
+    verdict = QuestionVerdict(reason, vector, novelty)
+    if reason is not None or kinds is None:
+        return verdict
+    verdict.vote = vote = kinds.vote(vector, neighbours)
+    if cfg.min_seed_similarity > 0:
+        nearest = kinds.nearest_similarity(vector)
+        if nearest < cfg.min_seed_similarity:
+            verdict.reason, verdict.detail = "far_from_seeds", {"nearest_seed": round(nearest, 3)}
+            return verdict
+    if vote_share(vote[1]) < cfg.min_vote_share:
+        verdict.reason, verdict.detail = "vote_undecided", {"vote": {"expected": vote[0], "scores": vote[1]}}
+        return verdict
+    if cfg.min_kind_margin > 0:
+        margin = kinds.kind_margin(vector, vote[0])
+        if margin < cfg.min_kind_margin:
+            verdict.reason = "kind_border"
+            verdict.detail = {"margin": round(margin, 3), "vote": {"expected": vote[0], "scores": vote[1]}}
+    return verdict
+
+
+@dataclass
+class AnswerVerdict:
+    reason: str | None  # None: the sample is accepted
+    kind: int | None = None  # the answer's kind (with the seeds' answer kinds)
+    record: dict | None = None  # its kind against the voted one, recorded with the sample
+
+
+def check_answer(answer: str | None, *, truncated: bool, demos: list[str], cfg: FilterConfig,
+                 kinds: AnswerKinds | None, asked: str, question: QuestionVerdict, dups: NearDuplicates,
+                 index) -> AnswerVerdict:
+    """A stage-2 answer: its text, a verbatim copy of a demo, its kind against the one the question's nearest
+    seeds voted for, then the question's novelty again (another attempt may have been accepted meanwhile)."""
+    reason = check_text(answer, min_chars=cfg.min_answer_chars, max_chars=cfg.max_answer_chars, cfg=cfg,
+                        truncated=truncated)
+    if reason is None and copied_from_demos(answer, demos):
+        reason = "copied_demo"
+    verdict = AnswerVerdict(reason)
+    if reason is None and kinds is not None:
+        verdict.kind = kind = int(kinds.kind_of([answer])[0])
+        expected, scores, _ = question.vote
+        verdict.record = {"answer": None if kind == UNKNOWN else kind, "expected": expected, "scores": scores}
+        if cfg.neighbour_agreement and kind not in (UNKNOWN, expected):  # an unknown kind is not evidence
+            verdict.reason = "neighbour_disagrees"
+    if verdict.reason is None:
+        verdict.reason, _ = dups.check(asked, question.vector, index)
+    return verdict

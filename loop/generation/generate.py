@@ -27,8 +27,8 @@ import numpy as np
 
 from loop.config import RunConfig
 from loop.data import Sample, append_jsonl, read_jsonl, sample_id
-from loop.generation.filters import NearDuplicates, check_text, copied_from_demos
-from loop.generation.kinds import UNKNOWN, AnswerKinds, balanced_turns, vote_share
+from loop.generation.filters import NearDuplicates, check_answer, check_question
+from loop.generation.kinds import AnswerKinds, balanced_turns
 from loop.generation.prompts import Format
 from loop.generation.retrieval import DomainIndex, Embedder
 from server.client import ContextExceeded
@@ -189,35 +189,15 @@ class GenerationPhase:
         base = {"anchor_id": anchor["id"], "question_demo_ids": [d["id"] for d in q_demos],
                 "generated_by": {"question": {**_provenance(q_out), **({"adapters": "off"} if self.base_model
                                                                         else {})}}}
-        reason = check_text(question, min_chars=f.min_question_chars, max_chars=f.max_question_chars, cfg=f,
-                            truncated=q_out.finish_reason == "length")
-        if reason is None and copied_from_demos(question, [d["prompt"] for d in q_demos]):
-            reason = "copied_demo"
-        q_vec = None
-        if reason is None:
-            q_vec = self.embedder.encode([question])[0]
-            reason, detail = self.dups.check(question, q_vec, self.index)
-            base["novelty"] = detail
-        if reason is not None:
-            self._reject(st, attempt, "question", reason, text=q_out.text, **base)
+        q = check_question(question, truncated=q_out.finish_reason == "length", demos=[d["prompt"] for d in q_demos],
+                           cfg=f, embed=self.embedder.encode, dups=self.dups, index=self.index, kinds=self.kinds,
+                           neighbours=self.cfg.kinds.neighbours)
+        if q.novelty is not None:
+            base["novelty"] = q.novelty
+        if q.reason is not None:
+            self._reject(st, attempt, "question", q.reason, text=q_out.text, **q.detail, **base)
             return
-        vote = self.kinds.vote(q_vec, self.cfg.kinds.neighbours) if self.kinds is not None else None
-        if self.kinds is not None and f.min_seed_similarity > 0:
-            nearest = self.kinds.nearest_similarity(q_vec)
-            if nearest < f.min_seed_similarity:
-                self._reject(st, attempt, "question", "far_from_seeds", text=q_out.text,
-                             nearest_seed=round(nearest, 3), **base)
-                return
-        if vote is not None and vote_share(vote[1]) < f.min_vote_share:
-            self._reject(st, attempt, "question", "vote_undecided", text=q_out.text,
-                         vote={"expected": vote[0], "scores": vote[1]}, **base)
-            return
-        if vote is not None and f.min_kind_margin > 0:
-            margin = self.kinds.kind_margin(q_vec, vote[0])
-            if margin < f.min_kind_margin:
-                self._reject(st, attempt, "question", "kind_border", text=q_out.text, margin=round(margin, 3),
-                             vote={"expected": vote[0], "scores": vote[1]}, **base)
-                return
+        q_vec, vote = q.vector, q.vote
         a_demos = self._demos_for(q_vec, self._other_kinds(vote[0]) if vote and g.answer_demos == "voted_kind"
                                   else frozenset())
         a_out, a_demos = await self._complete_fitting(
@@ -231,21 +211,12 @@ class GenerationPhase:
         answer = self.fmt.parse_answer(a_out.text)
         base["answer_demo_ids"] = [d["id"] for d in a_demos]
         base["generated_by"]["answer"] = _provenance(a_out)
-        reason = check_text(answer, min_chars=f.min_answer_chars, max_chars=f.max_answer_chars, cfg=f,
-                            truncated=a_out.finish_reason == "length")
-        if reason is None and copied_from_demos(answer, [d["response"] for d in a_demos]):
-            reason = "copied_demo"
-        if reason is None and self.kinds is not None:
-            kind = int(self.kinds.kind_of([answer])[0])
-            expected, scores, _ = vote
-            base["kind"] = {"answer": None if kind == UNKNOWN else kind, "expected": expected, "scores": scores}
-            if f.neighbour_agreement and kind not in (UNKNOWN, expected):  # an unknown kind is not evidence
-                reason = "neighbour_disagrees"
-        if reason is None:
-            # Re-check novelty: another attempt may have been accepted while this one generated.
-            reason, _ = self.dups.check(question, q_vec, self.index)
-        if reason is not None:
-            self._reject(st, attempt, "answer", reason, question=question, text=a_out.text, **base)
+        a = check_answer(answer, truncated=a_out.finish_reason == "length", demos=[d["response"] for d in a_demos],
+                         cfg=f, kinds=self.kinds, asked=question, question=q, dups=self.dups, index=self.index)
+        if a.record is not None:
+            base["kind"] = a.record
+        if a.reason is not None:
+            self._reject(st, attempt, "answer", a.reason, question=question, text=a_out.text, **base)
             return
         if len(st.accepted) >= self.target:
             st.surplus += 1  # finished after the target was met by others: not needed, not a rejection
@@ -260,7 +231,7 @@ class GenerationPhase:
         st.accepted.append(row)
         self.index.add([_as_sample(row)], q_vec[None, :])
         if self.kinds is not None:
-            self.item_kinds[row["id"]] = kind
+            self.item_kinds[row["id"]] = a.kind
         if len(st.accepted) % SAVE_INDEX_EVERY == 0:
             self.index.save()
         self.events.emit("accepted", iteration=self.iteration, id=row["id"], accepted=len(st.accepted),

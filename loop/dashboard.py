@@ -55,6 +55,7 @@ class Dashboard:
         self.reasons: Counter = Counter()
         self.gen_started = None
         self.gen_summary: dict = {}
+        self.base = ""  # the base model, once the run prepares it (phase base-model/prepare)
         self.server = ""  # what the run's llama-server is doing, in words (empty: no managed server yet)
         self.workers = ""  # with generation.workers: how many serve which model
         self.workers_out: set[str] = set()  # URLs of the workers left out now (down, hung; the log says why)
@@ -84,6 +85,11 @@ class Dashboard:
             self.iteration = it
         if kind == "run_started":
             self.run, self.folder, self.iterations = f["run"], f["folder"], f["iterations"]
+        elif kind == "prepare_started":
+            self.phase = "prepare"
+            self.base = f"base model: {f['model']}, being prepared"
+        elif kind == "prepare_finished":
+            self.base = f"base model: {f['name']}" + (f", {f['params']:,} parameters" if f.get("params") else "")
         elif kind == "server_started":
             self.server = f"server: {f['backend']} at {f['url']}, {f['slots']} slots"
         elif kind == "workers_serving":
@@ -168,6 +174,8 @@ class Dashboard:
         lines = [Phrases([f"[bold]{self.run}[/]", f"phase [bold cyan]{self.phase}[/]",
                           f"iteration [bold]{self.iteration}/{self.iterations}[/]", f"elapsed {_duration(elapsed)}",
                           f"RAM {rss / 2**30:.1f} GiB"])]
+        if self.base:
+            lines.append(Phrases([self.base]))
         if self.server:
             lines.append(Phrases([self.server]))
         if self.workers:

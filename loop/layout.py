@@ -2,6 +2,7 @@
 
     runs/<name>/
       config.toml        the resolved configuration (all defaults filled in)
+      base.json          the base model as the run prepared it (phase base-model/prepare)
       seeds.jsonl        the validated seeds, with ids (less the held-out ones)
       validation.jsonl   the seeds held out to choose the run's model (data.validation > 0)
       holdout.jsonl      the seeds held out to score every model against (eval.holdout > 0)
@@ -36,6 +37,8 @@ from pathlib import Path
 GENERATE, TRAIN, EXPORT, VALIDATE, EVAL = "generate", "train", "export", "validate", "eval"
 STEPS = (GENERATE, TRAIN, EXPORT, VALIDATE, EVAL)
 BASELINES = ("base", "icl-knn", "sft-seeds")
+# The first phase of every run: the base model made ready to serve and to train (base.json).
+PREPARE_BASE = "base-model/prepare"
 
 _ITERATION = re.compile(r"^iter-(\d{2,})$")
 

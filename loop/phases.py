@@ -6,6 +6,7 @@ whose checksums `state.json` records so a resume can trust them, and the
 numbers it reports. `loop/run.py` lists the phases of a run and runs them in
 order, skipping those already finished.
 
+    prepare_base       base.json                                (loop/prepare.py; the first of every run)
     generate_samples   iter-NN/generated.jsonl, rejected.jsonl, stats.json
     train_adapter      iter-NN/adapter/                        (baseline: sft-seeds)
     export_gguf        iter-NN/model.gguf (or adapter GGUF), export.json
@@ -19,6 +20,7 @@ import asyncio
 import hashlib
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +35,10 @@ from loop.evaluation.validation import judge
 from loop.files import write_json_atomic
 from loop.generation.generate import GenerationPhase
 from loop.generation.kinds import AnswerKinds
-from loop.generation.retrieval import DomainIndex, Embedder
-from loop.layout import EXPORT, TRAIN, RunLayout, baseline_phase, iteration_name, matched_name, phase_name
+from loop.generation.retrieval import DomainIndex, Embedder, ensure_indexed
+from loop.layout import EXPORT, PREPARE_BASE, TRAIN, RunLayout, baseline_phase, iteration_name, matched_name, phase_name
 from loop.models.convert import export_iteration
-from loop.models.store import Model
+from loop.models.store import Model, prepared_base
 from loop.serving import Serving
 from loop.state import Events, RunState
 from loop.training.log import TrainLog
@@ -53,18 +55,62 @@ def load_run_samples(path: Path, source: str) -> list[Sample]:
 
 @dataclass
 class RunContext:
-    """What every phase may use: the run's configuration, folder, state and shared resources."""
+    """What every phase may use: the run's configuration, folder, state, and the resources it opens once, when a
+    phase first asks: the base model the run prepared, the embedder, the retrieval index, what serves."""
     cfg: RunConfig
     layout: RunLayout
     state: RunState
     events: Events
     seeds: list[Sample]
-    base: Model
-    params: int | None  # the base model's parameter count (training runs)
     items: list[EvalItem]  # the prompts every model of the run answers
-    index: DomainIndex
-    embedder: Embedder
-    serving: Serving
+    embedder_dir: Path  # model.embedder's folder
+
+    @cached_property
+    def base(self) -> Model:
+        """The base model as phase base-model/prepare (loop/prepare.py) recorded it, in this session or an
+        earlier one: what the run serves and trains."""
+        base = prepared_base(self.layout.base_model)
+        if base is None:
+            raise RuntimeError(f"phase {PREPARE_BASE} has not run: the base model is not prepared")
+        return base
+
+    def forget_base(self) -> None:
+        self.__dict__.pop("base", None)
+
+    @property
+    def params(self) -> int | None:
+        """The base checkpoint's parameter count (training runs)."""
+        return self.base.params
+
+    @cached_property
+    def embedder(self) -> Embedder:
+        return Embedder(self.embedder_dir)
+
+    @cached_property
+    def index(self) -> DomainIndex:
+        """The retrieval index over every domain sample (seeds, then accepted samples, then the pool), opened and
+        brought up to date with what is on disk."""
+        index = DomainIndex.open(self.layout.root, self.embedder.dim)
+        added = ensure_indexed(index, self.embedder, self.seeds)
+        for t in self.layout.iterations_on_disk():  # what earlier sessions accepted, should the saved index lack it
+            # one at a time, as generation embedded each when it accepted it: texts embedded together differ in
+            # the last bits (llama.cpp decodes them in one batch), and a resumed run would then pick other demos
+            added += ensure_indexed(index, self.embedder, self.generated(t), each=True)
+        added += ensure_indexed(index, self.embedder, load_run_samples(self.layout.pool, "pool"))
+        index.save()
+        self.events.emit("index_ready", items=len(index), embedded_now=added)
+        return index
+
+    @cached_property
+    def serving(self) -> Serving:
+        return Serving(self.cfg, self.layout, self.events, base_name=lambda: self.base.name)
+
+    def close(self) -> None:
+        """The session is over: nothing it served stays up, the index is saved whole."""
+        if "serving" in self.__dict__:
+            self.serving.close()
+        if "index" in self.__dict__:
+            self.index.save()
 
     def generated(self, t: int) -> list[Sample]:
         return load_run_samples(self.layout.generated(t), "generated")

@@ -1,7 +1,7 @@
 """A run: its configuration, its folder, and its phases, run in order and resumed.
 
-`plan` is the algorithm at a glance: the baselines once (base model, ICL-kNN,
-SFT on the seeds), then for every iteration t: generate samples with the model
+`plan` is the algorithm at a glance: the base model prepared (loop/prepare.py),
+the baselines once (base model, ICL-kNN, SFT on the seeds), then for every iteration t: generate samples with the model
 of iteration t-1, train the LoRA, export and verify the GGUF, score it on the
 held-out seeds (when some are held out), evaluate it.
 `execute` runs the plan: a phase that `state.json` records as finished (with
@@ -13,7 +13,6 @@ phases in `loop/phases.py`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -34,19 +33,11 @@ from loop.evaluation.holdout import holdout_items, holdout_split
 from loop.evaluation.report import write_report
 from loop.evaluation.validation import held_out_split
 from loop.files import disk_problem, sweep_stale_temps, write_json_atomic, write_text_atomic
-from loop.generation.retrieval import DomainIndex, Embedder, ensure_indexed
-from loop.layout import EVAL, EXPORT, GENERATE, TRAIN, VALIDATE, RunLayout, baseline_phase, matched_name, \
-    phase_name
-from loop.models.convert import count_params, preflight
-from loop.models.memory import available_gpu_memory, available_memory, check_fits, estimate, model_shape, vram_estimate
-from loop.models.local import serve_hf_folder, train_gguf_file, with_chat_template
+from loop.layout import EVAL, EXPORT, GENERATE, PREPARE_BASE, TRAIN, VALIDATE, RunLayout, baseline_phase, \
+    matched_name, phase_name
 from loop.models.store import resolve_model
-from loop.models.templates import BUILTIN as BUILTIN_TEMPLATES
-from loop.models.templates import effective_template, own_template
-from loop.serving import Serving
+from loop.prepare import prepare_base
 from loop.state import Events, RunState
-from loop.training.log import check_report_to
-from loop.training.train import check_backend
 
 load_run_samples = ph.load_run_samples  # public: bench and tests read a run's samples with it
 
@@ -61,7 +52,7 @@ class Phase:
 
 def plan(cfg: RunConfig, items: list[EvalItem]) -> list[Phase]:
     """Every phase of the run, in the order they run."""
-    phases = []
+    phases = [Phase(PREPARE_BASE, prepare_base)]
     if items and cfg.eval.baselines:
         phases += [Phase(baseline_phase("base", EVAL), ph.evaluate_base, report=True, setup=ph.serve_base),
                    Phase(baseline_phase("icl-knn", EVAL), ph.evaluate_icl_knn, report=True, setup=ph.serve_base)]
@@ -129,7 +120,6 @@ def execute(cfg: RunConfig, run_dir: Path, *, output: str = "plain", sink=None) 
 
 def _run_phases(cfg: RunConfig, run_dir: Path, layout: RunLayout, state: RunState, events: Events,
                 where: dict) -> dict:
-
     domain = load_domain(cfg.domain, log=lambda m: events.emit("message", text=m)) if cfg.domain else None
     if not state.done("seeds"):
         state.begin("seeds")
@@ -138,79 +128,18 @@ def _run_phases(cfg: RunConfig, run_dir: Path, layout: RunLayout, state: RunStat
             events.emit("message", text=f"{multi} seeds are conversations (more than one exchange, or a system "
                                         "message): every turn is trained on; retrieval embeds their user turns, "
                                         "the demos show their last question and answer")
-    seeds = ph.load_run_samples(layout.seeds, "seed")
-    pool = ph.load_run_samples(layout.pool, "pool")
-
-    base = resolve_model(cfg.model.base)
-    embedder_model = resolve_model(cfg.model.embedder)
-    if embedder_model.embedder_dir is None:
+    embedder = resolve_model(cfg.model.embedder)
+    if embedder.embedder_dir is None:
         raise BadInput(f"{cfg.model.embedder} is not an embedding model: set model.embedder to a "
                        "sentence-transformers model (default all-minilm-l6-v2)")
-
     items = _eval_items(cfg, domain, layout)
     phases = plan(cfg, items)
     if all(state.done(p.name) for p in phases):  # nothing to do: don't load the embedder or start a server
         for p in phases:
             events.emit("phase_skipped", phase=p.name)
         return _finish(cfg, layout, state, events)
-    if base.kind != "chat":
-        raise BadInput(f"{cfg.model.base} is an embedding model: set model.base to a chat model (a catalog name, "
-                       "a .gguf file or an HF folder)")
-    log = lambda m: events.emit("message", text=m)  # noqa: E731
-    gpu_training = cfg.train.enabled and check_backend(cfg.train) == "unsloth"  # QLoRA only there
-    shape = model_shape(base)
-    needs = estimate(shape, cfg, derive=cfg.train.enabled and base.hf_dir is None,
-                     convert=base.gguf is None and not cfg.generation.endpoints, gpu_training=gpu_training)
-    check_fits(cfg.model.base, needs, available_memory())  # before any conversion, server or training
-    if gpu_training:
-        check_fits(cfg.model.base, vram_estimate(shape, cfg), available_gpu_memory(), gpu=True)
-    own = own_template(base)
-    template = effective_template(own, cfg.model.chat_template, cfg.model.system_prompt)
-    if template is None:
-        raise BadInput(f"{cfg.model.base} has no chat template (a base model?), which training, serving and "
-                       "evaluation format every conversation with: set model.chat_template to a built-in "
-                       f"({', '.join(BUILTIN_TEMPLATES)}) or a Jinja file")
-    template_sha = hashlib.sha256(template.encode()).hexdigest()
-    if layout.base_model.is_file():  # a resumed run trains and serves with the template it began with
-        began = json.loads(layout.base_model.read_text(encoding="utf-8")).get("chat_template_sha256")
-        if began and began != template_sha:
-            raise BadInput(f"run {layout.name} began with another chat template (sha256 {began[:12]}, now "
-                           f"{template_sha[:12]}: model.chat_template's file or model.system_prompt changed): "
-                           "restore them, or start a new run")
-    if template != own:
-        base = with_chat_template(base, template, log=log)
-    if base.gguf is None and not cfg.generation.endpoints:  # an HF folder: export the GGUF to serve, once
-        base = serve_hf_folder(base, log=log)
-    params = None
-    if cfg.train.enabled:
-        if base.hf_dir is None and base.entry is not None:
-            raise BadInput(f"{cfg.model.base} was pulled without its training checkpoint (--no-hf): run "
-                           f"`isara models pull {cfg.model.base}`, or set train.enabled = false")
-        if base.hf_dir is None:  # a GGUF file: derive the checkpoint to train and verify it, once
-            base = train_gguf_file(base, log=log)
-        params = count_params(base.hf_dir)
-        preflight(base.hf_dir, run_dir, params)  # fail now, not after training
-        held = [s for f in (layout.validation, layout.holdout) if f.is_file() for s in ph.load_run_samples(f, "seed")]
-        _renderable(base.hf_dir, [s for s in seeds + held if s.context], cfg.train.max_length)
-        check_report_to(cfg.train.report_to)
-
-    write_json_atomic(layout.base_model, {"base": cfg.model.base, "gguf": str(base.gguf) if base.gguf else None,
-                                          "hf_dir": str(base.hf_dir) if base.hf_dir else None,
-                                          "chat_template_sha256": template_sha})
-    embedder = Embedder(embedder_model.embedder_dir)
-    index = DomainIndex.open(run_dir, embedder.dim)
-    added = ensure_indexed(index, embedder, seeds)
-    for t in layout.iterations_on_disk():  # what earlier starts of the run accepted, should the saved index lack it
-        # one at a time, as generation embedded each when it accepted it: texts embedded together differ in the
-        # last bits (llama.cpp decodes them in one batch), and a resumed run would then pick other demos
-        added += ensure_indexed(index, embedder, ph.load_run_samples(layout.generated(t), "generated"), each=True)
-    added += ensure_indexed(index, embedder, pool)
-    index.save()
-    events.emit("index_ready", items=len(index), embedded_now=added)
-
-    serving = Serving(cfg, layout, events, base_name=base.name)
-    ctx = ph.RunContext(cfg=cfg, layout=layout, state=state, events=events, seeds=seeds, base=base, params=params,
-                        items=items, index=index, embedder=embedder, serving=serving)
+    ctx = ph.RunContext(cfg=cfg, layout=layout, state=state, events=events, items=items,
+                        seeds=ph.load_run_samples(layout.seeds, "seed"), embedder_dir=embedder.embedder_dir)
     try:
         for phase in phases:
             if state.done(phase.name):
@@ -224,8 +153,7 @@ def _run_phases(cfg: RunConfig, run_dir: Path, layout: RunLayout, state: RunStat
             if phase.report:
                 write_report(run_dir, cfg.name or run_dir.name)
     finally:
-        serving.close()
-        index.save()
+        ctx.close()
     return _finish(cfg, layout, state, events)
 
 
@@ -311,18 +239,6 @@ def _validate_data(cfg: RunConfig, layout: RunLayout, domain) -> ph.Written:
                    **({"pool_dropped_as_held_out": pool_dropped} if cfg.data.pool is not None else {}),
                    "multi_turn": sum(bool(s.context) for s in seeds),
                    "system_messages": sum(any(m["role"] == "system" for m in s.context) for s in seeds)}
-
-
-def _renderable(hf_dir: Path, conversations: list, max_length: int) -> None:
-    """Multi-turn seeds (trained or held out) the chat template can't render (a system message to a template
-    without a system role) are refused now, naming the record, not when the first training or evaluation
-    meets them."""
-    if conversations:
-        from transformers import AutoTokenizer
-
-        from loop.training.common import encode_examples
-
-        encode_examples(AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False), conversations, max_length)
 
 
 def _evaluated(cfg: RunConfig) -> bool:

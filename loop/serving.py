@@ -8,6 +8,7 @@ whatever serves.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from server.client import Endpoint, InferenceClient
@@ -24,7 +25,8 @@ class Serving:
     """What serves a run's models: its managed server (started on demand, restarted when the model changes),
     the `isara worker`s of generation.workers (each model loaded on all of them), or outside endpoints."""
 
-    def __init__(self, cfg: RunConfig, layout: RunLayout, events: Events, base_name: str = "base"):
+    def __init__(self, cfg: RunConfig, layout: RunLayout, events: Events, base_name: Callable[[], str] = lambda: "base"):
+        """`base_name`: the base model's name, asked when the base model is served (the run prepares it first)."""
         self.cfg, self.layout, self.events, self.base_name = cfg, layout, events, base_name
         self.server: ManagedServer | None = None
         self.supervisor: Supervisor | None = None
@@ -38,7 +40,7 @@ class Serving:
         try:
             name = f"{self.layout.name}/{made.parent.relative_to(self.layout.root).as_posix()}"
         except ValueError:  # the base model's own GGUF, in the model store
-            name = self.base_name
+            name = self.base_name()
         # llama-server reads a comma-separated list of names and trims each; argparse (the fallback) takes one
         # that starts with "-" for an option
         return name.replace(",", "_").strip().lstrip("-") or "base"

@@ -202,6 +202,12 @@ def plain_line(kind: str, f: dict) -> str | None:
         return f"worker {f['url']} answers again: back in use"
     if kind == "worker_reloaded":
         return f"worker {f['url']} lost {f['name']} (restarted?): loaded it again"
+    if kind == "prepare_started":
+        return (f"base model {f['model']}: preparing it to serve" + (" and to train" if f.get("training") else "")
+                + " (made once in the model store, then found there)")
+    if kind == "prepare_finished":
+        trains = f", trains {f['hf_dir']} ({f['params']:,} parameters)" if f.get("hf_dir") and f.get("params") else ""
+        return f"base model {f['name']}: serves {f['gguf'] or 'on the endpoints'}{trains}"
     if kind == "message":
         return f["text"]
     if kind in ("run_started", "run_finished", "phase_skipped", "server_started", "server_restarted",

@@ -285,3 +285,38 @@ def test_a_run_killed_in_its_baselines_resumes_them_and_a_rerun_reuses_them(tiny
     skipped = [e["phase"] for e in jsonl_rows(run / "events.jsonl")[len(events):] if e["event"] == "phase_skipped"]
     assert {f"baselines/{b}/eval" for b in before} <= set(skipped)
     assert before == {b: (run / "baselines" / b / "eval.json").read_bytes() for b in before}
+
+
+def test_a_run_killed_while_it_prepares_its_base_model_resumes_and_then_skips_the_preparation(tiny_chat, toolchain,
+                                                                                              tmp_path):
+    # Preparing the base model is the plan's first phase (base-model/prepare): here the tiny HF folder's GGUF is
+    # made into a model store of the test's own (converted, verified), and the run is killed while it converts.
+    cfg = run_config(tmp_path, {**tiny_chat.settings, "iterations": 1, "generation.samples": 2,
+                                "train.enabled": False, "eval.enabled": False}, seeds=tiny_seeds(8), name="prep")
+    run, store = tmp_path / "runs" / "prep", tmp_path / "store"
+    env = {**os.environ, "ISARA_MODELS": str(store)}
+    cmd = [sys.executable, "-m", "loop.cli", "run", str(cfg), "--plain"]
+    k = _run_until(cmd, env, run, lambda ev, kids: any("convert_hf_to_gguf" in " ".join(c) for c in kids))
+    assert k["killed"] and k["orphans"] == [], k
+    assert "base-model/prepare" not in json.loads((run / "state.json").read_text())["phases"]
+    assert not (run / "base.json").exists()
+    assert [e["event"] for e in jsonl_rows(run / "events.jsonl")].count("prepare_started") == 1
+    final = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    state = json.loads((run / "state.json").read_text())
+    assert list(state["phases"])[:3] == ["seeds", "base-model/prepare", "iter-01/generate"]
+    base = json.loads((run / "base.json").read_text())
+    assert base["name"] == tiny_chat.hf.name and Path(base["gguf"]).is_relative_to(store) and base["params"] is None
+    assert state["phases"]["base-model/prepare"]["stats"]["gguf"] == base["gguf"]
+    assert len(list((store / "local").glob("*/EXPORTED.json"))) == 1  # one whole export; the killed one counts not
+    assert "base model " + tiny_chat.hf.name + ": serves " in final.stdout
+    events = len(jsonl_rows(run / "events.jsonl"))
+    again = subprocess.run([*cmd, "--set", "iterations=2"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    later = jsonl_rows(run / "events.jsonl")[events:]
+    assert {"event": "phase_skipped", "phase": "base-model/prepare"}.items() <= next(
+        e for e in later if e["event"] == "phase_skipped").items()
+    assert not any(e["event"] == "prepare_started" for e in later)
+    assert json.loads((run / "state.json").read_text())["phases"]["iter-02/generate"]["stats"]["accepted"] == 2
+

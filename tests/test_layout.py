@@ -139,7 +139,8 @@ def test_no_module_of_loop_or_server_imports_itself_through_a_circle():
 # uses no step package (and none of the records but the files), server/ nothing of loop/.
 PARTS = {
     "the face": ("loop.cli", "loop.dashboard", "loop.status", "loop.doctor", "loop.fit", "loop.bench"),
-    "the plan": ("loop.run", "loop.phases", "loop.serving", "loop.draws", "loop.domains", "loop.targets"),
+    "the plan": ("loop.run", "loop.phases", "loop.prepare", "loop.serving", "loop.draws", "loop.domains",
+                 "loop.targets"),
     "the steps": ("loop.generation", "loop.training", "loop.evaluation", "loop.export"),
     "the records": ("loop.config", "loop.layout", "loop.state", "loop.events", "loop.data"),
     "models": ("loop.models",),

@@ -36,7 +36,7 @@ def test_a_data_only_run_writes_the_run_layout(finished_run):
         assert (run / name).exists(), name
     state = json.loads((run / "state.json").read_text())
     assert state["status"] == "finished"
-    assert set(state["phases"]) == {"seeds", "iter-01/generate", "iter-02/generate"}
+    assert set(state["phases"]) == {"seeds", "base-model/prepare", "iter-01/generate", "iter-02/generate"}
     config = (run / "config.toml").read_text()
     assert "mmr_lambda" in config and "max_question_rouge_l" in config  # resolved: defaults filled in
 

@@ -234,7 +234,7 @@ def test_python_fallback_backend_serves_the_same_model(default_model, smol_serve
 def test_a_runs_client_of_the_fallback_sends_its_request_defaults(default_model):
     # Generation and the run's evaluations go through the run's own client, not `for_servers`.
     from loop.config import RunConfig
-    from loop.phases import Serving
+    from loop.serving import Serving
 
     with ManagedServer(ServerSettings(model=default_model.gguf, backend="python")) as srv:
         serving = Serving(RunConfig(domain="safety"), layout=None, events=None)

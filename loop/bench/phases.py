@@ -87,7 +87,7 @@ def bench_iteration(work: Path, model: str, *, samples: int = 16, slots: int = 8
     """One iteration end to end (generate, train, export, eval) with seconds per phase and per export
     step; then the same adapter exported in lora mode, and a cold server start on the new model."""
     from loop.models.convert import count_params, export_iteration
-    from loop.models.store import resolve_model
+    from loop.models.store import prepared_base
 
     run = _run(work, "iteration", [f'model.base="{model}"', f"generation.samples={samples}",
                                    f"generation.slots={slots}", f"train.epochs={epochs}", f"eval.n={eval_n}",
@@ -104,7 +104,7 @@ def bench_iteration(work: Path, model: str, *, samples: int = 16, slots: int = 8
         f"{train['samples']} samples, peak RSS {train['peak_rss_mb']} MB")
     log("export merged: " + ", ".join(f"{k} {v}s" for k, v in export["seconds"].items()))
 
-    base = resolve_model(model)
+    base = prepared_base(layout.base_model)  # as the run served and trained it
     cfg = load_config(run / "config.toml", base_dir=run)
     t0 = time.perf_counter()
     lora = export_iteration(base_hf=base.hf_dir, base_gguf=base.gguf, adapter_dir=layout.adapter(1),

@@ -146,14 +146,13 @@ def run_holdout(run_dir: Path, iteration: int | None):
     """(items, score) for `isara eval` of a run's model: the run's held-out seeds and their scorer (the run's
     embedder; the loss of the run's base checkpoint plus that iteration's LoRA), or ([], None) for a run
     that held none out."""
-    import json
     import tomllib
 
     from loop.data import read_jsonl
     from loop.generation.retrieval import Embedder
     from loop.layout import RunLayout
     from loop.models.convert import count_params
-    from loop.models.store import resolve_model
+    from loop.models.store import prepared_base, resolve_model
 
     layout = RunLayout(run_dir)
     if not layout.holdout.is_file():
@@ -163,8 +162,8 @@ def run_holdout(run_dir: Path, iteration: int | None):
     items = holdout_items(held)
     config = tomllib.loads(layout.config.read_text(encoding="utf-8"))
     embedder = Embedder(resolve_model(config.get("model", {}).get("embedder", "all-minilm-l6-v2")).embedder_dir)
-    base = json.loads(layout.base_model.read_text(encoding="utf-8")) if layout.base_model.is_file() else {}
-    hf = Path(base["hf_dir"]) if base.get("hf_dir") and Path(base["hf_dir"]).is_dir() else None
+    base = prepared_base(layout.base_model)
+    hf = base.hf_dir if base is not None and base.hf_dir is not None and base.hf_dir.is_dir() else None
     adapter = layout.adapter(iteration) if iteration is not None else None
     if adapter is not None and not adapter.is_dir():
         hf = None  # the iteration's LoRA is gone: no loss, rather than the base model's under its name

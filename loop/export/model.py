@@ -23,18 +23,16 @@ from loop.export.ollama import modelfile
 from loop.files import atomic_dir, write_json_atomic, write_text_atomic
 from loop.layout import RunLayout
 from loop.models.local import train_gguf_file
-from loop.models.store import resolve_model
+from loop.models.store import prepared_base, resolve_model
 
 FORMATS = ("gguf", "hf", "lora")
 
 def _base_hf(run_dir: Path) -> Path:
     import tomllib
 
-    prepared = RunLayout(run_dir).base_model
-    if prepared.is_file():  # the checkpoint the run trained on, its chat template written in
-        hf_dir = json.loads(prepared.read_text(encoding="utf-8")).get("hf_dir")
-        if hf_dir and Path(hf_dir).is_dir():
-            return Path(hf_dir)
+    prepared = prepared_base(RunLayout(run_dir).base_model)
+    if prepared is not None and prepared.hf_dir is not None and prepared.hf_dir.is_dir():
+        return prepared.hf_dir  # the checkpoint the run trained on, its chat template written in
     cfg = tomllib.loads(RunLayout(run_dir).config.read_text(encoding="utf-8"))
     model = resolve_model(cfg.get("model", {}).get("base", "smollm2-135m"))
     if model.hf_dir is None and model.entry is not None:

@@ -74,6 +74,23 @@ class Model:
     # --name or a store copy says, since llama.cpp decides some tokenizer behaviour by it (Phi-3).
     gguf_name: str | None = None
     entry: CatalogEntry | None = field(default=None, repr=False)
+    params: int | None = None  # the checkpoint's parameter count, where a run counted it (training runs)
+
+    def record(self) -> dict:
+        """What `prepared_base` reads back."""
+        return {"name": self.name, "gguf": str(self.gguf) if self.gguf else None,
+                "hf_dir": str(self.hf_dir) if self.hf_dir else None, "params": self.params}
+
+
+def prepared_base(path: Path) -> Model | None:
+    """The base model as a run prepared it, from the record the run wrote (its base.json): the GGUF it serves,
+    the checkpoint it trains, its parameter count in `params`. None before the run prepared it."""
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    where = lambda key: Path(record[key]) if record.get(key) else None  # noqa: E731
+    return Model(record.get("name") or record["base"], "chat", gguf=where("gguf"), hf_dir=where("hf_dir"),
+                 params=record.get("params"))
 
 
 def models_dir() -> Path:

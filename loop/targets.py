@@ -15,7 +15,7 @@ from pathlib import Path
 
 from server.errors import BadInput
 
-from loop.evaluation.validation import chosen
+from loop.evaluation.validation import run_model
 from loop.layout import RunLayout, find_runs, iteration_name
 from loop.models.store import load_catalog, resolve_model
 from loop.state import RunState
@@ -66,10 +66,10 @@ def resolve_target(spec: str, runs_dir: Path = Path("runs"), iteration: int | No
                        "iteration with training on")
     state = RunState(run_dir)
     scores = {t: s for t, s in state.validation_scores().items() if t in done}
-    best = chosen(scores)
-    t = iteration if iteration is not None else best if best is not None else done[-1]
+    best = run_model(scores, done)
+    t = iteration if iteration is not None else best
     note = None
-    if iteration is None and best is not None:
+    if iteration is None and scores:
         note = (f"{run_dir.name}: iteration {best}, the best on the held-out seeds (score {scores[best]}; "
                 f"{', '.join(f'{i}: {scores[i]}' for i in sorted(scores))}); --iteration T for another")
     if t not in done:

@@ -24,7 +24,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from loop.evaluation.validation import chosen
+from loop.evaluation.validation import run_model
 from loop.layout import RunLayout
 from loop.state import RunState
 
@@ -54,14 +54,11 @@ def dominated_by_curve(x: float, y: float, curve: list[tuple[float, float]]) -> 
     return bool(candidates) and min(candidates) <= y
 
 
-def run_model(rows: list[dict]) -> dict | None:
-    """The run's model among the report's rows: the chosen iteration (held-out seeds), else the last evaluated."""
-    its = [r for r in rows if r["kind"] == "iteration" and r.get("eval")]
-    if not its:
-        return None
-    scores = {r["t"]: r["held_out"]["score"] for r in its if r.get("held_out")}
-    best = chosen(scores)
-    return next((r for r in its if r["t"] == best), its[-1])
+def run_model_row(rows: list[dict]) -> dict | None:
+    """The report's row of the run's model (`run_model`) among its evaluated iterations."""
+    its = {r["t"]: r for r in rows if r["kind"] == "iteration" and r.get("eval")}
+    t = run_model({t: r["held_out"]["score"] for t, r in its.items() if r.get("held_out")}, list(its))
+    return its.get(t)
 
 
 def sft_curve(rows: list[dict]) -> list[dict]:
@@ -74,7 +71,7 @@ def sft_curve(rows: list[dict]) -> list[dict]:
 
 def verdict(rows: list[dict], iteration_steps: dict[int, int], matched_steps: dict[int, int] | None = None) -> str:
     """The report's words on the run's model against the training-matched SFT and ICL-kNN."""
-    model = run_model(rows)
+    model = run_model_row(rows)
     if model is None or mean_of_two(model["eval"]) is None:
         return ""
     ev, t = model["eval"], model["t"]
@@ -141,7 +138,7 @@ def same_configuration(recorded: dict, run: dict) -> bool:
 def draw_row(run_dir: Path, rows: list[dict]) -> dict | None:
     """A run's chosen model (among its report rows) as one row of a draws table; None before its first evaluated
     iteration."""
-    model = run_model(rows)
+    model = run_model_row(rows)
     if model is None:
         return None
     cfg = tomllib.loads(RunLayout(run_dir).config.read_text(encoding="utf-8"))

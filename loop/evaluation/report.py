@@ -15,7 +15,7 @@ from loop.data import read_jsonl
 from loop.evaluation.evaluate import interval
 from loop.evaluation.frontier import draw_row, recorded_draws, sft_curve, verdict, where_it_falls
 from loop.evaluation.holdout import cell as holdout_cell
-from loop.evaluation.validation import chosen
+from loop.evaluation.validation import run_model
 from loop.files import write_bytes_atomic, write_text_atomic
 from loop.layout import BASELINES, EVAL, EXPORT, GENERATE, TRAIN, VALIDATE, RunLayout, baseline_phase, iteration_name, \
     matched_name, phase_name
@@ -65,8 +65,7 @@ def collect(run_dir: Path) -> list[dict]:
             rows.append({"kind": "baseline", "name": b, "model": baseline_title(b), "eval": ev,
                          "steps": state.stats(baseline_phase(b, TRAIN)).get("steps"),
                          "seconds": _secs(state, [baseline_phase(b, step) for step in TIMED])})
-    scores = state.validation_scores()
-    best = chosen(scores)
+    best = run_model(state.validation_scores(), state.exported_iterations())
     for t in state.iterations():
         if not state.recorded(phase_name(t, GENERATE)):
             continue

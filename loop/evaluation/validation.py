@@ -75,3 +75,11 @@ def judge(kinds: AnswerKinds, references: list[str], answers: list[str], degener
 def chosen(scores: dict[int, float]) -> int | None:
     """The iteration with the best score; the earlier one on a tie. None without scores."""
     return max(scores, key=lambda t: (scores[t], -t)) if scores else None
+
+
+def run_model(scores: dict[int, float], iterations: list[int]) -> int | None:
+    """The run's model among `iterations` (those exported, or those evaluated): the one that scored best on
+    the held-out seeds (`chosen`), else the latest; None without iterations. Every reader of a run's model
+    (serve, chat, eval and export of a run, the report, the draws) asks this."""
+    best = chosen({t: s for t, s in scores.items() if t in iterations})
+    return best if best is not None else max(iterations, default=None)

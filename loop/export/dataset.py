@@ -34,7 +34,7 @@ from server.errors import BadInput
 from server.tempfiles import temp_name
 
 from loop.data import read_jsonl
-from loop.evaluation.validation import chosen
+from loop.evaluation.validation import run_model
 from loop.files import atomic_dir, write_json_atomic, write_text_atomic
 from loop.layout import GENERATE, RunLayout, phase_name
 from loop.state import RunState
@@ -53,9 +53,7 @@ def dataset_rows(run_dir: Path, iteration: int | None = None, samples: str = "tr
         raise BadInput(f"run {layout.name} has no accepted samples yet: let `isara run {run_dir}` finish a "
                        "generation phase first")
     if iteration is None:
-        exported = state.exported_iterations()
-        best = chosen({t: s for t, s in state.validation_scores().items() if t in exported})
-        iteration = best if best is not None else exported[-1] if exported else generated[-1]
+        iteration = run_model(state.validation_scores(), state.exported_iterations() or generated)
     if iteration not in generated:
         raise BadInput(f"run {layout.name} has no finished generation for iteration {iteration}: choose one of "
                        f"{', '.join(map(str, generated))}")

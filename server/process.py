@@ -22,10 +22,11 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import httpx
+from pydantic import BaseModel, ConfigDict, Field
 
 from server.children import set_parent_death_signal
 from server.errors import BadInput, PortInUse, ServerStartError, ToolchainMissing
@@ -33,28 +34,35 @@ from server.gguf import read_gguf
 from server.toolchain import find_toolchain
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-@dataclass
-class ServerSettings:
-    model: Path | None  # None with models_dir: a router
-    lora: list[Path] = field(default_factory=list)
-    host: str = "127.0.0.1"
-    port: int | None = None  # None: a free port
-    slots: int = 4  # parallel sequences (-np); continuous batching across them
-    ctx_per_slot: int = 2048
-    threads: int | None = None  # None: llama.cpp's default (physical cores)
-    api_key: str | None = None
-    backend: str = "auto"  # auto | native | python
-    # The model's name in the API (`/v1/models`, "model" in requests); None: the servers' default, the file path.
-    alias: str | None = None
+
+
+class ServerSettings(BaseModel):
+    """How one server runs: what it serves, where, with how many slots. Checked when made (a backend other than
+    auto, native or python, a port or a slot count out of range is refused there); `isara serve` and
+    `isara worker` take their flags from these fields: type, bounds, default and help."""
+    model_config = ConfigDict(validate_assignment=True)
+
+    model: Path | None = Field(description="The GGUF to serve; None with models_dir: a router.")
+    lora: list[Path] = Field(default_factory=list, description="LoRA GGUFs applied on the model.")
+    host: str = Field("127.0.0.1", description="Address to bind; anything but loopback needs --api-key.")
+    port: int | None = Field(None, ge=1, le=65535, description="Port to listen on.")  # None: a free one
+    slots: int = Field(4, ge=1, le=256, description="Parallel sequences (continuous batching).")
+    ctx_per_slot: int = Field(2048, ge=64, description="Context length per slot.")
+    threads: int | None = Field(None, ge=1, description="CPU threads (default: llama.cpp's).")
+    api_key: str | None = Field(None, description="Required off loopback.")
+    backend: Literal["auto", "native", "python"] = Field(
+        "auto", description="native: llama-server; python: python -m llama_cpp.server; auto: native where built.")
+    alias: str | None = Field(None, description="The model's name in the API (/v1/models, \"model\" in requests); "
+                                                "default: the servers' own, the file path.")
     embeddings: bool = False
     log_path: Path | None = None
     startup_timeout: float = 120.0
-    extra_args: list[str] = field(default_factory=list)
+    extra_args: list[str] = Field(default_factory=list)
     # llama-server's router mode: no model of its own; every GGUF in this folder (`NAME.gguf`, or
     # `NAME/model.gguf`) is a model a client loads by NAME (`POST /models/load`) and names in its requests.
     # Each loaded model runs in a child llama-server with this server's slots, context and threads.
     models_dir: Path | None = None
-    models_max: int = 2  # models loaded at once: the one being served and the next while it loads
+    models_max: int = Field(2, ge=1, description="Models loaded at once: the one served and the next while it loads.")
 
     @property
     def serves(self) -> str:
@@ -82,8 +90,6 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def resolve_backend(requested: str) -> str:
-    if requested not in ("auto", "native", "python"):
-        raise BadInput(f"unknown server backend {requested!r}: use auto, native or python")
     if requested == "python":
         return "python"
     if find_toolchain() is not None:
@@ -213,7 +219,7 @@ class ManagedServer:
             changes["model"] = Path(model)
         if lora is not None:
             changes["lora"] = list(lora)
-        self.settings = replace(self.settings, **changes)
+        self.settings = self.settings.model_copy(update=changes)
         return self.start()
 
     def alive(self) -> bool:

@@ -16,7 +16,6 @@ import asyncio
 import subprocess
 import time
 from contextlib import asynccontextmanager
-from dataclasses import replace
 
 import httpx
 
@@ -114,7 +113,7 @@ class Supervisor:
     async def _restart(self, reason: str) -> None:
         """Kill and start again, with backoff; give up after `max_restarts`. Holds the lock."""
         if self.server.settings.port is None:  # keep the port: clients hold the URL
-            self.server.settings = replace(self.server.settings, port=self.server.port)
+            self.server.settings = self.server.settings.model_copy(update={"port": self.server.port})
         while True:
             self.restarts += 1
             if self.restarts > self.max_restarts:

@@ -11,7 +11,6 @@ prefix with llama-server's prompt cache on against off. Full `isara bench` only.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from pathlib import Path
 
 from server.process import ManagedServer, ServerSettings
@@ -54,7 +53,8 @@ def bench_server_variants(gguf: Path, hf_dir: Path | None, work: Path, *, source
     variants += [(f"{q} weights", {"model": path}, []) for q, path in others.items()]
     rows = []
     for label, changes, args in variants:
-        settings = replace(ServerSettings(model=gguf, slots=in_flight, ctx_per_slot=512, extra_args=args), **changes)
+        settings = ServerSettings(**{"model": gguf, "slots": in_flight, "ctx_per_slot": 512, "extra_args": args,
+                                     **changes})
         with ManagedServer(settings) as srv:
             row = asyncio.run(drive(srv.base_url, in_flight, max(n_requests, in_flight), max_tokens, eos))
         rows.append({"variant": label, **row})

@@ -29,6 +29,45 @@ iteration_option = click.option("--iteration", type=click.IntRange(1), default=N
                                 help="A run's iteration (default: the latest exported one).")
 
 
+# `isara serve` and `isara worker`: the server settings they share, each a flag made from its field of
+# ServerSettings (server/process.py) as `isara eval`'s flags are made from the eval schema. A flag is named
+# for its field unless named here.
+SERVER_KEYS = ("host", "port", "api_key", "slots", "ctx_per_slot", "threads")
+SERVER_FLAGS = {"ctx_per_slot": "--ctx"}
+
+
+def server_options(*keys: str, **overrides: dict):
+    """Flags for the fields `keys` of the server's settings, in that order: type, bounds, default and help from
+    the settings; `overrides[key]`: a command's own default or help."""
+    def apply(f):
+        for key in reversed(keys):  # click lists a command's options in the order their decorators are read
+            f = _server_option(key, **overrides.get(key, {}))(f)
+        return f
+    return apply
+
+
+def _server_option(key: str, **overrides):
+    import typing
+
+    import annotated_types
+
+    from server.process import ServerSettings
+
+    field = ServerSettings.model_fields[key]
+    kind = next(a for a in (typing.get_args(field.annotation) or (field.annotation,)) if a is not type(None))
+    if typing.get_origin(field.annotation) is typing.Literal:
+        kind = click.Choice(typing.get_args(field.annotation))
+    elif kind is int:
+        low = next((m.ge for m in field.metadata if isinstance(m, annotated_types.Ge)), None)
+        high = next((m.le for m in field.metadata if isinstance(m, annotated_types.Le)), None)
+        kind = click.IntRange(low, high)
+    options = {"type": kind, "default": field.default, "help": field.description, **overrides}
+    options.setdefault("show_default", options["default"] is not None)
+    if key == "api_key":
+        options["envvar"] = "ISARA_API_KEY"
+    return click.option(SERVER_FLAGS.get(key, f"--{key.replace('_', '-')}"), key, **options)
+
+
 def target_of(spec: str, runs_dir: Path, iteration: int | None):
     """MODEL|RUN resolved (loop/targets.py); says so when a run's held-out seeds chose the iteration."""
     from loop.targets import resolve_target

@@ -10,24 +10,15 @@ from pathlib import Path
 
 import click
 
-
-from loop.cli.common import cli, console, err_console, iteration_option, runs_dir_option, target_of
+from loop.cli.common import SERVER_KEYS, cli, console, err_console, iteration_option, runs_dir_option, server_options, \
+    target_of
 
 
 @cli.command()
 @click.argument("model", metavar="MODEL|RUN")
 @iteration_option
 @runs_dir_option
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind; anything but loopback needs --api-key.")
-@click.option("--port", type=int, default=8080, show_default=True)
-@click.option("--api-key", default=None, envvar="ISARA_API_KEY", help="Required off loopback.")
-@click.option("--slots", type=click.IntRange(1, 256), default=4, show_default=True,
-              help="Parallel sequences (continuous batching).")
-@click.option("--ctx", "ctx_per_slot", type=click.IntRange(64), default=2048, show_default=True,
-              help="Context length per slot.")
-@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: llama.cpp's).")
-@click.option("--backend", type=click.Choice(["auto", "native", "python"]), default="auto", show_default=True)
+@server_options(*SERVER_KEYS, "backend", port={"default": 8080})
 def serve(model, iteration, runs_dir, host, port, api_key, slots, ctx_per_slot, threads, backend) -> None:
     """Serve a model, or a run's latest model, on an OpenAI-compatible endpoint until Ctrl-C.
 
@@ -54,16 +45,9 @@ def serve(model, iteration, runs_dir, host, port, api_key, slots, ctx_per_slot, 
 @click.option("--models-root", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="The folder runs write their models to, as this host sees it: every NAME.gguf or "
                    "NAME/model.gguf there is a model a run loads by NAME.")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind; anything but loopback needs --api-key.")
-@click.option("--port", type=int, default=8090, show_default=True)
-@click.option("--api-key", default=None, envvar="ISARA_API_KEY",
-              help="Required off loopback: with the load endpoints, a client decides what this host serves.")
-@click.option("--slots", type=click.IntRange(1, 256), default=8, show_default=True,
-              help="Parallel sequences of each loaded model (continuous batching).")
-@click.option("--ctx", "ctx_per_slot", type=click.IntRange(64), default=2048, show_default=True,
-              help="Context length per slot.")
-@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (default: llama.cpp's).")
+@server_options(*SERVER_KEYS, port={"default": 8090}, slots={
+    "default": 8, "help": "Parallel sequences of each loaded model (continuous batching)."}, api_key={
+    "help": "Required off loopback: with the load endpoints, a client decides what this host serves."})
 def worker(models_root, host, port, api_key, slots, ctx_per_slot, threads) -> None:
     """Serve, on this host, the models runs write to a shared folder, until Ctrl-C.
 

@@ -1,6 +1,7 @@
 """The live terminal dashboard of `isara run` (rich).
 
-It is fed by the same events that go to events.jsonl, and only keeps a few
+It is fed by the same events that go to events.jsonl (each kind's panel is its `_on_<kind>` method, its
+line in the event log the one loop/events.py gives it), and only keeps a few
 counters per event; rendering happens on rich's refresh thread, 4 times a
 second, so the hot paths (generation, training) pay nothing for it.
 """
@@ -15,8 +16,8 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
 
+from loop.events import VOCABULARY
 from loop.fit import Phrases
-from loop.state import plain_line
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -80,72 +81,97 @@ class Dashboard:
 
     # -- events ----------------------------------------------------------
     def update(self, kind: str, f: dict) -> None:
+        """One event: the panels its kind feeds (`_on_<kind>`), and its line (loop/events.py) in the event log."""
         it = f.get("iteration")
         if it:
             self.iteration = it
-        if kind == "run_started":
-            self.run, self.folder, self.iterations = f["run"], f["folder"], f["iterations"]
-        elif kind == "prepare_started":
-            self.phase = "prepare"
-            self.base = f"base model: {f['model']}, being prepared"
-        elif kind == "prepare_finished":
-            self.base = f"base model: {f['name']}" + (f", {f['params']:,} parameters" if f.get("params") else "")
-        elif kind == "server_started":
-            self.server = f"server: {f['backend']} at {f['url']}, {f['slots']} slots"
-        elif kind == "workers_serving":
-            self.workers = f"workers: {len(f['workers'])} serving {f['name']}"
-            self.workers_out -= set(f["workers"])
-        elif kind == "worker_unavailable":
-            self.workers_out.add(f["url"])
-        elif kind in ("worker_back", "worker_reloaded"):
-            self.workers_out.discard(f["url"])
-        elif kind == "generation_started":
-            self.phase = "generate"
-            self.accepted, self.target = f.get("resumed_accepted", 0), f["target"]
-            self.attempts = f.get("resumed_attempts", 0)
-            self.reasons.clear()
-            self.gen_started, self.gen_base = time.monotonic(), self.accepted
-            self.gen_summary = {}
-        elif kind == "accepted":
-            self.accepted, self.attempts = f["accepted"], self.attempts + 1
-            self.busy = (f.get("busy"), f.get("slots"))
-        elif kind == "rejected":
-            self.reasons[f["reason"]] += 1
-            self.attempts += 1
-            self.busy = (f.get("busy"), f.get("slots"))
-        elif kind == "generation_finished":
-            self.gen_summary = f
-        elif kind == "train_started":
-            self.phase, self.losses, self.train = "train", [], {"samples": f["samples"]}
-            self._pause_server("training")
-        elif kind == "train_step":
-            self.losses.append(f["loss"])
-            self.train.update(step=f["step"], steps=f["steps"], tokens=f.get("tokens"), seconds=f.get("seconds"))
-            if f.get("checkpoint"):
-                self.train["checkpoint"] = f["checkpoint"]
-        elif kind == "train_finished":
-            self.train.update(done=True, tokens_per_s=f["tokens_per_s"], rss=f["peak_rss_mb"],
-                              vram=f.get("peak_vram_mb"))
-        elif kind == "export_started":
-            self.phase, self.export_steps, self.verification = "export", [], ""
-            self._pause_server("export")
-        elif kind == "export_step":
-            self.export_steps.append(f"{f['step']} {f['seconds']}s")
-        elif kind == "export_finished":
-            v = f.get("verification") or {}
-            self.verification = "verified" if v.get("passed") else ("not verified" if not v else "FAILED")
-        elif kind == "eval_started":
-            self.phase, self.eval_running = "eval", f"{f['label']}: {f['prompts']} prompts..."
-        elif kind == "eval_finished":
-            self.evals[f["label"]] = f
-            self.eval_running = ""
-        elif kind == "run_finished":
-            self.phase, self.report = "finished", f.get("report", "")
-            if self.server:
-                self.server = "server: stopped (the run is over)"
-        line = plain_line(kind, f)  # the same one-line text the plain mode prints
-        if line and kind not in ("accepted", "rejected", "train_step"):
-            self.log.append(f"{_duration(time.monotonic() - self.started)}  {line}")
+        panel = getattr(self, f"_on_{kind}", None)
+        if panel is not None:
+            panel(f)
+        known = VOCABULARY.get(kind)
+        if known is not None and known.logged:  # the same one-line text the plain mode prints
+            self.log.append(f"{_duration(time.monotonic() - self.started)}  {known.line(f)}")
+
+    def _on_run_started(self, f: dict) -> None:
+        self.run, self.folder, self.iterations = f["run"], f["folder"], f["iterations"]
+
+    def _on_prepare_started(self, f: dict) -> None:
+        self.phase = "prepare"
+        self.base = f"base model: {f['model']}, being prepared"
+
+    def _on_prepare_finished(self, f: dict) -> None:
+        self.base = f"base model: {f['name']}" + (f", {f['params']:,} parameters" if f.get("params") else "")
+
+    def _on_server_started(self, f: dict) -> None:
+        self.server = f"server: {f['backend']} at {f['url']}, {f['slots']} slots"
+
+    def _on_workers_serving(self, f: dict) -> None:
+        self.workers = f"workers: {len(f['workers'])} serving {f['name']}"
+        self.workers_out -= set(f["workers"])
+
+    def _on_worker_unavailable(self, f: dict) -> None:
+        self.workers_out.add(f["url"])
+
+    def _on_worker_back(self, f: dict) -> None:
+        self.workers_out.discard(f["url"])
+
+    _on_worker_reloaded = _on_worker_back
+
+    def _on_generation_started(self, f: dict) -> None:
+        self.phase = "generate"
+        self.accepted, self.target = f.get("resumed_accepted", 0), f["target"]
+        self.attempts = f.get("resumed_attempts", 0)
+        self.reasons.clear()
+        self.gen_started, self.gen_base = time.monotonic(), self.accepted
+        self.gen_summary = {}
+
+    def _on_accepted(self, f: dict) -> None:
+        self.accepted, self.attempts = f["accepted"], self.attempts + 1
+        self.busy = (f.get("busy"), f.get("slots"))
+
+    def _on_rejected(self, f: dict) -> None:
+        self.reasons[f["reason"]] += 1
+        self.attempts += 1
+        self.busy = (f.get("busy"), f.get("slots"))
+
+    def _on_generation_finished(self, f: dict) -> None:
+        self.gen_summary = f
+
+    def _on_train_started(self, f: dict) -> None:
+        self.phase, self.losses, self.train = "train", [], {"samples": f["samples"]}
+        self._pause_server("training")
+
+    def _on_train_step(self, f: dict) -> None:
+        self.losses.append(f["loss"])
+        self.train.update(step=f["step"], steps=f["steps"], tokens=f.get("tokens"), seconds=f.get("seconds"))
+        if f.get("checkpoint"):
+            self.train["checkpoint"] = f["checkpoint"]
+
+    def _on_train_finished(self, f: dict) -> None:
+        self.train.update(done=True, tokens_per_s=f["tokens_per_s"], rss=f["peak_rss_mb"], vram=f.get("peak_vram_mb"))
+
+    def _on_export_started(self, f: dict) -> None:
+        self.phase, self.export_steps, self.verification = "export", [], ""
+        self._pause_server("export")
+
+    def _on_export_step(self, f: dict) -> None:
+        self.export_steps.append(f"{f['step']} {f['seconds']}s")
+
+    def _on_export_finished(self, f: dict) -> None:
+        v = f.get("verification") or {}
+        self.verification = "verified" if v.get("passed") else ("not verified" if not v else "FAILED")
+
+    def _on_eval_started(self, f: dict) -> None:
+        self.phase, self.eval_running = "eval", f"{f['label']}: {f['prompts']} prompts..."
+
+    def _on_eval_finished(self, f: dict) -> None:
+        self.evals[f["label"]] = f
+        self.eval_running = ""
+
+    def _on_run_finished(self, f: dict) -> None:
+        self.phase, self.report = "finished", f.get("report", "")
+        if self.server:
+            self.server = "server: stopped (the run is over)"
 
     def _pause_server(self, phase: str) -> None:
         # The run stops its server while it trains and exports; said so that it can't read as the run stopping.

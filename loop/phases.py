@@ -32,6 +32,7 @@ from loop.data import Sample, read_jsonl, write_jsonl_atomic
 from loop.evaluation.evaluate import EvalItem, answer_in_session, decoding, evaluate
 from loop.evaluation.holdout import reference_loss, scorer
 from loop.evaluation.validation import judge
+from loop.events import Events
 from loop.files import write_json_atomic
 from loop.generation.generate import GenerationPhase
 from loop.generation.kinds import AnswerKinds
@@ -40,7 +41,7 @@ from loop.layout import EXPORT, PREPARE_BASE, TRAIN, RunLayout, baseline_phase, 
 from loop.models.convert import export_iteration
 from loop.models.store import Model, prepared_base
 from loop.serving import Serving
-from loop.state import Events, RunState
+from loop.state import RunState
 from loop.training.log import TrainLog
 from loop.training.train import train
 
@@ -183,6 +184,11 @@ def seed_answer_kinds(ctx: RunContext) -> AnswerKinds:
 
 # --- training and export -----------------------------------------------------------
 
+def _whose(out: Path, label: int) -> dict:
+    """What a training or export event says it is of: the iteration, or (label 0) the baseline it makes."""
+    return {"iteration": label, **({"baseline": out.name} if label == 0 else {})}
+
+
 def train_adapter(ctx: RunContext, out: Path, samples: list[Sample], *, label: int,
                   previous: Path | None = None, round_: int | None = None, epochs: float | None = None) -> Written:
     """LoRA on `samples` into out/adapter. `label`: the iteration (0 for the SFT-on-seeds baselines);
@@ -194,11 +200,12 @@ def train_adapter(ctx: RunContext, out: Path, samples: list[Sample], *, label: i
         cfg = cfg.model_copy(update={"learning_rate": cfg.learning_rate * cfg.lr_decay ** (round_ - 1)})
     if epochs is not None:
         cfg = cfg.model_copy(update={"epochs": epochs})
-    ctx.events.emit("train_started", iteration=label, samples=len(samples), backend=cfg.backend)
+    who = _whose(out, label)
+    ctx.events.emit("train_started", **who, samples=len(samples), backend=cfg.backend)
     log = TrainLog(out, cfg.report_to)
 
     def on_step(st: dict) -> None:
-        ctx.events.emit("train_step", iteration=label, **st)
+        ctx.events.emit("train_step", **who, **st)
         log.step(st)
 
     try:
@@ -207,7 +214,7 @@ def train_adapter(ctx: RunContext, out: Path, samples: list[Sample], *, label: i
     finally:
         log.close()
     summary = {**result.summary(), "samples": len(samples)}
-    ctx.events.emit("train_finished", iteration=label, **summary)
+    ctx.events.emit("train_finished", **who, **summary)
     return sorted((out / "adapter").glob("adapter_*")), summary
 
 
@@ -224,10 +231,11 @@ def export_gguf(ctx: RunContext, out: Path, *, label: int, train_phase: str) -> 
     """Merge (or convert the adapter), convert, verify, quantize: what the server will load, plus export.json."""
     ctx.serving.stop()
     cfg, layout = ctx.cfg, ctx.layout
-    ctx.events.emit("export_started", iteration=label, mode=cfg.export.mode)
+    who = _whose(out, label)
+    ctx.events.emit("export_started", **who, mode=cfg.export.mode)
     exported = export_iteration(
         base_hf=ctx.base.hf_dir, base_gguf=ctx.base.gguf, adapter_dir=out / "adapter", out_dir=out,
-        cfg=cfg.export, params=ctx.params, on_step=lambda st: ctx.events.emit("export_step", iteration=label, **st))
+        cfg=cfg.export, params=ctx.params, on_step=lambda st: ctx.events.emit("export_step", **who, **st))
     info = {**exported.to_json(), "iteration": label, "base": cfg.model.base,
             "samples": ctx.state.stats(train_phase).get("samples"),
             "config_sha256": hashlib.sha256(to_toml(cfg).encode()).hexdigest(),
@@ -235,7 +243,7 @@ def export_gguf(ctx: RunContext, out: Path, *, label: int, train_phase: str) -> 
             "serve_model": layout.relative(exported.serve_model),
             "serve_lora": [layout.relative(p) for p in exported.serve_lora]}
     write_json_atomic(out / "export.json", info)
-    ctx.events.emit("export_finished", **info)
+    ctx.events.emit("export_finished", **info, **{k: v for k, v in who.items() if k not in info})
     written = [p for p in (exported.serve_model, *exported.serve_lora) if p.is_relative_to(layout.root)]
     return [*written, out / "export.json"], info
 

@@ -32,12 +32,13 @@ from loop.evaluation.evaluate import EvalItem, eval_items, eval_sets
 from loop.evaluation.holdout import holdout_items, holdout_split
 from loop.evaluation.report import write_report
 from loop.evaluation.validation import held_out_split
+from loop.events import Events
 from loop.files import disk_problem, sweep_stale_temps, write_json_atomic, write_text_atomic
 from loop.layout import EVAL, EXPORT, GENERATE, PREPARE_BASE, TRAIN, VALIDATE, RunLayout, baseline_phase, \
     matched_name, phase_name
 from loop.models.store import resolve_model
 from loop.prepare import prepare_base
-from loop.state import Events, RunState
+from loop.state import RunState
 
 load_run_samples = ph.load_run_samples  # public: bench and tests read a run's samples with it
 

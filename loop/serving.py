@@ -16,9 +16,9 @@ from server.process import ManagedServer, ServerSettings
 from server.supervisor import Supervisor
 
 from loop.config import RunConfig
+from loop.events import Events
 from loop.generation.workers import Workers
 from loop.layout import RunLayout
-from loop.state import Events
 
 
 class Serving:

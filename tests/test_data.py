@@ -174,7 +174,7 @@ def test_a_torn_last_line_is_dropped_and_the_file_repaired(tmp_path):
 
 
 def test_an_events_log_torn_by_a_kill_is_whole_lines_again_once_the_resumed_run_appends(tmp_path):
-    from loop.state import Events
+    from loop.events import Events
 
     path = tmp_path / "events.jsonl"
     Events(path, mode="quiet").emit("run_started", run="r")

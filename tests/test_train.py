@@ -471,7 +471,7 @@ def test_preflight_refuses_to_start_without_disk_space_for_the_export(tiny_llama
 
 
 def test_the_export_progress_line_gives_the_f16_and_the_quantized_agreement():
-    from loop.state import plain_line
+    from loop.events import plain_line
 
     v = {"passed": True, "agreement": [1 / 3, 1.0, 1.0], "f16": {"agreement": [1.0, 1.0, 1.0]}}
     line = plain_line("export_finished", {"iteration": 1, "serve_model": "iter-01/model.gguf", "mode": "merged",
@@ -484,7 +484,7 @@ def test_the_export_progress_line_gives_the_f16_and_the_quantized_agreement():
 
 
 def test_the_training_progress_line_says_whether_the_layers_ran_compiled_or_why_not():
-    from loop.state import plain_line
+    from loop.events import plain_line
 
     done = {"iteration": 1, "steps": 36, "first_loss": 1.9, "last_loss": 1.5, "tokens_per_s": 543.5,
             "peak_rss_mb": 3079}

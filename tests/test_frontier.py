@@ -103,7 +103,7 @@ def test_draws_share_their_baselines_and_matched_sft_trains_as_long_as_each_iter
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     runs = tmp_path / "runs"
     first, second = (json.loads((runs / f"garden-draw{k}" / "state.json").read_text()) for k in (1, 2))
-    for k, state in ((1, first), (2, second)):
+    for k in (1, 2):
         config = (runs / f"garden-draw{k}" / "config.toml").read_text()
         assert f"seed = {k - 1}\n" in config.split("[generation]")[1].split("[")[0]
     # The matched baselines train on the seeds alone for exactly the steps of the iteration they match.

@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(items):
 def shared_tmp(request, name: str):
     """A folder for a run that a module's tests share, removed when the module is done unless a test failed
     meanwhile (then it stays beside the failed tests' own folders). Each whole run writes ~1 GB of checkpoints
-    and GGUFs; kept to the session's end, they filled the CI machine's disk (session 12). pyproject's
+    and GGUFs; kept to the session's end, they filled the CI machine's disk. pyproject's
     tmp_path_retention_policy does the same for each test's own tmp_path."""
     path = request.getfixturevalue("tmp_path_factory").mktemp(name)
     failed = request.session.testsfailed

@@ -103,7 +103,7 @@ def test_draws_share_their_baselines_and_matched_sft_trains_as_long_as_each_iter
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     runs = tmp_path / "runs"
     first, second = (json.loads((runs / f"garden-draw{k}" / "state.json").read_text()) for k in (1, 2))
-    for k, state in ((1, first), (2, second)):
+    for k in (1, 2):
         config = (runs / f"garden-draw{k}" / "config.toml").read_text()
         assert f"seed = {k - 1}\n" in config.split("[generation]")[1].split("[")[0]
     # The matched baselines train on the seeds alone for exactly the steps of the iteration they match.
@@ -129,3 +129,19 @@ def test_draws_share_their_baselines_and_matched_sft_trains_as_long_as_each_iter
                       "--plain", env=tiny_chat.env)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "This draw among the recorded ones" in (runs / "garden-draw2" / "report.md").read_text()
+
+
+def test_the_demo_profile_is_the_configuration_of_its_recorded_draws(tmp_path):
+    """`make demo`'s report places its draw among examples/safety-draws.json only while the profile is the one
+    those draws ran: a change to the demo's recipe must come with new draws."""
+    from pathlib import Path
+
+    from loop.config import load_config, to_toml
+    from loop.frontier import configuration, same_configuration
+
+    repo = Path(__file__).resolve().parent.parent
+    cfg = load_config(repo / "examples" / "safety.toml")
+    (tmp_path / "config.toml").write_text(to_toml(cfg))
+    recorded = json.loads(cfg.eval.recorded_draws.read_text())
+    assert len(recorded["draws"]) >= 3
+    assert same_configuration(recorded["configuration"], configuration(tmp_path / "config.toml"))

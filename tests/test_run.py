@@ -529,7 +529,7 @@ def test_the_data_set_export_refuses_a_run_without_samples_and_a_full_folder(fin
 
 def _whole_frame(screen: str) -> bool:
     """Every panel opened also closed, down to the last one (events): a capture can land while the terminal is
-    redrawn, and one cut after the header panel alone (CI, session 19) looks closed too."""
+    redrawn, and one cut after the header panel alone (seen in CI) looks closed too."""
     lines = [ln.strip() for ln in screen.splitlines() if ln.strip()]
     tops = sum(ln.startswith("╭") for ln in lines)
     return (bool(lines) and lines[-1].startswith("╰") and tops == sum(ln.startswith("╰") for ln in lines)
@@ -547,7 +547,7 @@ def test_on_a_terminal_the_live_dashboard_shows_and_updates_the_run(tiny_chat, t
     for name in ("refuse.jsonl", "answer.jsonl"):
         (tmp_path / name).write_text("".join(json.dumps({"prompt": f"{w} north?"}) + "\n" for w in ("red", "blue")))
     # 24 samples on 2 slots, captured every 0.1 s: generation lasts seconds, dozens of captures; with 4 on 4
-    # slots every 0.25 s it took 0.7 s on an idle machine and no whole frame of it was captured (CI, session 13).
+    # slots every 0.25 s it took 0.7 s on an idle machine and no whole frame of it was captured (seen in CI).
     cfg = run_config(tmp_path, {**tiny_chat.settings, "iterations": 1, "generation.samples": 24,
                                 "generation.slots": 2, "train.epochs": 2, "eval.refuse_prompts": "refuse.jsonl",
                                 "eval.answer_prompts": "answer.jsonl", "eval.baselines": False}, seeds=tiny_seeds(8))

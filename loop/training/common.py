@@ -317,8 +317,6 @@ def answer_loss(model, ids, labels, mask, cross_entropy=answer_cross_entropy):
     `answer_cross_entropy`, or its compiled form (`compiled_cross_entropy`)."""
     import inspect
 
-    import torch
-
     base = _unwrapped(model)
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss

@@ -137,7 +137,7 @@ def test_the_demo_profile_is_the_configuration_of_its_recorded_draws(tmp_path):
     from pathlib import Path
 
     from loop.config import load_config, to_toml
-    from loop.frontier import configuration, same_configuration
+    from loop.evaluation.frontier import configuration, same_configuration
 
     repo = Path(__file__).resolve().parent.parent
     cfg = load_config(repo / "examples" / "safety.toml")

@@ -78,6 +78,16 @@ def test_the_run_model_is_the_best_scoring_iteration_and_the_earlier_one_on_a_ti
     assert chosen({}) is None
 
 
+def test_the_run_model_is_the_best_validated_iteration_among_those_asked_about_else_the_latest():
+    # One definition for serve, chat, eval, export, the data set, the report and the draws.
+    from loop.evaluation.validation import run_model
+
+    assert run_model({1: 0.5, 2: 0.75, 3: 0.625}, [1, 2, 3]) == 2
+    assert run_model({1: 0.5, 2: 0.75}, [1, 3]) == 1  # iteration 2 not exported (or not evaluated): not a candidate
+    assert run_model({}, [1, 3, 2]) == 3  # no held-out seeds: the latest
+    assert run_model({}, []) is None
+
+
 def test_holding_out_more_than_half_the_seeds_is_a_one_line_error(tmp_path):
     from conftest import assert_one_line_error
 

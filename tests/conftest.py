@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 # Fixtures that run isara end to end (minutes on 2 cores): every test that uses one is a pipeline test.
-PIPELINE_FIXTURES = {"finished_run", "quick_demo", "crashed_run", "recipe_run"}
+PIPELINE_FIXTURES = {"finished_run", "quick_demo", "crashed_run", "recipe_run", "trained_run"}
 
 
 def pytest_collection_modifyitems(items):
@@ -73,6 +73,14 @@ def jsonl_rows(path: Path) -> list[dict]:
     from loop.data import read_jsonl
 
     return read_jsonl(path, repair=False)
+
+
+def first_of(items, context: str = ""):
+    """The first of `items`; where there is none, a test failure that shows `context` (the text searched, say),
+    not the bare StopIteration a `next(...)` would raise."""
+    for item in items:
+        return item
+    raise AssertionError("nothing matched" + (f" in:\n{context[-3000:]}" if context else ""))
 
 
 def pid_alive(pid: int) -> bool:

@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import REPO, assert_one_line_error, run_config, run_isara, tiny_seeds
+from conftest import REPO, assert_one_line_error, first_of, run_config, run_isara, tiny_seeds
 
 
 @pytest.mark.parametrize("args", [[], ["doctor"], ["models"], ["models", "list"], ["models", "pull"],
@@ -66,7 +66,7 @@ def test_doctor_without_ccache_warns_with_the_fix_and_still_passes(toolchain, de
     assert shutil.which("ccache", path=path) is None  # hidden even on a machine that has it
     out = run_isara("doctor", env={"PATH": path, "COLUMNS": "200"})
     assert out.returncode == 0, out.stdout + out.stderr  # recommended, not required: `make demo` goes on
-    line = next(ln for ln in out.stdout.splitlines() if " ccache " in ln)
+    line = first_of((ln for ln in out.stdout.splitlines() if " ccache " in ln), out.stdout)
     assert "warning" in line and "apt-get install ccache" in line
     assert "missing" not in line
 
@@ -74,7 +74,7 @@ def test_doctor_without_ccache_warns_with_the_fix_and_still_passes(toolchain, de
 def test_models_list_shows_the_pulled_default_model(default_model):
     out = run_isara("models", "list", env={"COLUMNS": "200"})
     assert out.returncode == 0
-    line = next(ln for ln in out.stdout.splitlines() if "smollm2-135m" in ln)
+    line = first_of((ln for ln in out.stdout.splitlines() if "smollm2-135m" in ln), out.stdout)
     assert "yes" in line
 
 
@@ -144,6 +144,28 @@ def test_serve_names_the_model_by_its_label_and_answers_requests_that_name_it(de
                              "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_serve_backend_python_serves_the_model_with_llama_cpp_pythons_server(default_model):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "loop.cli", "serve", "smollm2-135m", "--backend", "python",
+                             "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        ready = proc.stdout.readline()  # printed once the server answers
+        assert "serving smollm2-135m " in ready and "(python, 1 slots)" in ready, ready + proc.stderr.read()
+        servers = [" ".join(c.cmdline()) for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert any("llama_cpp.server" in c for c in servers) and not any("llama-server" in c for c in servers), servers
+        assert [m["id"] for m in _wait_for_models(base, proc)["data"]] == ["smollm2-135m"]
+        r = httpx.post(base + "/chat/completions", timeout=120, trust_env=False,
+                       json={"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}],
+                             "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -314,7 +336,7 @@ def test_status_piped_fits_80_columns_with_every_value_whole(tmp_path):
 def test_status_on_a_wide_terminal_is_a_table(tmp_path):
     run = fake_run(tmp_path / "runs")
     out = run_isara("status", str(run), env={"COLUMNS": "200"})
-    row = next(ln for ln in out.stdout.splitlines() if "iter-02/model.gguf" in ln)
+    row = first_of((ln for ln in out.stdout.splitlines() if "iter-02/model.gguf" in ln), out.stdout)
     assert row.startswith("│ iter-02") and "24/24" in row and "65%" in row
 
 

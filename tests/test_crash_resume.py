@@ -321,8 +321,8 @@ def test_a_run_killed_while_it_prepares_its_base_model_resumes_and_then_skips_th
                            timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     later = jsonl_rows(run / "events.jsonl")[events:]
-    assert {"event": "phase_skipped", "phase": "base-model/prepare"}.items() <= next(
-        e for e in later if e["event"] == "phase_skipped").items()
+    assert {"event": "phase_skipped", "phase": "base-model/prepare"}.items() <= first_of(
+        (e for e in later if e["event"] == "phase_skipped"), "no phase_skipped event").items()
     assert not any(e["event"] == "prepare_started" for e in later)
     assert json.loads((run / "state.json").read_text())["phases"]["iter-02/generate"]["stats"]["accepted"] == 2
 

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from conftest import first_of
 from loop.data import load_samples
 from loop.domains import load_domain
 from loop.evaluation.refusal import is_refusal
@@ -39,7 +40,7 @@ def test_look_alike_seeds_are_credited_to_isara_with_their_licence_and_checksum(
 
     from loop.domains import LOOKALIKES
 
-    own = next(p for p in safety.sources["packages"] if p["package"] == "isara")
+    own = first_of((p for p in safety.sources["packages"] if p["package"] == "isara"), "no package isara")
     assert own["license"] == "Apache-2.0" and "isara" in own["author"]
     assert own["sha256"] == hashlib.sha256(LOOKALIKES.read_bytes()).hexdigest()
     assert {s["meta"]["file"] for s in _rows(safety.seeds) if s["meta"]["kind"] == "lookalike"} == {own["file"]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from conftest import run_config, run_isara, tiny_seeds
+from conftest import first_of, run_config, run_isara, tiny_seeds
 
 
 def _safety_seeds(groups: bool = False):
@@ -61,7 +61,7 @@ def test_answers_of_one_kind_score_half_on_two_kinds_and_degenerate_answers_coun
     train, held = held_out_split(_safety_seeds(), 8, 2, 4, seed=0)
     kinds = AnswerKinds.fit(np.zeros((len(train), 1)), [s.response for s in train], 2)
     references = [s.response for s in held]
-    refusal = next(s.response for s in train if is_refusal(s.response))
+    refusal = first_of((s.response for s in train if is_refusal(s.response)), "no refusal among the seeds")
     fine = [False] * len(held)
     assert judge(kinds, references, references, fine)["score"] == 1.0
     assert judge(kinds, references, [refusal] * len(held), fine)["score"] == 0.5  # refuses everything

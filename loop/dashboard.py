@@ -217,8 +217,8 @@ class Dashboard:
         per_min, eta = 0.0, "-"
         if self.gen_summary:  # finished: the phase's own figure, not one that decays with the clock
             per_min = self.gen_summary.get("accepted_per_minute") or 0.0
-        elif self.gen_started and self.accepted > self.gen_base:
-            minutes = (time.monotonic() - self.gen_started) / 60
+        elif self.gen_started and self.accepted > self.gen_base and time.monotonic() > self.gen_started:
+            minutes = (time.monotonic() - self.gen_started) / 60  # > 0: a coarse clock can tick once for both
             per_min = (self.accepted - self.gen_base) / minutes
             remaining = max(0, self.target - self.accepted)
             eta = _duration(remaining / per_min * 60) if per_min else "-"
@@ -244,7 +244,9 @@ class Dashboard:
                 speed = [f"{self.train['tokens_per_s']} tok/s", f"peak RSS {self.train['rss']} MB", vram]
             else:
                 speed = self._training_speed()
-            lines += [Phrases([step, loss, *speed, f"on {self.train['samples']} samples"]), sparkline(self.losses)]
+            # A dashboard can open on a run already training (its train_started before it): no count then.
+            samples = f"on {self.train['samples']} samples" if "samples" in self.train else ""
+            lines += [Phrases([step, loss, *speed, samples]), sparkline(self.losses)]
         verification = f"[bold]{self.verification}[/]" if self.verification else ""
         if self.export_steps or verification:
             lines.append(Phrases([*self.export_steps, verification], sep=" · "))

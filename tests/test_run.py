@@ -162,7 +162,9 @@ def test_running_a_finished_run_again_skips_every_phase(finished_run):
     before = (run / "iter-02" / "generated.jsonl").read_bytes()
     out = run_isara("run", str(cfg), "--plain")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.count("phase skipped") == 2 and "server started" not in out.stdout
+    skipped = re.findall(r"phase skipped: phase=(\S+)", out.stdout)
+    assert skipped == ["base-model/prepare", "iter-01/generate", "iter-02/generate"], out.stdout  # the whole plan
+    assert "server started" not in out.stdout
     assert (run / "iter-02" / "generated.jsonl").read_bytes() == before
 
 

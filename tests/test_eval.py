@@ -333,10 +333,12 @@ def test_the_quick_demo_trains_the_default_model_in_under_4_gb_and_serves_its_ve
     for name in ("baselines/sft-seeds", "iter-01"):
         train, export = phases[f"{name}/train"]["stats"], phases[f"{name}/export"]["stats"]
         assert train["steps"] > 0 and train["peak_rss_mb"] < 4096, name
-        # Learnt: the merged model's loss on the seeds it trained on is below the base model's. (Not the first
-        # and last steps' losses: one epoch of 10 micro-batches of different samples scatters more than it falls.)
+        # Learnt: the merged model's loss on the seeds it trained on is well below the base model's (measured
+        # 2026-12-08: 3.16 -> 2.74 and 2.70; at a learning rate of 1e-12 both stay 3.16069, so a bare `<` passed
+        # it). Not the first and last steps' losses: 10 micro-batches of different samples scatter more than
+        # one epoch makes them fall.
         after = _mean_answer_loss(run / name / "merged", trained_on)
-        assert after < before, (name, before, after)
+        assert after < before - 0.1, (name, before, after)
         assert export["mode"] == "merged" and export["quant"] == "Q8_0" and export["verification"]["passed"], name
 
 
